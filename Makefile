@@ -1,0 +1,57 @@
+# pgwarden: every target sets up what it needs, so each works on a fresh machine.
+# `make test` is exactly what CI runs (.ci/run calls it).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Extras that the test suite needs; kept in one place so demo and test agree.
+EXTRAS := dev,cli,prometheus,otel,stress
+
+.PHONY: demo test lint types unit check-sync sysdeps bench clean help
+
+help:
+	@echo "make demo   - set up and run pgwarden's main job on an embedded PostgreSQL"
+	@echo "make test   - set up and run lint, types and the whole test suite (what CI runs)"
+	@echo "make bench  - micro-benchmarks against psycopg_pool (writes docs/benchmarks.md)"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+
+# System packages: PgBouncer for the integration tests. Installed only when
+# missing and only when we can (root); otherwise the tests say what is missing.
+sysdeps:
+	@if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing pgbouncer (apt-get)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; \
+	  else \
+	    echo "pgbouncer is missing and we are not root: PgBouncer tests will skip (fail under CI=true)"; \
+	  fi; \
+	fi
+
+demo: $(STAMP)
+	$(BIN)/pgwarden check
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+check-sync: $(STAMP)
+	$(BIN)/python scripts/async_to_sync.py --check
+
+test: $(STAMP) sysdeps lint types check-sync
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/micro.py --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .mypy_cache .ruff_cache .hypothesis

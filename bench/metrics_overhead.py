@@ -1,0 +1,64 @@
+"""Per-call cost of the metrics hot path: ``python bench/metrics_overhead.py [--number N]``.
+
+Prints ns/op for ``NoopTracker.query`` (metrics off), ``StatsTracker.query`` (metrics on),
+``Histogram.record`` alone, and an empty call as the floor.  Each figure is the best of several
+repeats with the loop overhead of an empty ``for`` subtracted, so it is the cost the shell pays
+per event.  Numbers are machine-dependent; compare them with each other, not across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import timeit
+from collections.abc import Callable
+
+from pgwarden.core.histogram import Histogram
+from pgwarden.core.metrics import CompositeTracker, NoopTracker, StatsTracker
+
+_VALUES = [random.Random(42).lognormvariate(-6.0, 2.0) for _ in range(1000)]
+
+
+def _loop(fn: Callable[[float], object]) -> None:
+    for v in _VALUES:
+        fn(v)
+
+
+def _empty(fn: Callable[[float], object]) -> None:
+    for _v in _VALUES:
+        pass
+
+
+def _nothing(value: float) -> None:
+    pass
+
+
+def ns_per_op(fn: Callable[[float], object], number: int, repeat: int = 7) -> float:
+    """Best-of-``repeat`` nanoseconds per ``fn(value)`` call, loop overhead removed."""
+    calls = number * len(_VALUES)
+    best = min(timeit.repeat(lambda: _loop(fn), number=number, repeat=repeat))
+    floor = min(timeit.repeat(lambda: _empty(fn), number=number, repeat=repeat))
+    return max(0.0, best - floor) / calls * 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--number", type=int, default=300, help="loops of 1000 calls per repeat")
+    args = parser.parse_args()
+
+    stats = StatsTracker()
+    cases: list[tuple[str, Callable[[float], object]]] = [
+        ("empty function call", _nothing),
+        ("NoopTracker.query", NoopTracker().query),
+        ("Histogram.record", Histogram().record),
+        ("StatsTracker.query", stats.query),
+        ("CompositeTracker(Stats, Noop).query", CompositeTracker([stats, NoopTracker()]).query),
+    ]
+    print(f"{platform.python_implementation()} {platform.python_version()}")
+    for name, fn in cases:
+        print(f"{name:<38} {ns_per_op(fn, args.number):8.1f} ns/op")
+
+
+if __name__ == "__main__":
+    main()

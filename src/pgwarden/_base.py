@@ -1,0 +1,370 @@
+"""What the async and sync handles share: every decision, none of the I/O.
+
+`HandleCore` owns the pure policies (lifecycle, breaker, retry policy and
+budget, adaptive limit, gap detector) and the bookkeeping around them. The
+shells in ``_async/database.py`` and ``_sync/database.py`` (the latter
+generated from the former) only perform I/O and ask this class what to do.
+
+Theory of operation of one call::
+
+    deadline = core.deadline_for(timeout)        # contextvar, per-call, default
+    ensure ready (single-flight warmup)          # the "warmup guard"
+    loop:
+        core.admit()                             # breaker: fail fast when open
+        acquire -> validate if idle > window      # stale connections never reach SQL
+        execute (statement_timeout <= time left)
+        on error: core.plan_retry(...)           # classify; retry only what is safe
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Mapping
+from time import monotonic
+from typing import Any
+
+from pgwarden._redact import redact
+from pgwarden.core.breaker import Admission, BreakerState, CircuitBreaker
+from pgwarden.core.classify import (
+    FailureKind,
+    Phase,
+    RetryContext,
+    classify,
+    is_retryable,
+    sqlstate_of,
+)
+from pgwarden.core.deadline import effective_deadline
+from pgwarden.core.hygiene import GapDetector, jittered_lifetime
+from pgwarden.core.lifecycle import Event, Lifecycle, State
+from pgwarden.core.metrics import MetricsTracker, NoopTracker, StatsTracker, pool_gauges
+from pgwarden.core.retry import RetryBudget, RetryPolicy
+from pgwarden.core.sizing import AdaptiveLimit
+from pgwarden.errors import DatabaseUnavailable, DeadlineExceeded, HandleClosed, NotReady
+from pgwarden.settings import Settings
+
+logger = logging.getLogger("pgwarden")
+
+# A statement the server itself aborted by terminating the backend (admin or
+# crash shutdown) never committed, even in autocommit: PostgreSQL commits an
+# implicit transaction only at Sync, after which ReadyForQuery would have
+# reached us first. So a write that failed this way is safe to re-run.
+SERVER_ABORTED_SQLSTATES = frozenset({"57P01", "57P02"})
+
+# Extra time past the deadline before the client severs a connection whose
+# server stopped answering (blackhole). The server-side statement_timeout,
+# set to the time left, normally ends the statement first and cleanly.
+SEVER_GRACE = 0.05
+
+RETRYABLE_BEFORE_SEND = (FailureKind.NOTHING_RAN, FailureKind.STALE, FailureKind.OVERLOAD)
+
+
+class HandleCore:
+    """Policies and counters of one database handle; no I/O, no awaits."""
+
+    def __init__(self, settings: Settings, tracker: MetricsTracker | None = None) -> None:
+        if not settings.url:
+            # libpq would fall back to PG* environment variables and a local
+            # socket; that is legitimate, so an empty URL is allowed.
+            pass
+        self.settings = settings
+        self.tracker: MetricsTracker = tracker or (
+            StatsTracker() if settings.metrics else NoopTracker()
+        )
+        self.lifecycle = Lifecycle()
+        self.breaker = CircuitBreaker(
+            threshold=settings.breaker_threshold,
+            cooldown=settings.breaker_cooldown,
+            max_cooldown=settings.breaker_max_cooldown,
+        )
+        self.retry_policy = RetryPolicy(
+            attempts=settings.retry_attempts,
+            base_delay=settings.retry_base_delay,
+            max_delay=settings.retry_max_delay,
+        )
+        self.budget = RetryBudget(
+            ratio=settings.retry_budget_ratio, min_per_second=settings.retry_budget_floor
+        )
+        self.limit = AdaptiveLimit(settings.max_size, quiet_period=settings.sizing_quiet_period)
+        self.gap = GapDetector(threshold=settings.gap_threshold)
+        self.rng = random.Random()
+        self.max_lifetime = jittered_lifetime(
+            settings.max_lifetime, settings.lifetime_jitter, self.rng.random()
+        )
+        self.pgbouncer = settings.pgbouncer == "on"
+        self.last_connect_error: BaseException | None = None
+        self.warmup_seconds: float | None = None
+        self.failover_drains = 0
+        self.draining_for_failover = False
+        self.pid = os.getpid()
+        self._password = _password_of(settings.url)
+        self.applied_limit = settings.max_size
+
+    # --- configuration for psycopg / psycopg_pool ----------------------------------------------
+    @property
+    def conninfo(self) -> str:
+        return self.settings.url or ""
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for every new psycopg connection."""
+        s = self.settings
+        return {
+            "autocommit": True,
+            "prepare_threshold": None if self.pgbouncer else s.prepare_threshold,
+            "connect_timeout": max(1, math.ceil(s.connect_timeout)),
+            "keepalives": 1,
+            "keepalives_idle": s.keepalives_idle,
+            "keepalives_interval": s.keepalives_interval,
+            "keepalives_count": s.keepalives_count,
+            "tcp_user_timeout": s.tcp_user_timeout,
+            "application_name": s.application_name,
+        }
+
+    def pool_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the psycopg_pool pool (besides conninfo and kwargs)."""
+        s = self.settings
+        return {
+            "min_size": s.min_size,
+            "max_size": self.limit.limit,
+            "timeout": s.acquire_timeout,
+            "max_lifetime": self.max_lifetime,
+            "max_idle": s.max_idle,
+            # The pool keeps reconnecting in the background for this long after
+            # an outage; the breaker decides whether callers wait for it.
+            "reconnect_timeout": max(s.ready_timeout, 60.0),
+            "name": f"pgwarden-{os.getpid()}",
+        }
+
+    # --- secrets -------------------------------------------------------------------------------
+    def redact(self, text: str) -> str:
+        return redact(text, self._password)
+
+    def describe_error(self, exc: BaseException) -> str:
+        return self.redact(f"{type(exc).__name__}: {exc}".strip())
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return self.lifecycle.state
+
+    def check_accepting(self) -> None:
+        if self.lifecycle.state in (State.CLOSING, State.CLOSED):
+            raise HandleClosed(
+                f"the database handle for {self.settings.safe_url} is "
+                f"{self.lifecycle.state.value.lower()}: it accepts no new work"
+            )
+
+    def deadline_for(self, timeout: float | None) -> float | None:
+        return effective_deadline(monotonic(), timeout, self.settings.default_timeout)
+
+    # --- pool observer callbacks ---------------------------------------------------------------
+    def on_connect_ok(self, setup_seconds: float) -> None:
+        self.tracker.connection_opened(setup_seconds)
+        self._breaker_event(self.breaker.on_success(monotonic()))
+
+    def on_connect_failed(self, exc: BaseException) -> FailureKind:
+        """Record a failed connection attempt (warmup, growth, probe)."""
+        kind = classify(exc, Phase.CONNECT)
+        self.last_connect_error = exc
+        self.tracker.connect_failed(kind.value)
+        now = monotonic()
+        if kind is FailureKind.OVERLOAD:
+            self.on_overload(now)
+        if kind in (FailureKind.NOTHING_RAN, FailureKind.OVERLOAD):
+            self._breaker_event(self.breaker.on_failure(now))
+        return kind
+
+    def on_overload(self, now: float) -> None:
+        self.tracker.overload()
+        if not self.settings.adaptive_sizing:
+            return
+        new_limit = self.limit.on_overload(now)
+        if new_limit is not None:
+            self.tracker.limit_changed(new_limit)
+            logger.warning(
+                "server overloaded (too many connections): local pool limit lowered to %d",
+                new_limit,
+                extra={"event": "overload", "pool_limit": new_limit},
+            )
+
+    def wanted_limit(self, now: float) -> int | None:
+        """The pool limit to apply now, if it differs from the applied one."""
+        if self.settings.adaptive_sizing and self.limit.limit < self.settings.max_size:
+            grown = self.limit.tick(now)
+            if grown is not None:
+                self.tracker.limit_changed(grown)
+        wanted = self.limit.limit
+        return None if wanted == self.applied_limit else wanted
+
+    def _breaker_event(self, new_state: BreakerState | None) -> None:
+        if new_state is None:
+            return
+        previous = {
+            BreakerState.OPEN: "closed",
+            BreakerState.CLOSED: "half_open",
+            BreakerState.HALF_OPEN: "open",
+        }[new_state]
+        self.tracker.breaker_transition(previous, new_state.value)
+        cause = self.describe_error(self.last_connect_error) if self.last_connect_error else ""
+        logger.warning(
+            "circuit breaker %s -> %s%s",
+            previous,
+            new_state.value,
+            f" ({cause})" if new_state is BreakerState.OPEN and cause else "",
+            extra={"event": "breaker", "from": previous, "to": new_state.value},
+        )
+        if new_state is BreakerState.CLOSED and self.settings.adaptive_sizing:
+            # Ramp capacity back up instead of reconnecting everything at once.
+            start = max(1, self.settings.max_size // 4)
+            self.limit.ramp_from(start, monotonic())
+        self._sync_lifecycle_with_breaker(new_state)
+
+    def _sync_lifecycle_with_breaker(self, new_state: BreakerState) -> None:
+        state = self.lifecycle.state
+        if new_state is BreakerState.OPEN and state in (State.READY, State.DEGRADED):
+            self.lifecycle.fire(Event.BREAKER_OPENED)
+        elif new_state is BreakerState.CLOSED and state is State.OPEN:
+            self.lifecycle.fire(Event.BREAKER_CLOSED)
+
+    # --- admission -----------------------------------------------------------------------------
+    def admit(self) -> bool:
+        """Ask the breaker; raise `DatabaseUnavailable` when it is open.
+
+        Returns True when this caller is the single half-open probe.
+        """
+        if self.breaker.state is BreakerState.CLOSED:
+            return False
+        now = monotonic()
+        verdict = self.breaker.admit(now)
+        if verdict is Admission.ALLOW:
+            return False
+        if verdict is Admission.PROBE:
+            return True
+        error = DatabaseUnavailable(
+            f"database at {self.settings.safe_url} is unavailable (circuit open after "
+            f"repeated connection failures; next probe in {self.breaker.retry_after(now):.2f}s)",
+            retry_after=self.breaker.retry_after(now),
+        )
+        if self.last_connect_error is not None:
+            error.__cause__ = _RedactedCause(self.describe_error(self.last_connect_error))
+        raise error
+
+    # --- retries -------------------------------------------------------------------------------
+    def classify_failure(
+        self, exc: BaseException, phase: Phase, *, in_transaction: bool
+    ) -> FailureKind:
+        kind = classify(exc, phase)
+        if (
+            kind is FailureKind.LOST
+            and not in_transaction
+            and sqlstate_of(exc) in SERVER_ABORTED_SQLSTATES
+        ):
+            kind = FailureKind.STALE
+        return kind
+
+    def plan_retry(
+        self,
+        exc: BaseException,
+        kind: FailureKind,
+        ctx: RetryContext,
+        *,
+        attempt: int,
+        deadline: float | None,
+        operation: str,
+    ) -> float | BaseException | None:
+        """Decide what follows a failed attempt.
+
+        Returns the seconds to sleep before the next attempt; or an exception
+        the caller raises ``from exc``; or None, meaning re-raise *exc* as is
+        (permanent errors keep their psycopg type).
+        """
+        self.tracker.query_error(kind.value)
+        now = monotonic()
+        if kind is FailureKind.OVERLOAD:
+            self.on_overload(now)
+        if kind is FailureKind.TIMEOUT and deadline is not None and now >= deadline - 0.01:
+            return self.deadline_error(exc, operation)
+        if not is_retryable(kind, ctx):
+            if deadline is not None and now >= deadline:
+                return self.deadline_error(exc, operation)
+            return None
+        delay = self.retry_policy.next_delay(
+            attempt, now=now, deadline=deadline, rand=self.rng.random()
+        )
+        if delay is None:
+            if deadline is not None and attempt < self.retry_policy.attempts:
+                return self.deadline_error(exc, operation)
+            return None
+        if not self.budget.try_spend(now):
+            logger.warning(
+                "retry budget exhausted: not retrying %s after %s",
+                operation,
+                kind.value,
+                extra={"event": "retry_budget_exhausted", "reason": kind.value},
+            )
+            return None
+        self.tracker.retry(kind.value, attempt)
+        logger.info(
+            "retrying %s (attempt %d of %d) after %s: %s",
+            operation,
+            attempt + 1,
+            self.retry_policy.attempts,
+            kind.value,
+            self.describe_error(exc),
+            extra={"event": "retry", "reason": kind.value, "attempt": attempt + 1},
+        )
+        return delay
+
+    def deadline_error(self, exc: BaseException | None, operation: str) -> DeadlineExceeded:
+        last = self.describe_error(exc) if exc is not None else "no attempt completed"
+        return DeadlineExceeded(f"deadline exceeded during {operation} ({last})", last_error=exc)
+
+    def not_ready_error(self, exc: BaseException | None, elapsed: float) -> NotReady:
+        cause = self.describe_error(exc) if exc is not None else "no attempt completed"
+        return NotReady(
+            f"database at {self.settings.safe_url} not ready after {elapsed:.2f}s: {cause}"
+        )
+
+    # --- stats ---------------------------------------------------------------------------------
+    def stats(self, pool_stats: Mapping[str, int] | None) -> dict[str, Any]:
+        """The plain-dict snapshot behind ``db.stats()``."""
+        snap = dict(self.tracker.snapshot())
+        p = pool_stats or {}
+        size = int(p.get("pool_size", 0))
+        idle = int(p.get("pool_available", 0))
+        snap["pool"] = pool_gauges(
+            size=size,
+            idle=idle,
+            in_use=max(0, size - idle),
+            waiting=int(p.get("requests_waiting", 0)),
+            max_size=int(p.get("pool_max", self.limit.limit)),
+        )
+        snap["pool"]["limit"] = self.limit.limit
+        snap["pool"]["configured_max"] = self.settings.max_size
+        snap["pool"]["connections_lost"] = int(p.get("connections_lost", 0)) + int(
+            p.get("returns_bad", 0)
+        )
+        snap["state"] = self.lifecycle.state.value
+        snap["breaker"] = self.breaker.state.value
+        snap["pgbouncer"] = self.pgbouncer
+        snap["warmup_seconds"] = self.warmup_seconds
+        snap["retry_budget_tokens"] = round(self.budget.tokens(monotonic()), 3)
+        return snap
+
+
+class _RedactedCause(Exception):
+    """Stands in for a cause whose text might carry secrets."""
+
+
+def _password_of(url: str | None) -> str | None:
+    if not url:
+        return None
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        value = conninfo_to_dict(url).get("password")
+    except Exception:  # an unparsable URL fails later with a clear message
+        return None
+    return str(value) if value else None

@@ -1,0 +1,37 @@
+"""Remove secrets from connection strings and error text.
+
+Every message pgwarden logs or raises that might contain a DSN passes through
+:func:`redact`. It handles URLs (``postgresql://user:secret@host``), key=value
+conninfo strings (``password=secret``) and a known password value anywhere in
+free text (psycopg sometimes echoes parts of the conninfo back).
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["redact", "redact_url"]
+
+MASK = "***"
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]*)@")
+_KV_PASSWORD = re.compile(r"(?P<key>\bpassword\s*=\s*)(?P<val>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"(?P<key>[?&]password=)(?P<val>[^&\s]+)", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """Return *url* with its password replaced by ``***`` (also in ``?password=``)."""
+    return redact(url)
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """Return *text* with URL passwords, ``password=`` pairs and every given
+    secret value masked. Empty or very short secrets are ignored to avoid
+    masking ordinary words."""
+    out = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    out = _KV_PASSWORD.sub(lambda m: f"{m['key']}{MASK}", out)
+    out = _QUERY_PASSWORD.sub(lambda m: f"{m['key']}{MASK}", out)
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            out = out.replace(secret, MASK)
+    return out

@@ -1,0 +1,94 @@
+"""One handle per process per (URL, settings): `connect()` and `connect_async()`.
+
+Calling ``pgwarden.connect()`` inside every request handler is safe and
+cheap: the second call returns the first call's handle. After ``fork()`` the
+child starts with an empty registry and its handles forget the parent's pool
+(psycopg does not close a connection in a process that did not open it, so
+the parent's sessions are untouched).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from pgwarden.settings import Settings
+
+if TYPE_CHECKING:
+    from pgwarden._async.database import AsyncDatabase
+    from pgwarden._sync.database import Database
+
+__all__ = ["connect", "connect_async"]
+
+_lock = threading.Lock()
+_async_handles: dict[Settings, AsyncDatabase] = {}
+_sync_handles: dict[Settings, Database] = {}
+# Every handle ever made in this process, so a fork can reset them all.
+_all_handles: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _settings(url: str | None, overrides: dict[str, Any]) -> Settings:
+    if url is not None:
+        overrides["url"] = url
+    return Settings.from_env(**overrides)
+
+
+def connect_async(url: str | None = None, **settings: Any) -> AsyncDatabase:
+    """The process's `AsyncDatabase` for *url* (default ``DATABASE_URL``) and *settings*.
+
+    Does no I/O: the first query (or ``await db.ready()``) connects. Pass
+    ``settings=Settings(...)`` to use a prepared `Settings` object.
+    """
+    from pgwarden._async.database import AsyncDatabase
+
+    prepared = settings.pop("settings", None)
+    key = prepared if isinstance(prepared, Settings) else _settings(url, settings)
+    with _lock:
+        handle = _async_handles.get(key)
+        if handle is None or handle.state.value in ("closing", "closed"):
+            handle = _async_handles[key] = AsyncDatabase(key)
+            _all_handles.add(handle)
+        return handle
+
+
+def connect(url: str | None = None, **settings: Any) -> Database:
+    """The process's sync `Database` for *url* and *settings*; see `connect_async`.
+
+    Sync handles close themselves at interpreter exit.
+    """
+    from pgwarden._sync.database import Database
+
+    prepared = settings.pop("settings", None)
+    key = prepared if isinstance(prepared, Settings) else _settings(url, settings)
+    with _lock:
+        handle = _sync_handles.get(key)
+        if handle is None or handle.state.value in ("closing", "closed"):
+            handle = _sync_handles[key] = Database(key)
+            _all_handles.add(handle)
+        return handle
+
+
+def _reset_after_fork() -> None:
+    """In the child: forget every handle's pool and start with an empty registry."""
+    global _lock
+    _lock = threading.Lock()
+    _async_handles.clear()
+    _sync_handles.clear()
+    for handle in list(_all_handles):
+        handle._forget_after_fork()
+
+
+def _close_sync_handles_at_exit() -> None:
+    for handle in list(_sync_handles.values()):
+        try:
+            handle.close(timeout=1.0)
+        except Exception:  # noqa: S110 - best effort at interpreter exit
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+atexit.register(_close_sync_handles_at_exit)

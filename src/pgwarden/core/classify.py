@@ -1,0 +1,614 @@
+"""Failure classification: what an exception means, and whether re-running is safe.
+
+:func:`classify` maps an exception plus the :class:`Phase` it was raised in to a
+:class:`FailureKind`; :func:`is_retryable` decides, from the kind and a
+:class:`RetryContext`, whether a single statement may be re-run. Nothing here
+imports psycopg: the SQLSTATE is read with ``getattr`` and classes are matched
+by the names in ``type(exc).__mro__``, so fakes and real psycopg exceptions are
+classified the same way.
+
+Rules are applied in this order; the first that matches wins.
+
+1. ``BaseException`` that is not an ``Exception`` (cancellation,
+   ``KeyboardInterrupt``) and pgwarden's own errors (``PgwardenError``, which
+   includes ``DeadlineExceeded``): PERMANENT, never retried.
+2. psycopg and psycopg_pool class names (``PoolTimeout``, ``ConnectionTimeout``,
+   ...; table below).
+3. SQLSTATE, when it is not one of the generic connection codes (class 08),
+   which PgBouncer uses for every error it raises itself: exact code first,
+   then the two-character class.
+4. Message text (PgBouncer's texts, the server's ``FATAL:`` texts that libpq
+   reports without a SQLSTATE when a connection attempt fails, and libpq's and
+   psycopg's own texts). Patterns are tried in table order, so when psycopg
+   joins the errors of several hosts, "permanent" beats "overload", which beats
+   "nothing ran", which beats "connection broken".
+5. SQLSTATE of class 08 that no text refined.
+6. Python's own exceptions by class name (``ConnectionRefusedError``,
+   ``ConnectionError``, ``TimeoutError``, ``gaierror``), for code paths that do
+   not go through psycopg.
+7. Anything else: PERMANENT. We never retry what we do not understand.
+
+"broken" in the tables means the connection died under us; what that implies
+depends on the phase:
+
+=========== =========== ============================================================
+phase       "broken" is why
+=========== =========== ============================================================
+CONNECT     NOTHING_RAN no session existed, so no statement could have run
+FIRST_USE   STALE       a pooled connection died while idle; the statement never
+                        reached a live backend (caveat: a backend killed *while*
+                        running that first statement looks the same)
+STATEMENT   LOST        the statement may or may not have run
+COMMIT      LOST_COMMIT COMMIT may or may not have been applied; resolve by txid
+=========== =========== ============================================================
+
+"timed out" (PgBouncer's ``query timeout``, Python's ``TimeoutError``) is
+NOTHING_RAN in CONNECT, LOST_COMMIT in COMMIT and TIMEOUT otherwise.
+
+SQLSTATE rules:
+
+============================ ================ =========================================
+SQLSTATE                     kind             note
+============================ ================ =========================================
+57P03 cannot_connect_now     NOTHING_RAN      starting up, shutting down, recovery
+08001, 08004                 NOTHING_RAN      could not establish / server rejected
+53300 too_many_connections   OVERLOAD         also per-role and per-database limits
+53200 out_of_memory          OVERLOAD         transient pressure; back off, shrink
+53xxx (other)                OVERLOAD         insufficient resources
+53100 disk_full              PERMANENT        backing off for seconds will not help
+53400 configuration_limit    PERMANENT        a query exceeds a static limit
+57P01 admin_shutdown         broken           pg_terminate_backend, fast shutdown
+57P02 crash_shutdown         broken           another backend crashed
+57P05 idle_session_timeout   broken
+25P03 idle_in_transaction... broken
+40003 statement_completion_  broken           outcome unknown, like a dropped link
+unknown
+08xxx (other)                broken           after the text rules (PgBouncer: 08P01)
+40001, 40P01                 CONFLICT         serialization failure, deadlock
+25006 read_only_sql_trans.   FAILOVER         we are talking to a standby
+57014 query_canceled         TIMEOUT          statement_timeout or cancel
+55P03 lock_not_available     TIMEOUT          lock_timeout or NOWAIT
+25P04 transaction_timeout    TIMEOUT
+57P04 database_dropped       PERMANENT
+28xxx, 3D000, 42xxx, 23xxx,  PERMANENT        auth, missing database, SQL, data
+22xxx, anything else
+============================ ================ =========================================
+
+Text rules (case-insensitive substrings; only reached when there is no
+SQLSTATE or a class 08 one):
+
+================================================== ============ =======================
+text                                               kind         source
+================================================== ============ =======================
+password authentication failed                     PERMANENT    server / PgBouncer
+authentication failed (ident, peer, SASL, cert)    PERMANENT    server / PgBouncer
+no pg_hba.conf entry                               PERMANENT    server
+does not exist (role, database)                    PERMANENT    server
+not currently accepting connections                PERMANENT    server (datallowconn)
+no such database / no such user                    PERMANENT    PgBouncer
+unsupported startup parameter                      PERMANENT    PgBouncer
+no password supplied                               PERMANENT    libpq
+server does not support SSL / SSL is not enabled   PERMANENT    libpq / server
+certificate verify failed                          PERMANENT    libpq (OpenSSL)
+too many clients already                           OVERLOAD     server, 53300
+remaining connection slots are reserved            OVERLOAD     server, 53300
+too many connections for                           OVERLOAD     server, 53300
+no more connections allowed                        OVERLOAD     PgBouncer max_client_conn
+query_wait_timeout                                 OVERLOAD     PgBouncer: waited for a
+                                                                server, never sent
+the database system is starting up / shutting      NOTHING_RAN  server, 57P03
+down / in recovery mode / not yet accepting
+connections / not accepting connections
+server login has been failing                      NOTHING_RAN  PgBouncer
+pgbouncer cannot connect to server                 NOTHING_RAN  PgBouncer
+client_login_timeout                               NOTHING_RAN  PgBouncer
+timeout expired                                    NOTHING_RAN  libpq connect_timeout,
+                                                                psycopg ConnectionTimeout
+Connection refused                                 NOTHING_RAN  libpq
+No such file or directory                          NOTHING_RAN  libpq, Unix socket
+could not translate host name / Name or service    NOTHING_RAN  libpq, DNS
+not known / Temporary failure in name resolution
+Network is unreachable / No route to host          NOTHING_RAN  libpq
+could not connect to server                        NOTHING_RAN  old libpq
+query timeout                                      timed out    PgBouncer query_timeout
+server closed the connection unexpectedly          broken       libpq
+SSL connection has been closed unexpectedly        broken       libpq
+SSL SYSCALL error / SSL error                      broken       libpq
+consuming input failed                             broken       psycopg
+connection is closed / connection is lost          broken       psycopg
+connection is bad                                  broken       psycopg
+could not receive / send data (to/from) server     broken       libpq
+no connection to the server                        broken       libpq
+lost synchronization with server                   broken       libpq
+Connection reset by peer / Broken pipe /           broken       kernel, via libpq
+Connection timed out
+terminating connection                             broken       server FATAL texts
+server conn crashed?                               broken       PgBouncer
+client_idle_timeout / idle transaction timeout     broken       PgBouncer
+database removed / database configuration changed  broken       PgBouncer
+================================================== ============ =======================
+
+Class-name rules (rules 2 and 6):
+
+====================== ============ ===============================================
+class                  kind         why
+====================== ============ ===============================================
+PgwardenError          PERMANENT    our own verdicts (deadline, closed, breaker)
+PoolTimeout            NOTHING_RAN  no connection was handed out, nothing was sent
+TooManyRequests        NOTHING_RAN  the local queue is full; shrinking the pool
+                                    (OVERLOAD) would make it worse
+ConnectionTimeout      NOTHING_RAN  psycopg's connect_timeout
+PoolClosed             PERMANENT    the pool is shutting down
+CancellationTimeout    timed out    a cancel request itself timed out
+ConnectionRefusedError NOTHING_RAN
+gaierror               NOTHING_RAN  DNS
+ConnectionError        broken       reset, aborted, broken pipe
+TimeoutError           timed out
+====================== ============ ===============================================
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+__all__ = [
+    "FailureKind",
+    "Phase",
+    "RetryContext",
+    "classify",
+    "classify_with_reason",
+    "is_retryable",
+    "is_transaction_retryable",
+    "is_write_sql",
+    "sqlstate_of",
+]
+
+
+class FailureKind(enum.Enum):
+    """What a failure means for safety. See the module docstring for the rules."""
+
+    NOTHING_RAN = "nothing_ran"
+    OVERLOAD = "overload"
+    STALE = "stale"
+    LOST = "lost"
+    LOST_COMMIT = "lost_commit"
+    CONFLICT = "conflict"
+    FAILOVER = "failover"
+    PERMANENT = "permanent"
+    TIMEOUT = "timeout"
+
+
+class Phase(enum.Enum):
+    """Where in a unit of work the failure happened.
+
+    CONNECT: opening a connection. FIRST_USE: the first statement on a pooled
+    connection that sat idle. STATEMENT: any other statement. COMMIT: after
+    COMMIT was sent.
+    """
+
+    CONNECT = "connect"
+    FIRST_USE = "first_use"
+    STATEMENT = "statement"
+    COMMIT = "commit"
+
+
+class _Depends(enum.Enum):
+    """A verdict whose kind depends on the phase (the "broken" rows)."""
+
+    BROKEN = "connection broken"
+    TIMED_OUT = "timed out"
+
+
+_Verdict: TypeAlias = FailureKind | _Depends
+
+_BROKEN: Final = _Depends.BROKEN
+_TIMED_OUT: Final = _Depends.TIMED_OUT
+_NOTHING_RAN: Final = FailureKind.NOTHING_RAN
+_OVERLOAD: Final = FailureKind.OVERLOAD
+_PERMANENT: Final = FailureKind.PERMANENT
+
+_BY_PHASE: Final[Mapping[_Depends, Mapping[Phase, FailureKind]]] = {
+    _Depends.BROKEN: {
+        Phase.CONNECT: FailureKind.NOTHING_RAN,
+        Phase.FIRST_USE: FailureKind.STALE,
+        Phase.STATEMENT: FailureKind.LOST,
+        Phase.COMMIT: FailureKind.LOST_COMMIT,
+    },
+    _Depends.TIMED_OUT: {
+        Phase.CONNECT: FailureKind.NOTHING_RAN,
+        Phase.FIRST_USE: FailureKind.TIMEOUT,
+        Phase.STATEMENT: FailureKind.TIMEOUT,
+        Phase.COMMIT: FailureKind.LOST_COMMIT,
+    },
+}
+
+_BY_SQLSTATE: Final[Mapping[str, _Verdict]] = {
+    "57P03": _NOTHING_RAN,
+    "08001": _NOTHING_RAN,
+    "08004": _NOTHING_RAN,
+    "53300": _OVERLOAD,
+    "53200": _OVERLOAD,
+    "53100": _PERMANENT,
+    "53400": _PERMANENT,
+    "57P01": _BROKEN,
+    "57P02": _BROKEN,
+    "57P05": _BROKEN,
+    "25P03": _BROKEN,
+    "40003": _BROKEN,
+    "40001": FailureKind.CONFLICT,
+    "40P01": FailureKind.CONFLICT,
+    "25006": FailureKind.FAILOVER,
+    "57014": FailureKind.TIMEOUT,
+    "55P03": FailureKind.TIMEOUT,
+    "25P04": FailureKind.TIMEOUT,
+    "57P04": _PERMANENT,
+}
+
+# Class 08 is resolved after the text rules, so it is not listed here.
+_BY_SQLSTATE_CLASS: Final[Mapping[str, _Verdict]] = {
+    "53": _OVERLOAD,
+}
+
+# Order matters: see rule 4 in the module docstring. Lower-case substrings.
+_BY_TEXT: Final[tuple[tuple[str, _Verdict], ...]] = (
+    ("password authentication failed", _PERMANENT),
+    ("authentication failed", _PERMANENT),
+    ("no pg_hba.conf entry", _PERMANENT),
+    ("does not exist", _PERMANENT),
+    ("not currently accepting connections", _PERMANENT),
+    ("no such database", _PERMANENT),
+    ("no such user", _PERMANENT),
+    ("unsupported startup parameter", _PERMANENT),
+    ("no password supplied", _PERMANENT),
+    ("server does not support ssl", _PERMANENT),
+    ("certificate verify failed", _PERMANENT),
+    ("ssl is not enabled on the server", _PERMANENT),
+    ("too many clients already", _OVERLOAD),
+    ("remaining connection slots are reserved", _OVERLOAD),
+    ("too many connections for", _OVERLOAD),
+    ("no more connections allowed", _OVERLOAD),
+    ("query_wait_timeout", _OVERLOAD),
+    ("the database system is starting up", _NOTHING_RAN),
+    ("the database system is shutting down", _NOTHING_RAN),
+    ("the database system is in recovery mode", _NOTHING_RAN),
+    ("the database system is not yet accepting connections", _NOTHING_RAN),
+    ("the database system is not accepting connections", _NOTHING_RAN),
+    ("server login has been failing", _NOTHING_RAN),
+    ("pgbouncer cannot connect to server", _NOTHING_RAN),
+    ("client_login_timeout", _NOTHING_RAN),
+    ("timeout expired", _NOTHING_RAN),
+    ("connection refused", _NOTHING_RAN),
+    ("no such file or directory", _NOTHING_RAN),
+    ("could not translate host name", _NOTHING_RAN),
+    ("name or service not known", _NOTHING_RAN),
+    ("temporary failure in name resolution", _NOTHING_RAN),
+    ("network is unreachable", _NOTHING_RAN),
+    ("no route to host", _NOTHING_RAN),
+    ("could not connect to server", _NOTHING_RAN),
+    ("query timeout", _TIMED_OUT),
+    ("server closed the connection unexpectedly", _BROKEN),
+    ("ssl connection has been closed unexpectedly", _BROKEN),
+    ("ssl syscall error", _BROKEN),
+    ("ssl error", _BROKEN),
+    ("consuming input failed", _BROKEN),
+    ("connection is closed", _BROKEN),
+    ("connection is lost", _BROKEN),
+    ("connection is bad", _BROKEN),
+    ("could not receive data from server", _BROKEN),
+    ("could not send data to server", _BROKEN),
+    ("no connection to the server", _BROKEN),
+    ("lost synchronization with server", _BROKEN),
+    ("connection reset by peer", _BROKEN),
+    ("broken pipe", _BROKEN),
+    ("connection timed out", _BROKEN),
+    ("terminating connection", _BROKEN),
+    ("server conn crashed?", _BROKEN),
+    ("client_idle_timeout", _BROKEN),
+    ("idle transaction timeout", _BROKEN),
+    ("database removed", _BROKEN),
+    ("database configuration changed", _BROKEN),
+)
+
+# Rule 2: names of psycopg / psycopg_pool / pgwarden classes, checked first.
+_BY_CLASS_NAME: Final[Mapping[str, _Verdict]] = {
+    "PgwardenError": _PERMANENT,
+    "PoolTimeout": _NOTHING_RAN,
+    "TooManyRequests": _NOTHING_RAN,
+    "ConnectionTimeout": _NOTHING_RAN,
+    "PoolClosed": _PERMANENT,
+    "CancellationTimeout": _TIMED_OUT,
+}
+
+# Rule 6: Python's own exceptions, checked after SQLSTATE and text. Checked in
+# MRO order, so ConnectionRefusedError wins over its base ConnectionError.
+_BY_BUILTIN_NAME: Final[Mapping[str, _Verdict]] = {
+    "ConnectionRefusedError": _NOTHING_RAN,
+    "gaierror": _NOTHING_RAN,
+    "ConnectionError": _BROKEN,
+    "TimeoutError": _TIMED_OUT,
+}
+
+_SQLSTATE_RE: Final = re.compile(r"[0-9A-Z]{5}")
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """Return the exception's five-character SQLSTATE, or ``None``.
+
+    Reads ``exc.sqlstate`` (psycopg, asyncpg), ``exc.pgcode`` (psycopg2) and
+    ``exc.diag.sqlstate``. Never raises.
+    """
+    try:
+        for value in (
+            getattr(exc, "sqlstate", None),
+            getattr(exc, "pgcode", None),
+            getattr(getattr(exc, "diag", None), "sqlstate", None),
+        ):
+            if isinstance(value, str):
+                code = value.upper()
+                if _SQLSTATE_RE.fullmatch(code):
+                    return code
+    except Exception:  # a broken property on a foreign exception must not break us
+        return None
+    return None
+
+
+def classify(exc: BaseException, phase: Phase) -> FailureKind:
+    """Return the :class:`FailureKind` of *exc*, raised in *phase*. Never raises."""
+    return classify_with_reason(exc, phase)[0]
+
+
+def classify_with_reason(exc: BaseException, phase: Phase) -> tuple[FailureKind, str]:
+    """Like :func:`classify`, plus a short reason naming the rule that matched
+    (``"sqlstate 53300"``, ``"text 'too many clients already'"``, ...), for logs.
+    The reason never contains the exception's message, so it carries no secrets."""
+    verdict, reason = _verdict(exc)
+    if isinstance(verdict, _Depends):
+        return _BY_PHASE[verdict][phase], f"{reason} ({verdict.value} in {phase.value})"
+    return verdict, reason
+
+
+def _verdict(exc: BaseException) -> tuple[_Verdict, str]:
+    if not isinstance(exc, Exception):
+        return _PERMANENT, f"class {type(exc).__name__} (not an Exception)"
+    names = [cls.__name__ for cls in type(exc).__mro__]
+    for name in names:
+        by_class = _BY_CLASS_NAME.get(name)
+        if by_class is not None:
+            return by_class, f"class {name}"
+
+    sqlstate = sqlstate_of(exc)
+    if sqlstate is not None and not sqlstate.startswith("08"):
+        by_code = _BY_SQLSTATE.get(sqlstate)
+        if by_code is None:
+            by_code = _BY_SQLSTATE_CLASS.get(sqlstate[:2], _PERMANENT)
+        return by_code, f"sqlstate {sqlstate}"
+
+    try:
+        text = str(exc).lower()
+    except Exception:  # a foreign __str__ that fails: classify without text
+        text = ""
+    for pattern, by_text in _BY_TEXT:
+        if pattern in text:
+            return by_text, f"text {pattern!r}"
+
+    if sqlstate is not None:
+        return _BY_SQLSTATE.get(sqlstate, _BROKEN), f"sqlstate {sqlstate}"
+
+    for name in names:
+        by_builtin = _BY_BUILTIN_NAME.get(name)
+        if by_builtin is not None:
+            return by_builtin, f"class {name}"
+
+    return _PERMANENT, f"unrecognised {type(exc).__name__}"
+
+
+@dataclass(frozen=True)
+class RetryContext:
+    """What the caller is doing, as far as retry safety goes.
+
+    ``is_write``: the statement may change data (see :func:`is_write_sql`).
+    ``idempotent``: the caller vouches that running it twice is harmless.
+    ``in_transaction``: it runs inside an explicit transaction block.
+    """
+
+    is_write: bool
+    idempotent: bool = False
+    in_transaction: bool = False
+
+
+# (kind) -> (read, write, idempotent write) outside a transaction.
+_RETRY_TABLE: Final[Mapping[FailureKind, tuple[bool, bool, bool]]] = {
+    FailureKind.NOTHING_RAN: (True, True, True),
+    FailureKind.OVERLOAD: (True, True, True),
+    FailureKind.STALE: (True, True, True),
+    FailureKind.LOST: (True, False, True),
+    FailureKind.LOST_COMMIT: (False, False, False),
+    FailureKind.CONFLICT: (True, True, True),
+    FailureKind.FAILOVER: (True, True, True),
+    FailureKind.PERMANENT: (False, False, False),
+    FailureKind.TIMEOUT: (False, False, False),
+}
+
+
+def is_retryable(kind: FailureKind, ctx: RetryContext) -> bool:
+    """May a single statement that failed with *kind* be re-run as is?
+
+    ============ ==== ===== ================ ==============
+    kind         read write idempotent write in transaction
+    ============ ==== ===== ================ ==============
+    NOTHING_RAN  yes  yes   yes              no
+    OVERLOAD     yes  yes   yes              no
+    STALE        yes  yes   yes              no
+    LOST         yes  no    yes              no
+    LOST_COMMIT  no   no    no               no
+    CONFLICT     yes  yes   yes              no
+    FAILOVER     yes  yes   yes              no
+    PERMANENT    no   no    no               no
+    TIMEOUT      no   no    no               no
+    ============ ==== ===== ================ ==============
+
+    Writes are re-run only when nothing can have reached a live backend, or
+    when the server answered with an error (CONFLICT, FAILOVER: an error reply
+    outside a transaction block means the statement was rolled back), or when
+    the caller vouched with ``idempotent=True``. Inside a transaction nothing
+    is re-run statement by statement: the transaction is already aborted or
+    its connection gone, so ``run_transaction`` re-runs the whole function
+    instead (see :func:`is_transaction_retryable`). LOST_COMMIT is resolved by
+    transaction id, never by re-running. FAILOVER assumes the shell drained
+    the pool first, so the retry reaches the new primary.
+    """
+    if ctx.in_transaction:
+        return False
+    read, write, idempotent_write = _RETRY_TABLE[kind]
+    if not ctx.is_write:
+        return read
+    return idempotent_write if ctx.idempotent else write
+
+
+_TRANSACTION_RETRYABLE: Final = frozenset(
+    {
+        FailureKind.NOTHING_RAN,
+        FailureKind.OVERLOAD,
+        FailureKind.STALE,
+        FailureKind.LOST,
+        FailureKind.CONFLICT,
+        FailureKind.FAILOVER,
+    }
+)
+
+
+def is_transaction_retryable(kind: FailureKind) -> bool:
+    """May ``run_transaction`` re-run the whole transaction function after *kind*?
+
+    Yes for every kind where the transaction certainly did not commit: the
+    connection dropped before COMMIT was sent (the server rolls back), or the
+    server reported a conflict, overload or read-only standby. No for
+    LOST_COMMIT (resolve it first), PERMANENT and TIMEOUT.
+    """
+    return kind in _TRANSACTION_RETRYABLE
+
+
+# --- is_write_sql -------------------------------------------------------------
+
+# One token per match: a comment or literal (skipped), a word, a paren or a
+# semicolon. Block comments and dollar quotes are only *opened* here, because
+# they need a scan for their end (block comments nest).
+_TOKEN_RE: Final = re.compile(
+    r"""
+      (?P<skip> --[^\n]*
+              | [Ee]'(?:[^'\\]|\\.|'')*'?
+              | '(?:[^']|'')*'?
+              | "(?:[^"]|"")*"?
+              )
+    | (?P<block> /\* )
+    | (?P<dollar> \$(?:[A-Za-z_\x80-\uffff][A-Za-z0-9_\x80-\uffff]*)?\$ )
+    | (?P<word> [A-Za-z_\x80-\uffff][A-Za-z0-9_$\x80-\uffff]* )
+    | (?P<punct> [();] )
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_BLOCK_RE: Final = re.compile(r"/\*|\*/")
+
+_READ_HEADS: Final = frozenset({"SELECT", "VALUES", "TABLE", "SHOW"})
+_WRITE_WORDS: Final = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "INTO"})
+_ANALYZE: Final = frozenset({"ANALYZE", "ANALYSE"})
+_OFF: Final = frozenset({"FALSE", "OFF"})
+_EXPLAIN_BARE_OPTIONS: Final = _ANALYZE | {"VERBOSE"}
+
+
+def _tokens(sql: str) -> list[str]:
+    """Upper-cased words plus ``(``, ``)`` and ``;``, outside comments and literals."""
+    out: list[str] = []
+    pos = 0
+    end = len(sql)
+    while pos < end:
+        m = _TOKEN_RE.search(sql, pos)
+        if m is None:
+            break
+        kind = m.lastgroup
+        pos = m.end()
+        if kind == "word" or kind == "punct":
+            out.append(m.group().upper())
+        elif kind == "block":
+            depth = 1
+            while depth:
+                b = _BLOCK_RE.search(sql, pos)
+                if b is None:
+                    return out
+                depth += 1 if b.group() == "/*" else -1
+                pos = b.end()
+        elif kind == "dollar":
+            close = sql.find(m.group(), pos)
+            if close < 0:
+                return out
+            pos = close + len(m.group())
+    return out
+
+
+def _statement_writes(words: list[str]) -> bool:
+    i = 0
+    while i < len(words) and words[i] == "(":
+        i += 1
+    if i == len(words):
+        return False
+    head = words[i]
+    if head in _READ_HEADS:
+        # SELECT ... INTO creates a table; nothing else a plain SELECT can write
+        # (functions with side effects are invisible to a lexer).
+        return "INTO" in words[i:]
+    if head == "WITH":
+        return any(
+            w in _WRITE_WORDS and not (w == "UPDATE" and words[j - 1] in ("FOR", "KEY"))
+            for j, w in enumerate(words[i:], start=i)
+        )
+    if head == "EXPLAIN":
+        return _explain_writes(words, i + 1)
+    return True
+
+
+def _explain_writes(words: list[str], i: int) -> bool:
+    """EXPLAIN runs nothing; EXPLAIN ANALYZE runs the statement it explains."""
+    analyze = False
+    if i < len(words) and words[i] == "(":
+        depth = 0
+        while i < len(words):
+            w = words[i]
+            depth += (w == "(") - (w == ")")
+            if w in _ANALYZE and not (i + 1 < len(words) and words[i + 1] in _OFF):
+                analyze = True
+            i += 1
+            if depth == 0:
+                break
+    else:
+        while i < len(words) and words[i] in _EXPLAIN_BARE_OPTIONS:
+            analyze = analyze or words[i] in _ANALYZE
+            i += 1
+    return analyze and _statement_writes(words[i:])
+
+
+@functools.lru_cache(maxsize=1024)
+def is_write_sql(sql: str) -> bool:
+    """Might *sql* change data? A cheap, conservative lexer-level guess.
+
+    Read: statements starting (after comments, whitespace and parentheses)
+    with SELECT (without INTO), VALUES, TABLE, SHOW, EXPLAIN without ANALYZE,
+    EXPLAIN ANALYZE of a read, and WITH queries with no INSERT, UPDATE (other
+    than FOR [NO KEY] UPDATE), DELETE, MERGE or INTO. Everything else is a
+    write, and so is a string with several statements if any one writes.
+    Literals, quoted identifiers and comments are skipped. Results are cached
+    (1024 entries), since the same SQL text recurs.
+    """
+    statement: list[str] = []
+    for word in _tokens(sql):
+        if word == ";":
+            if _statement_writes(statement):
+                return True
+            statement = []
+        else:
+            statement.append(word)
+    return _statement_writes(statement)

@@ -1,0 +1,488 @@
+"""The metrics model: a tracker protocol the shells call unconditionally (pure; stdlib only).
+
+Theory of operation
+    The shells hold exactly one tracker and call its methods on every event, with no
+    ``if tracker is None`` anywhere (HikariCP's ``IMetricsTracker`` pattern).  When metrics are
+    off the tracker is a :class:`NoopTracker`, whose methods do nothing, so the cost of "off" is
+    one method call.  :class:`StatsTracker` keeps counters and :class:`Histogram` s in memory and
+    renders them as a plain dict for ``db.stats()``; exporters (Prometheus, OpenTelemetry) live at
+    the edges and either read a :class:`StatsTracker` or implement :class:`MetricsTracker`
+    themselves, combined with the stats through :class:`CompositeTracker`.
+
+Contracts for every tracker method
+    * Cheap: no I/O, no locks, no allocation beyond a dict slot for a new label value.
+    * Never raises for well-typed arguments; a tracker must not be able to fail a query.
+    * Durations are seconds (``time.monotonic()`` differences); labels are plain strings such as
+      ``FailureKind`` or :class:`CloseReason` values (a ``str`` enum member is accepted and is
+      reported under its value).
+
+Threads
+    Counters are plain ``int`` attributes and dict slots, updated with ``+=`` and no lock.  Under
+    the GIL a thread switch between the load and the store of ``+=`` can very rarely lose an
+    increment across threads; under free-threaded CPython it is more likely.  That is an accepted
+    tradeoff: the hot path costs nothing extra, and a counter that is off by one in a million is
+    still a correct operational signal.  (``itertools.count`` would make increments atomic under
+    the GIL, but reading it back needs pickling internals that Python 3.14 removes.)  A sync or
+    async shell that needs exact counts can wrap its tracker; the model does not.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from typing import Protocol, TypeVar, runtime_checkable
+
+from pgwarden.core.histogram import Histogram
+
+__all__ = [
+    "OTEL_ATTRIBUTES",
+    "OTEL_NAMES",
+    "CloseReason",
+    "CompositeTracker",
+    "MetricsTracker",
+    "NoopTracker",
+    "StatsTracker",
+    "pool_gauges",
+]
+
+
+class CloseReason(str, enum.Enum):
+    """Why pgwarden closed a pooled connection (the label of ``connections_closed``)."""
+
+    LIFETIME = "lifetime"  # max lifetime (with jitter) reached
+    IDLE = "idle"  # idle longer than max idle time
+    BROKEN = "broken"  # failed a check or died under a statement
+    DRAIN = "drain"  # handle closing: drained
+    FAILOVER = "failover"  # pool drained after a read-only (25006) failover signal
+    CLOSE = "close"  # closed by an explicit close of the handle or pool
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Our metric keys (as in :func:`pool_gauges` and :meth:`StatsTracker.snapshot`) mapped to
+#: OpenTelemetry semantic-convention metric names.  Keys without an OTel equivalent are absent.
+#: Two keys are reserved, produced by no tracker hook yet: ``acquire_timeouts`` (an exporter can
+#: derive it from ``errors`` under the pool-timeout failure kind) and ``connection_use_seconds``
+#: (needs a release hook).
+OTEL_NAMES: dict[str, str] = {
+    "idle": "db.client.connection.count",
+    "in_use": "db.client.connection.count",
+    "idle_max": "db.client.connection.idle.max",
+    "max_size": "db.client.connection.max",
+    "waiting": "db.client.connection.pending_requests",
+    "acquire_timeouts": "db.client.connection.timeouts",
+    "connection_setup_seconds": "db.client.connection.create_time",
+    "acquire_wait_seconds": "db.client.connection.wait_time",
+    "connection_use_seconds": "db.client.connection.use_time",
+    "query_duration_seconds": "db.client.operation.duration",
+}
+
+#: Extra OTel attributes that distinguish keys sharing one OTel name.
+OTEL_ATTRIBUTES: dict[str, dict[str, str]] = {
+    "idle": {"db.client.connection.state": "idle"},
+    "in_use": {"db.client.connection.state": "used"},
+}
+
+
+@runtime_checkable
+class MetricsTracker(Protocol):
+    """What the shells report.  Every method must be cheap and must not raise."""
+
+    def query(self, duration: float) -> None:
+        """A statement or operation succeeded after ``duration`` seconds."""
+
+    def query_error(self, kind: str) -> None:
+        """A statement or operation failed; ``kind`` is a ``FailureKind`` value."""
+
+    def acquire(self, wait: float) -> None:
+        """A connection was obtained from the pool after waiting ``wait`` seconds."""
+
+    def connection_opened(self, setup: float) -> None:
+        """A new server connection was established in ``setup`` seconds."""
+
+    def connection_closed(self, reason: str) -> None:
+        """A pooled connection was closed; ``reason`` is a :class:`CloseReason` value."""
+
+    def connect_failed(self, kind: str) -> None:
+        """An attempt to open a connection failed; ``kind`` is a ``FailureKind`` value."""
+
+    def warmup(self, duration: float, ok: bool) -> None:
+        """A readiness probe finished after ``duration`` seconds, successfully or not."""
+
+    def retry(self, reason: str, attempt: int) -> None:
+        """Attempt number ``attempt`` (1 = first retry) is about to run because of ``reason``."""
+
+    def overload(self) -> None:
+        """The server or pooler reported overload (53300, reserved slots, pooler full)."""
+
+    def breaker_transition(self, from_state: str, to_state: str) -> None:
+        """The circuit breaker moved from ``from_state`` to ``to_state``."""
+
+    def ambiguous_commit(self, outcome: str) -> None:
+        """A COMMIT lost its connection; ``outcome`` is committed, aborted or unknown."""
+
+    def health_check(self, ok: bool) -> None:
+        """A health check ran (not a cached answer) and passed or failed."""
+
+    def slow_query(self) -> None:
+        """A statement exceeded the slow-query threshold."""
+
+    def leaked_connection(self) -> None:
+        """A connection was held longer than the leak-detection threshold."""
+
+    def limit_changed(self, new_limit: int) -> None:
+        """Adaptive sizing set the pool's effective connection limit to ``new_limit``."""
+
+    def snapshot(self) -> dict[str, object]:
+        """A plain, JSON-serialisable view of what this tracker knows."""
+        ...
+
+
+class NoopTracker:
+    """The tracker used when metrics are off: every method does nothing."""
+
+    __slots__ = ()
+
+    def query(self, duration: float) -> None:
+        pass
+
+    def query_error(self, kind: str) -> None:
+        pass
+
+    def acquire(self, wait: float) -> None:
+        pass
+
+    def connection_opened(self, setup: float) -> None:
+        pass
+
+    def connection_closed(self, reason: str) -> None:
+        pass
+
+    def connect_failed(self, kind: str) -> None:
+        pass
+
+    def warmup(self, duration: float, ok: bool) -> None:
+        pass
+
+    def retry(self, reason: str, attempt: int) -> None:
+        pass
+
+    def overload(self) -> None:
+        pass
+
+    def breaker_transition(self, from_state: str, to_state: str) -> None:
+        pass
+
+    def ambiguous_commit(self, outcome: str) -> None:
+        pass
+
+    def health_check(self, ok: bool) -> None:
+        pass
+
+    def slow_query(self) -> None:
+        pass
+
+    def leaked_connection(self) -> None:
+        pass
+
+    def limit_changed(self, new_limit: int) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, object]:
+        """Always ``{"enabled": False}``."""
+        return {"enabled": False}
+
+
+_K = TypeVar("_K")
+
+
+def _label(key: object) -> str:
+    # Callers may pass str-enum members (CloseReason.IDLE) or plain values ("idle"); they share
+    # a dict slot, and whichever was stored first is reported under its value, never its repr.
+    if isinstance(key, enum.Enum):
+        return str(key.value)
+    return str(key)
+
+
+def _labelled(counts: Mapping[_K, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for key, n in list(counts.items()):  # list(): one atomic copy under the GIL
+        name = _label(key)
+        out[name] = out.get(name, 0) + n
+    return out
+
+
+class StatsTracker:
+    """In-memory counters and histograms behind ``db.stats()``.
+
+    Lock-free (see the module docstring).  The histograms are public attributes so exporters
+    can read :meth:`Histogram.buckets` directly.  ``queries`` counts successes only; failures
+    are under ``errors`` by kind.  ``last_warmup_seconds`` is the duration of the most recent
+    *successful* warmup; the warmup histogram records every attempt.
+    """
+
+    __slots__ = (
+        "_ambiguous",
+        "_closed",
+        "_connect_failures",
+        "_errors",
+        "_health_failed",
+        "_health_passed",
+        "_last_warmup",
+        "_leaked",
+        "_limit",
+        "_opened",
+        "_overloads",
+        "_queries",
+        "_retries",
+        "_retries_by_attempt",
+        "_retries_by_reason",
+        "_slow",
+        "_transitions",
+        "_warmups_failed",
+        "_warmups_ok",
+        "acquire_wait",
+        "connection_setup",
+        "query_duration",
+        "warmup_duration",
+    )
+
+    def __init__(self) -> None:
+        self.acquire_wait = Histogram()
+        self.query_duration = Histogram()
+        self.connection_setup = Histogram()
+        self.warmup_duration = Histogram()
+        self._init_counters()
+
+    def _init_counters(self) -> None:
+        self._queries = 0
+        self._errors: dict[str, int] = {}
+        self._retries = 0
+        self._retries_by_attempt: dict[int, int] = {}
+        self._retries_by_reason: dict[str, int] = {}
+        self._opened = 0
+        self._closed: dict[str, int] = {}
+        self._connect_failures: dict[str, int] = {}
+        self._warmups_ok = 0
+        self._warmups_failed = 0
+        self._overloads = 0
+        self._transitions: dict[tuple[str, str], int] = {}
+        self._ambiguous: dict[str, int] = {}
+        self._health_passed = 0
+        self._health_failed = 0
+        self._slow = 0
+        self._leaked = 0
+        self._last_warmup: float | None = None
+        self._limit: int | None = None
+
+    def query(self, duration: float) -> None:
+        self._queries += 1
+        self.query_duration.record(duration)
+
+    def query_error(self, kind: str) -> None:
+        self._errors[kind] = self._errors.get(kind, 0) + 1
+
+    def acquire(self, wait: float) -> None:
+        self.acquire_wait.record(wait)
+
+    def connection_opened(self, setup: float) -> None:
+        self._opened += 1
+        self.connection_setup.record(setup)
+
+    def connection_closed(self, reason: str) -> None:
+        self._closed[reason] = self._closed.get(reason, 0) + 1
+
+    def connect_failed(self, kind: str) -> None:
+        self._connect_failures[kind] = self._connect_failures.get(kind, 0) + 1
+
+    def warmup(self, duration: float, ok: bool) -> None:
+        self.warmup_duration.record(duration)
+        if ok:
+            self._warmups_ok += 1
+            self._last_warmup = duration
+        else:
+            self._warmups_failed += 1
+
+    def retry(self, reason: str, attempt: int) -> None:
+        self._retries += 1
+        self._retries_by_attempt[attempt] = self._retries_by_attempt.get(attempt, 0) + 1
+        self._retries_by_reason[reason] = self._retries_by_reason.get(reason, 0) + 1
+
+    def overload(self) -> None:
+        self._overloads += 1
+
+    def breaker_transition(self, from_state: str, to_state: str) -> None:
+        key = (from_state, to_state)
+        self._transitions[key] = self._transitions.get(key, 0) + 1
+
+    def ambiguous_commit(self, outcome: str) -> None:
+        self._ambiguous[outcome] = self._ambiguous.get(outcome, 0) + 1
+
+    def health_check(self, ok: bool) -> None:
+        if ok:
+            self._health_passed += 1
+        else:
+            self._health_failed += 1
+
+    def slow_query(self) -> None:
+        self._slow += 1
+
+    def leaked_connection(self) -> None:
+        self._leaked += 1
+
+    def limit_changed(self, new_limit: int) -> None:
+        self._limit = new_limit
+
+    @property
+    def histograms(self) -> dict[str, Histogram]:
+        """The histograms under their snapshot keys (``*_seconds``), for exporters."""
+        return {
+            "acquire_wait_seconds": self.acquire_wait,
+            "query_duration_seconds": self.query_duration,
+            "connection_setup_seconds": self.connection_setup,
+            "warmup_duration_seconds": self.warmup_duration,
+        }
+
+    def snapshot(self) -> dict[str, object]:
+        """A fresh, plain, JSON-serialisable nested dict (safe for the caller to mutate).
+
+        Keys: ``counters`` (``queries``, ``errors``, ``retries``, ``connections_opened``,
+        ``connections_closed``, ``connect_failures``, ``warmups``, ``overload_events``,
+        ``breaker_transitions`` keyed ``"from->to"``, ``ambiguous_commits``, ``health_checks``,
+        ``slow_queries``, ``leaked_connections``), ``histograms`` (see :attr:`histograms`),
+        ``last_warmup_seconds`` and ``pool_limit`` (``None`` until first reported).
+        """
+        transitions: dict[str, int] = {}
+        for (src, dst), n in list(self._transitions.items()):
+            key = f"{_label(src)}->{_label(dst)}"
+            transitions[key] = transitions.get(key, 0) + n
+        counters: dict[str, object] = {
+            "queries": self._queries,
+            "errors": _labelled(self._errors),
+            "retries": {
+                "total": self._retries,
+                "by_attempt": _labelled(self._retries_by_attempt),
+                "by_reason": _labelled(self._retries_by_reason),
+            },
+            "connections_opened": self._opened,
+            "connections_closed": _labelled(self._closed),
+            "connect_failures": _labelled(self._connect_failures),
+            "warmups": {"ok": self._warmups_ok, "failed": self._warmups_failed},
+            "overload_events": self._overloads,
+            "breaker_transitions": transitions,
+            "ambiguous_commits": _labelled(self._ambiguous),
+            "health_checks": {"passed": self._health_passed, "failed": self._health_failed},
+            "slow_queries": self._slow,
+            "leaked_connections": self._leaked,
+        }
+        return {
+            "counters": counters,
+            "histograms": {name: h.snapshot() for name, h in self.histograms.items()},
+            "last_warmup_seconds": self._last_warmup,
+            "pool_limit": self._limit,
+        }
+
+    def reset(self) -> None:
+        """Zero every counter and histogram (``pool_limit`` is forgotten too)."""
+        for h in self.histograms.values():
+            h.reset()
+        self._init_counters()
+
+
+class CompositeTracker:
+    """Fans every call out to several trackers, in order (e.g. stats plus a user exporter).
+
+    A child that raises is a bug in that child; the exception propagates (the shells treat a
+    tracker as infallible).  :meth:`snapshot` returns ``{"trackers": [child snapshots]}``.
+    """
+
+    __slots__ = ("_children",)
+
+    def __init__(self, trackers: Iterable[MetricsTracker]) -> None:
+        self._children: tuple[MetricsTracker, ...] = tuple(trackers)
+
+    @property
+    def trackers(self) -> tuple[MetricsTracker, ...]:
+        """The child trackers, in call order."""
+        return self._children
+
+    def query(self, duration: float) -> None:
+        for t in self._children:
+            t.query(duration)
+
+    def query_error(self, kind: str) -> None:
+        for t in self._children:
+            t.query_error(kind)
+
+    def acquire(self, wait: float) -> None:
+        for t in self._children:
+            t.acquire(wait)
+
+    def connection_opened(self, setup: float) -> None:
+        for t in self._children:
+            t.connection_opened(setup)
+
+    def connection_closed(self, reason: str) -> None:
+        for t in self._children:
+            t.connection_closed(reason)
+
+    def connect_failed(self, kind: str) -> None:
+        for t in self._children:
+            t.connect_failed(kind)
+
+    def warmup(self, duration: float, ok: bool) -> None:
+        for t in self._children:
+            t.warmup(duration, ok)
+
+    def retry(self, reason: str, attempt: int) -> None:
+        for t in self._children:
+            t.retry(reason, attempt)
+
+    def overload(self) -> None:
+        for t in self._children:
+            t.overload()
+
+    def breaker_transition(self, from_state: str, to_state: str) -> None:
+        for t in self._children:
+            t.breaker_transition(from_state, to_state)
+
+    def ambiguous_commit(self, outcome: str) -> None:
+        for t in self._children:
+            t.ambiguous_commit(outcome)
+
+    def health_check(self, ok: bool) -> None:
+        for t in self._children:
+            t.health_check(ok)
+
+    def slow_query(self) -> None:
+        for t in self._children:
+            t.slow_query()
+
+    def leaked_connection(self) -> None:
+        for t in self._children:
+            t.leaked_connection()
+
+    def limit_changed(self, new_limit: int) -> None:
+        for t in self._children:
+            t.limit_changed(new_limit)
+
+    def snapshot(self) -> dict[str, object]:
+        return {"trackers": [t.snapshot() for t in self._children]}
+
+
+def pool_gauges(size: int, idle: int, in_use: int, waiting: int, max_size: int) -> dict[str, float]:
+    """Pool gauges as a plain dict, adding ``utilization = in_use / max_size`` (0.0 if no max).
+
+    ``idle_max`` equals ``max_size``: psycopg_pool never keeps more idle connections than its
+    maximum, and it is reported so that OTel's ``db.client.connection.idle.max`` has a source.
+    """
+    return {
+        "size": size,
+        "idle": idle,
+        "in_use": in_use,
+        "waiting": waiting,
+        "max_size": max_size,
+        "idle_max": max_size,
+        "utilization": in_use / max_size if max_size > 0 else 0.0,
+    }

@@ -1,0 +1,161 @@
+"""Retry policy (how long to wait between attempts) and retry budget (whether
+this process may retry at all right now).
+
+Both are pure: the current time and the random draw are arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["RetryBudget", "RetryPolicy"]
+
+# 2**63 seconds is far beyond any sane max_delay; past it the exponent would
+# only overflow, so the cap applies directly.
+_MAX_EXPONENT = 63
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """An immutable retry policy: capped exponential backoff with full jitter.
+
+    ``attempts``
+        Total attempts including the first; ``1`` disables retries.
+    ``base_delay``
+        Cap of the first retry's sleep, in seconds.
+    ``max_delay``
+        Cap of any single sleep, in seconds.
+
+    Retry number *n* (``n >= 1``: the first retry is number 1) sleeps
+    ``rand * min(max_delay, base_delay * 2 ** (n - 1))`` seconds, where
+    ``rand`` is uniform in ``[0, 1)`` ("full jitter", from the AWS Architecture
+    Blog's "Exponential Backoff and Jitter": it spreads many clients that failed
+    together evenly over the window instead of having them retry in lockstep).
+
+    :meth:`next_delay` is the whole decision after a failed attempt: it gives
+    up (``None``) when ``attempts`` are used up or when sleeping would reach the
+    caller's deadline, and otherwise returns a sleep that ends strictly before
+    the deadline. It does not decide *whether* a failure is retryable; that is
+    :func:`pgwarden.core.classify.is_retryable`, and the process-wide
+    :class:`RetryBudget` has the last word.
+    """
+
+    attempts: int = 3
+    base_delay: float = 0.05
+    max_delay: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {self.attempts}")
+        if not (self.base_delay >= 0 and math.isfinite(self.base_delay)):
+            raise ValueError(f"base_delay must be finite and >= 0, got {self.base_delay}")
+        if not (self.max_delay >= 0 and math.isfinite(self.max_delay)):
+            raise ValueError(f"max_delay must be finite and >= 0, got {self.max_delay}")
+
+    def cap(self, retry_number: int) -> float:
+        """The upper bound of retry *retry_number*'s sleep (``>= 1``)."""
+        if retry_number < 1:
+            raise ValueError(f"retry_number must be at least 1, got {retry_number}")
+        exponent = retry_number - 1
+        if exponent >= _MAX_EXPONENT:
+            return self.max_delay
+        return min(self.max_delay, self.base_delay * 2.0**exponent)
+
+    def backoff(self, retry_number: int, rand: float) -> float:
+        """The sleep before retry *retry_number* (``>= 1``), given a uniform draw
+        *rand* in ``[0, 1)``. Always within ``[0, cap(retry_number)]``."""
+        if not 0.0 <= rand <= 1.0:
+            raise ValueError(f"rand must be in [0, 1], got {rand}")
+        return rand * self.cap(retry_number)
+
+    def next_delay(
+        self, attempt: int, *, now: float, deadline: float | None, rand: float
+    ) -> float | None:
+        """How long to sleep before the next attempt, or ``None`` to give up.
+
+        *attempt* is the number of attempts already made (``>= 1``). Gives up
+        when ``attempt >= attempts``, or when ``now + sleep >= deadline`` (after
+        such a sleep no time would be left for the attempt itself). So a
+        returned sleep always satisfies ``now + sleep < deadline``.
+        """
+        if attempt < 1:
+            raise ValueError(f"attempt must be at least 1, got {attempt}")
+        if attempt >= self.attempts:
+            return None
+        delay = self.backoff(attempt, rand)
+        if deadline is not None and now + delay >= deadline:
+            return None
+        return delay
+
+
+class RetryBudget:
+    """A process-wide token bucket that caps retries at a fraction of traffic.
+
+    Every request earns ``ratio`` tokens; every retry spends one. Besides that,
+    tokens trickle in at ``min_per_second`` so that a process with little
+    traffic (a serverless function handling one request) can still retry. The
+    bucket holds at most ``max_tokens``, which bounds a burst of retries after a
+    quiet spell; it starts with ``min(min_per_second, max_tokens)`` tokens, so
+    the very first requests of a cold process may retry.
+
+    Over any run, retries granted <= initial tokens + ``ratio`` * requests +
+    ``min_per_second`` * elapsed seconds. When the database is down and every
+    request fails, retries therefore add about ``ratio`` (10%) to the load
+    instead of multiplying it by the number of attempts.
+
+    Not thread-safe: the sync shell calls it under a lock, the async shell from
+    its one event loop. Unguarded concurrent use cannot raise, only miscount
+    a token or two. A clock that goes backwards earns nothing and moves
+    nothing back.
+    """
+
+    __slots__ = ("_last", "_tokens", "max_tokens", "min_per_second", "ratio")
+
+    def __init__(
+        self, ratio: float = 0.1, min_per_second: float = 2.0, max_tokens: float = 20.0
+    ) -> None:
+        if not (ratio >= 0 and math.isfinite(ratio)):
+            raise ValueError(f"ratio must be finite and >= 0, got {ratio}")
+        if not (min_per_second >= 0 and math.isfinite(min_per_second)):
+            raise ValueError(f"min_per_second must be finite and >= 0, got {min_per_second}")
+        if not (max_tokens >= 1 and math.isfinite(max_tokens)):
+            raise ValueError(f"max_tokens must be finite and >= 1, got {max_tokens}")
+        self.ratio = ratio
+        self.min_per_second = min_per_second
+        self.max_tokens = max_tokens
+        self._tokens = min(min_per_second, max_tokens)
+        self._last: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self._last is None:
+            # The first observation anchors the clock; earlier time earned nothing.
+            self._last = now
+        elif now > self._last:
+            earned = (now - self._last) * self.min_per_second
+            self._tokens = min(self.max_tokens, self._tokens + earned)
+            self._last = now
+
+    def on_request(self, now: float) -> None:
+        """Record one request (first attempts only, not retries): earns ``ratio``."""
+        self._refill(now)
+        self._tokens = min(self.max_tokens, self._tokens + self.ratio)
+
+    def try_spend(self, now: float) -> bool:
+        """Take one token for a retry. ``False`` means: do not retry, raise."""
+        self._refill(now)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def tokens(self, now: float) -> float:
+        """Tokens available at *now* (a retry needs a whole one)."""
+        self._refill(now)
+        return self._tokens
+
+    def __repr__(self) -> str:
+        return (
+            f"RetryBudget(ratio={self.ratio}, min_per_second={self.min_per_second}, "
+            f"max_tokens={self.max_tokens}, tokens={self._tokens:.2f})"
+        )

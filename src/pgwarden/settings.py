@@ -1,0 +1,342 @@
+"""`Settings`: every knob pgwarden has, with a production-safe default and its reason.
+
+Settings are frozen and hashable: the per-process registry uses them as the
+key that decides whether two ``connect()`` calls share one pool.
+
+Sources, highest precedence first:
+
+1. keyword arguments to :class:`Settings` (or to ``pgwarden.connect()``);
+2. ``PGWARDEN_<NAME>`` environment variables (``PGWARDEN_MAX_SIZE=20``);
+3. ``DATABASE_URL`` for the URL;
+4. the defaults below.
+
+Validation errors name the setting and the bad value, never a password.
+This module imports nothing but the standard library, so it is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args
+
+from pgwarden._redact import redact
+from pgwarden.errors import SettingsError
+
+__all__ = ["PgBouncerMode", "Settings"]
+
+PgBouncerMode = Literal["auto", "on", "off"]
+
+ENV_PREFIX = "PGWARDEN_"
+
+
+def _doc(default: Any, reason: str) -> Any:
+    """A dataclass field whose default carries its reason (shown by ``Settings.describe()``)."""
+    return field(default=default, metadata={"reason": reason})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Frozen configuration of one database handle. See each field's reason."""
+
+    url: str | None = field(
+        default=None,
+        repr=False,  # the URL may carry a password; repr shows `safe_url` instead
+        metadata={"reason": "connection URL; defaults to DATABASE_URL"},
+    )
+
+    # --- pool size -------------------------------------------------------------------------
+    min_size: int = _doc(
+        0,
+        "Serverless instances and idle workers should hold no connections they do not use; "
+        "a fleet of them at min_size>0 is how servers run out of slots.",
+    )
+    max_size: int = _doc(
+        10,
+        "Enough for a busy process, small enough that 20 processes fit in the default "
+        "max_connections=100 behind no pooler. Adaptive sizing lowers it under overload.",
+    )
+
+    # --- time limits -----------------------------------------------------------------------
+    acquire_timeout: float = _doc(
+        10.0,
+        "How long a caller waits for a pooled connection when no deadline is set. "
+        "psycopg_pool's 30 s outlives most request timeouts; failing sooner is clearer.",
+    )
+    connect_timeout: float = _doc(
+        5.0,
+        "Per connection attempt. A healthy server on a LAN connects in milliseconds; "
+        "5 s tolerates a cold managed instance without hanging a request for libpq's forever.",
+    )
+    ready_timeout: float = _doc(
+        15.0,
+        "How long the first readiness probe keeps retrying a server that is still starting "
+        "(a deploy racing a database restart) before every waiter gets the same error.",
+    )
+    default_timeout: float | None = _doc(
+        None,
+        "Deadline for a call that sets none. None means: bounded by retry attempts and "
+        "acquire_timeout only. Set it to your request budget to bound everything.",
+    )
+
+    # --- TCP liveness ----------------------------------------------------------------------
+    keepalives_idle: int = _doc(
+        30,
+        "Seconds of silence before TCP probes start, so a silently dropped connection (NAT, "
+        "load balancer) is found in about a minute, not the kernel's two hours.",
+    )
+    keepalives_interval: int = _doc(10, "Seconds between TCP keepalive probes.")
+    keepalives_count: int = _doc(3, "Unanswered keepalive probes before the socket is dead.")
+    tcp_user_timeout: int = _doc(
+        30_000,
+        "Milliseconds that sent data may stay unacknowledged before the kernel drops the "
+        "connection: bounds a hang on a blackholed network while a query is in flight.",
+    )
+
+    # --- connection hygiene ----------------------------------------------------------------
+    max_lifetime: float = _doc(
+        1800.0,
+        "Connections are replaced after 30 min so server-side memory growth, DNS changes and "
+        "failovers are picked up. Shorter than typical managed idle/session limits.",
+    )
+    lifetime_jitter: float = _doc(
+        0.2,
+        "Each process shortens max_lifetime by a random 0-20% (and psycopg_pool adds up to 5% "
+        "per connection), so a fleet deployed at once does not reconnect at once.",
+    )
+    max_idle: float = _doc(
+        300.0,
+        "Idle connections beyond min_size are closed after 5 min: below the 350 s idle timeout "
+        "of common cloud load balancers, so the balancer never silently drops them first.",
+    )
+    validation_window: float = _doc(
+        1.0,
+        "A connection idle longer than this gets a cheap check before use (as HikariCP's "
+        "aliveBypassWindow). Recently used connections skip it: no round trip per request.",
+    )
+    gap_threshold: float = _doc(
+        10.0,
+        "If the process saw no activity for this long by the wall or monotonic clock (a "
+        "frozen serverless instance, a suspended VM), all idle connections are checked in one "
+        "pass on the next acquire.",
+    )
+
+    # --- readiness -------------------------------------------------------------------------
+    probe_query: str | None = _doc(
+        None,
+        "Optional application query run once after the first round trip (the second phase of "
+        "warmup), e.g. 'SELECT 1 FROM my_table LIMIT 1' to prove migrations have run.",
+    )
+    application_name: str = _doc(
+        "pgwarden", "Shown in pg_stat_activity so operators can tell whose connections these are."
+    )
+
+    # --- PgBouncer ------------------------------------------------------------------------
+    pgbouncer: PgBouncerMode = _doc(
+        "auto",
+        "'auto' detects PgBouncer from the server's answers; 'on' or 'off' overrides. In "
+        "transaction mode server-side prepared statements must be off.",
+    )
+    prepare_threshold: int | None = _doc(
+        5,
+        "psycopg's default; forced to None (no server-side prepares) behind PgBouncer.",
+    )
+
+    # --- retries ---------------------------------------------------------------------------
+    retry_attempts: int = _doc(
+        3, "Total attempts including the first; more only lengthens outages for callers."
+    )
+    retry_base_delay: float = _doc(0.05, "First backoff ceiling; full jitter below it.")
+    retry_max_delay: float = _doc(2.0, "Backoff cap, so a long outage is polled, not waited out.")
+    retry_budget_ratio: float = _doc(
+        0.1,
+        "Retries may add at most ~10% to the request rate, so an outage is not multiplied "
+        "by every client's retries (the retry storm of the background incident).",
+    )
+    retry_budget_floor: float = _doc(
+        2.0, "Retries per second always allowed, so a quiet process can still retry."
+    )
+
+    # --- circuit breaker -------------------------------------------------------------------
+    breaker_threshold: int = _doc(
+        5, "Consecutive connect failures that open the breaker; callers then fail fast."
+    )
+    breaker_cooldown: float = _doc(
+        1.0, "Wait before the single half-open probe; doubles per failed probe."
+    )
+    breaker_max_cooldown: float = _doc(30.0, "Cap on the probe interval during a long outage.")
+
+    # --- adaptive sizing -------------------------------------------------------------------
+    adaptive_sizing: bool = _doc(
+        True,
+        "On 'too many clients' the local pool limit halves and then grows back by one per "
+        "quiet period (AIMD), so a fleet converges below the server's limit.",
+    )
+    sizing_quiet_period: float = _doc(5.0, "Seconds without overload before the limit grows by 1.")
+
+    # --- commits ---------------------------------------------------------------------------
+    resolve_commits: bool = _doc(
+        True,
+        "Record txid_current() before COMMIT so a connection lost during COMMIT can be "
+        "resolved with txid_status(). Costs one statement per transaction; set False to skip.",
+    )
+
+    # --- observability ---------------------------------------------------------------------
+    metrics: bool = _doc(
+        True, "Count and time operations for stats(); False installs a no-op tracker."
+    )
+    health_interval: float = _doc(
+        5.0, "health() results are cached this long and computed single-flight."
+    )
+    slow_query_threshold: float = _doc(
+        1.0, "Statements slower than this emit a 'slow_query' event (without parameters)."
+    )
+    leak_threshold: float = _doc(
+        60.0, "A connection held longer than this is reported once, with its acquiring site."
+    )
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, /, **overrides: Any
+    ) -> Settings:
+        """Build settings from ``PGWARDEN_*`` variables and ``DATABASE_URL``, then *overrides*.
+
+        Unknown ``PGWARDEN_*`` variables raise, so a typo is not silently ignored.
+        """
+        env = os.environ if environ is None else environ
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in env.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            name = key[len(ENV_PREFIX) :].lower()
+            if name not in known:
+                raise SettingsError(f"unknown setting in environment: {key}")
+            values[name] = _parse_env(name, raw, known[name].type)
+        if values.get("url") is None and env.get("DATABASE_URL"):
+            values["url"] = env["DATABASE_URL"]
+        unknown = set(overrides) - set(known)
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        values.update({k: v for k, v in overrides.items() if not (k == "url" and v is None)})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with *changes* applied and validated."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password masked, for logs and errors."""
+        return redact(self.url) if self.url else "<no url>"
+
+    def __repr__(self) -> str:
+        parts = [f"url={self.safe_url!r}"]
+        parts += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "url"]
+        return f"Settings({', '.join(parts)})"
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, Any, str]]:
+        """(name, default, reason) for every setting, for docs and ``--help`` output."""
+        return [(f.name, f.default, f.metadata.get("reason", "")) for f in fields(cls)]
+
+    # ----------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> SettingsError:
+            value = getattr(self, name)
+            shown = redact(str(value)) if isinstance(value, str) else repr(value)
+            return SettingsError(f"invalid setting {name}={shown}: {why}")
+
+        if self.url is not None and not isinstance(self.url, str):
+            raise bad("url", "must be a string")
+        for name in ("min_size", "max_size", "retry_attempts", "breaker_threshold"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise bad(name, "must be an integer")
+        if self.min_size < 0:
+            raise bad("min_size", "must be >= 0")
+        if self.max_size < 1:
+            raise bad("max_size", "must be >= 1")
+        if self.min_size > self.max_size:
+            raise bad("min_size", f"must be <= max_size ({self.max_size})")
+        if self.retry_attempts < 1:
+            raise bad("retry_attempts", "must be >= 1 (1 means no retries)")
+        if self.breaker_threshold < 1:
+            raise bad("breaker_threshold", "must be >= 1")
+        positive = (
+            "acquire_timeout",
+            "connect_timeout",
+            "ready_timeout",
+            "max_lifetime",
+            "max_idle",
+            "gap_threshold",
+            "retry_max_delay",
+            "breaker_cooldown",
+            "breaker_max_cooldown",
+            "health_interval",
+            "sizing_quiet_period",
+            "leak_threshold",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise bad(name, "must be a number > 0")
+        non_negative = (
+            "validation_window",
+            "retry_base_delay",
+            "retry_budget_ratio",
+            "retry_budget_floor",
+            "slow_query_threshold",
+            "keepalives_idle",
+            "keepalives_interval",
+            "keepalives_count",
+            "tcp_user_timeout",
+        )
+        for name in non_negative:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise bad(name, "must be a number >= 0")
+        if self.default_timeout is not None and self.default_timeout <= 0:
+            raise bad("default_timeout", "must be > 0 or None")
+        if not 0 <= self.lifetime_jitter < 1:
+            raise bad("lifetime_jitter", "must be in [0, 1)")
+        if self.breaker_max_cooldown < self.breaker_cooldown:
+            raise bad("breaker_max_cooldown", "must be >= breaker_cooldown")
+        if self.pgbouncer not in get_args(PgBouncerMode):
+            raise bad("pgbouncer", "must be one of 'auto', 'on', 'off'")
+        if self.prepare_threshold is not None and self.prepare_threshold < 0:
+            raise bad("prepare_threshold", "must be >= 0 or None")
+        if self.probe_query is not None and not self.probe_query.strip():
+            raise bad("probe_query", "must not be empty")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_env(name: str, raw: str, annotation: Any) -> Any:
+    """Convert one environment string to the field's type, with a clear error."""
+    text = raw.strip()
+    kind = str(annotation)
+    try:
+        if "None" in kind and text.lower() in {"", "none", "null"}:
+            return None
+        if kind.startswith("bool"):
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError("expected true/false")
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+    except ValueError as exc:
+        shown = "***" if name == "url" else repr(raw)
+        raise SettingsError(f"invalid {ENV_PREFIX}{name.upper()}={shown}: {exc}") from None
+    return raw

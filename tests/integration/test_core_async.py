@@ -1,0 +1,221 @@
+"""Core behaviour of AsyncDatabase against a real PostgreSQL (and PgBouncer)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgwarden import AsyncDatabase, HandleClosed, NotReady, Settings
+from pgwarden.core.lifecycle import State
+
+
+def make(url: str, **overrides: Any) -> AsyncDatabase:
+    return AsyncDatabase(Settings(url=url, **overrides))
+
+
+def count_app_connections(server: Any, app: str) -> int:
+    rows = server.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,)
+    )
+    return int(rows[0][0])
+
+
+def test_query_api_returns_dict_rows_and_values(pg_server: Any) -> None:
+    async def main() -> None:
+        async with make(pg_server.url) as db:
+            assert db.state is State.NEW  # construction did no I/O
+            rows = await db.fetch("SELECT 1 AS a, 'x' AS b UNION ALL SELECT 2, 'y' ORDER BY 1")
+            assert rows == [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]
+            assert await db.fetchrow("SELECT 1 AS a WHERE false") is None
+            assert await db.fetchrow("SELECT %s::int AS n", [5]) == {"n": 5}
+            assert await db.fetchval("SELECT %s::text", ["v"]) == "v"
+            await db.execute("CREATE TEMP TABLE IF NOT EXISTS t_api (id int)")
+            await db.execute("DROP TABLE IF EXISTS api_rows")
+            await db.execute("CREATE TABLE api_rows (id int primary key)")
+            assert await db.executemany("INSERT INTO api_rows VALUES (%s)", [(1,), (2,), (3,)]) == 3
+            assert await db.execute("DELETE FROM api_rows WHERE id > %s", [1]) == 2
+            await db.execute("DROP TABLE api_rows")
+
+    asyncio.run(main())
+
+
+def test_transaction_commits_and_rolls_back(pg_server: Any) -> None:
+    async def main() -> None:
+        async with make(pg_server.url) as db:
+            await db.execute("DROP TABLE IF EXISTS tx_rows")
+            await db.execute("CREATE TABLE tx_rows (id int)")
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO tx_rows VALUES (1)")
+                assert await tx.fetchval("SELECT count(*) FROM tx_rows") == 1
+            with pytest.raises(ZeroDivisionError):
+                async with db.transaction() as tx:
+                    await tx.execute("INSERT INTO tx_rows VALUES (2)")
+                    raise ZeroDivisionError
+            assert await db.fetchval("SELECT count(*) FROM tx_rows") == 1
+            async with db.transaction(isolation="serializable", readonly=True) as tx:
+                assert await tx.fetchval("SHOW transaction_isolation") == "serializable"
+                assert await tx.fetchval("SHOW transaction_read_only") == "on"
+                with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                    await tx.execute("INSERT INTO tx_rows VALUES (3)")
+            # the session is not left with transaction options
+            assert await db.fetchval("SHOW transaction_read_only") == "off"
+            await db.execute("DROP TABLE tx_rows")
+
+    asyncio.run(main())
+
+
+def test_200_cold_callers_share_one_warmup(pg_server: Any) -> None:
+    app = "pgw-cold-200"
+
+    async def main() -> None:
+        async with make(pg_server.url, max_size=8, application_name=app) as db:
+            results = await asyncio.gather(*(db.fetchval("SELECT %s::int", [i]) for i in range(200)))
+            assert results == list(range(200))
+            stats = db.stats()
+            assert stats["counters"]["warmups"] == {"ok": 1, "failed": 0}
+            assert stats["counters"]["connections_opened"] <= 8
+            assert count_app_connections(pg_server, app) <= 8
+
+    asyncio.run(main())
+
+
+def test_transaction_started_during_warmup_waits_for_it(pg_server: Any) -> None:
+    async def main() -> None:
+        async with make(pg_server.url) as db:
+            seen: list[State] = []
+
+            async def in_tx() -> None:
+                async with db.transaction() as tx:
+                    seen.append(db.state)
+                    await tx.execute("SELECT 1")
+
+            await asyncio.gather(db.ready(), in_tx(), in_tx())
+            assert seen == [State.READY, State.READY]
+            assert db.stats()["counters"]["warmups"]["ok"] == 1
+
+    asyncio.run(main())
+
+
+def test_server_reachable_one_second_late_is_served(pg_server_factory: Any) -> None:
+    server = pg_server_factory()
+    server.stop()
+    starter = threading.Timer(1.0, server.start)
+    starter.start()
+    try:
+
+        async def main() -> float:
+            async with make(server.url, ready_timeout=15) as db:
+                t0 = time.monotonic()
+                assert await db.fetchval("SELECT 42") == 42
+                return time.monotonic() - t0
+
+        elapsed = asyncio.run(main())
+        assert 0.8 <= elapsed < 10
+    finally:
+        starter.join()
+
+
+def test_ready_timeout_gives_every_waiter_the_same_clear_error(pg_server_factory: Any) -> None:
+    server = pg_server_factory()
+    url = server.url
+    server.stop()
+
+    async def main() -> list[BaseException]:
+        async with make(url, ready_timeout=0.6) as db:
+            outcomes = await asyncio.gather(
+                *(db.fetchval("SELECT 1") for _ in range(20)), return_exceptions=True
+            )
+            assert db.stats()["counters"]["warmups"]["failed"] == 1
+            return [o for o in outcomes if isinstance(o, BaseException)]
+
+    errors = asyncio.run(main())
+    assert len(errors) == 20
+    assert all(isinstance(e, NotReady) for e in errors)
+    assert server.password not in str(errors[0])
+
+
+def test_no_stale_connection_reaches_a_caller_after_terminate(pg_server: Any) -> None:
+    async def main() -> None:
+        # retry_attempts=1: no retries, so only validation can keep callers whole.
+        async with make(pg_server.url, retry_attempts=1, max_size=4) as db:
+            await asyncio.gather(*(db.fetchval("SELECT pg_sleep(0.05)") for _ in range(4)))
+            killed = pg_server.terminate_backends()
+            assert killed >= 1
+            await asyncio.sleep(1.2)  # past the 1 s validation window
+            for _ in range(10):
+                assert await db.fetchval("SELECT 1") == 1
+            closed = db.stats()["counters"]["connections_closed"]
+            assert sum(closed.values()) + db.stats()["pool"]["connections_lost"] >= 1
+
+    asyncio.run(main())
+
+
+def test_queries_succeed_after_restart(pg_server_factory: Any) -> None:
+    server = pg_server_factory()
+
+    async def main() -> None:
+        async with make(server.url) as db:
+            assert await db.fetchval("SELECT 1") == 1
+            server.restart(mode="fast")
+            assert await db.fetchval("SELECT 2", timeout=10) == 2
+
+    asyncio.run(main())
+
+
+def test_close_drains_work_in_flight_and_refuses_new(pg_server: Any) -> None:
+    async def main() -> None:
+        db = make(pg_server.url)
+        await db.ready()
+        slow = asyncio.ensure_future(db.fetchval("SELECT 'done' FROM pg_sleep(0.5)"))
+        await asyncio.sleep(0.1)
+        closing = asyncio.ensure_future(db.close(timeout=5))
+        await asyncio.sleep(0.05)
+        with pytest.raises(HandleClosed):
+            await db.fetchval("SELECT 1")
+        assert await slow == "done"
+        await closing
+        assert db.state is State.CLOSED
+
+    asyncio.run(main())
+
+
+def test_registry_returns_one_handle_per_settings(pg_server: Any) -> None:
+    import pgwarden
+
+    a = pgwarden.connect_async(pg_server.url, max_size=3)
+    b = pgwarden.connect_async(pg_server.url, max_size=3)
+    c = pgwarden.connect_async(pg_server.url, max_size=4)
+    assert a is b
+    assert a is not c
+    assert pgwarden.connect(pg_server.url, max_size=3) is not a  # sync and async differ
+
+
+@pytest.mark.pgbouncer
+def test_prepared_statements_through_pgbouncer_under_concurrency(pgbouncer: Any) -> None:
+    async def main() -> None:
+        async with make(pgbouncer.url, max_size=6) as db:
+            await db.ready()
+            assert db.stats()["pgbouncer"] is True
+
+            async def worker(n: int) -> None:
+                for i in range(30):
+                    assert await db.fetchval("SELECT %s::int + %s::int", [n, i]) == n + i
+
+            await asyncio.gather(*(worker(n) for n in range(12)))
+            assert db.stats()["counters"]["errors"] == {}
+
+    asyncio.run(main())
+
+
+def test_direct_server_is_not_detected_as_pgbouncer(pg_server: Any) -> None:
+    async def main() -> None:
+        async with make(pg_server.url) as db:
+            await db.ready()
+            assert db.stats()["pgbouncer"] is False
+
+    asyncio.run(main())
