@@ -110,8 +110,11 @@ class HandleCore:
     def connect_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for every new psycopg connection."""
         s = self.settings
+        from psycopg.rows import dict_row
+
         return {
             "autocommit": True,
+            "row_factory": dict_row,
             "prepare_threshold": None if self.pgbouncer else s.prepare_threshold,
             "connect_timeout": max(1, math.ceil(s.connect_timeout)),
             "keepalives": 1,
@@ -162,22 +165,30 @@ class HandleCore:
     # --- pool observer callbacks ---------------------------------------------------------------
     def on_connect_ok(self, setup_seconds: float) -> None:
         self.tracker.connection_opened(setup_seconds)
-        self._breaker_event(self.breaker.on_success(monotonic()))
+        before = self.breaker.state
+        self._breaker_event(before, self.breaker.on_success(monotonic()))
 
-    def on_connect_failed(self, exc: BaseException) -> FailureKind:
-        """Record a failed connection attempt (warmup, growth, probe)."""
+    def on_connect_failed(self, exc: BaseException, *, feed_breaker: bool = True) -> FailureKind:
+        """Record a failed connection attempt (pool growth, breaker probe, warmup).
+
+        The warmup passes ``feed_breaker=False``: it is already the single
+        shared attempt, bounded by ``ready_timeout``, so it needs no breaker.
+        """
         kind = classify(exc, Phase.CONNECT)
         self.last_connect_error = exc
         self.tracker.connect_failed(kind.value)
         now = monotonic()
         if kind is FailureKind.OVERLOAD:
             self.on_overload(now)
-        if kind in (FailureKind.NOTHING_RAN, FailureKind.OVERLOAD):
-            self._breaker_event(self.breaker.on_failure(now))
+        if feed_breaker and kind in (FailureKind.NOTHING_RAN, FailureKind.OVERLOAD):
+            before = self.breaker.state
+            self._breaker_event(before, self.breaker.on_failure(now))
         return kind
 
     def on_overload(self, now: float) -> None:
         self.tracker.overload()
+        if self.lifecycle.state is State.READY:
+            self.lifecycle.try_fire(Event.FAULT_OBSERVED)
         if not self.settings.adaptive_sizing:
             return
         new_limit = self.limit.on_overload(now)
@@ -196,24 +207,21 @@ class HandleCore:
             if grown is not None:
                 self.tracker.limit_changed(grown)
         wanted = self.limit.limit
+        if wanted >= self.settings.max_size and self.lifecycle.state is State.DEGRADED:
+            self.lifecycle.try_fire(Event.RECOVERED)
         return None if wanted == self.applied_limit else wanted
 
-    def _breaker_event(self, new_state: BreakerState | None) -> None:
-        if new_state is None:
+    def _breaker_event(self, before: BreakerState, new_state: BreakerState | None) -> None:
+        if new_state is None or new_state is before:
             return
-        previous = {
-            BreakerState.OPEN: "closed",
-            BreakerState.CLOSED: "half_open",
-            BreakerState.HALF_OPEN: "open",
-        }[new_state]
-        self.tracker.breaker_transition(previous, new_state.value)
+        self.tracker.breaker_transition(before.value, new_state.value)
         cause = self.describe_error(self.last_connect_error) if self.last_connect_error else ""
         logger.warning(
             "circuit breaker %s -> %s%s",
-            previous,
+            before.value,
             new_state.value,
             f" ({cause})" if new_state is BreakerState.OPEN and cause else "",
-            extra={"event": "breaker", "from": previous, "to": new_state.value},
+            extra={"event": "breaker", "from": before.value, "to": new_state.value},
         )
         if new_state is BreakerState.CLOSED and self.settings.adaptive_sizing:
             # Ramp capacity back up instead of reconnecting everything at once.
@@ -223,10 +231,11 @@ class HandleCore:
 
     def _sync_lifecycle_with_breaker(self, new_state: BreakerState) -> None:
         state = self.lifecycle.state
+        # While WARMING the warmup owns the state; it does not feed the breaker.
         if new_state is BreakerState.OPEN and state in (State.READY, State.DEGRADED):
-            self.lifecycle.fire(Event.BREAKER_OPENED)
+            self.lifecycle.try_fire(Event.BREAKER_OPENED)
         elif new_state is BreakerState.CLOSED and state is State.OPEN:
-            self.lifecycle.fire(Event.BREAKER_CLOSED)
+            self.lifecycle.try_fire(Event.BREAKER_CLOSED)
 
     # --- admission -----------------------------------------------------------------------------
     def admit(self) -> bool:
@@ -334,18 +343,21 @@ class HandleCore:
         p = pool_stats or {}
         size = int(p.get("pool_size", 0))
         idle = int(p.get("pool_available", 0))
-        snap["pool"] = pool_gauges(
-            size=size,
-            idle=idle,
-            in_use=max(0, size - idle),
-            waiting=int(p.get("requests_waiting", 0)),
-            max_size=int(p.get("pool_max", self.limit.limit)),
+        gauges: dict[str, Any] = dict(
+            pool_gauges(
+                size=size,
+                idle=idle,
+                in_use=max(0, size - idle),
+                waiting=int(p.get("requests_waiting", 0)),
+                max_size=int(p.get("pool_max", self.limit.limit)),
+            )
         )
-        snap["pool"]["limit"] = self.limit.limit
-        snap["pool"]["configured_max"] = self.settings.max_size
-        snap["pool"]["connections_lost"] = int(p.get("connections_lost", 0)) + int(
+        gauges["limit"] = self.limit.limit
+        gauges["configured_max"] = self.settings.max_size
+        gauges["connections_lost"] = int(p.get("connections_lost", 0)) + int(
             p.get("returns_bad", 0)
         )
+        snap["pool"] = gauges
         snap["state"] = self.lifecycle.state.value
         snap["breaker"] = self.breaker.state.value
         snap["pgbouncer"] = self.pgbouncer

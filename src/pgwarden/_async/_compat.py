@@ -130,4 +130,4 @@ def on_signals(signals: Sequence[int] | None, drain: Callable[[], Awaitable[Any]
             await drain()
             chain_signal(previous, signum)
 
-        loop.add_signal_handler(signum, lambda fn=drain_then_chain: spawn(fn))
+        loop.add_signal_handler(signum, spawn, drain_then_chain)

@@ -16,7 +16,7 @@ from time import monotonic, time
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import sql as pgsql
+from psycopg.sql import SQL, Composed
 from psycopg.rows import tuple_row
 from psycopg_pool import PoolTimeout
 
@@ -37,8 +37,9 @@ __all__ = ["Database", "Transaction"]
 logger = logging.getLogger("pgwarden")
 
 T = TypeVar("T")
-Query = str | bytes | pgsql.Composable
+Query = str | bytes | SQL | Composed
 Params = Sequence[Any] | Mapping[str, Any] | None
+ManyParams = Sequence[Any] | Mapping[str, Any]
 
 # What a statement returns: all rows, one row, one value, or the row count.
 _ROWS, _ROW, _VALUE, _COUNT = 0, 1, 2, 3
@@ -112,7 +113,7 @@ class Database:
                     raise
             except (psycopg.Error, OSError) as exc:
                 last_error = exc
-                kind = core.on_connect_failed(exc)
+                kind = core.on_connect_failed(exc, feed_breaker=False)
                 now = monotonic()
                 delay = core.retry_policy.backoff(min(attempt, 8), core.rng.random())
                 if kind is FailureKind.PERMANENT or now + delay >= give_up_at:
@@ -247,7 +248,7 @@ class Database:
     def executemany(
         self,
         query: Query,
-        params_seq: Iterable[Params],
+        params_seq: Iterable[ManyParams],
         *,
         timeout: float | None = None,
         idempotent: bool = False,
@@ -423,6 +424,9 @@ class Database:
             except (psycopg.Error, OSError) as exc:
                 core.on_connect_failed(exc)
                 continue
+            except BaseException:
+                core.breaker.abandon_probe(monotonic())
+                raise
             self._pool_or_closed().adopt(conn)
             return
 
@@ -752,7 +756,7 @@ class Transaction:
         cur = self.connection.execute(query, params)
         return cur.rowcount
 
-    def executemany(self, query: Query, params_seq: Iterable[Params]) -> int:
+    def executemany(self, query: Query, params_seq: Iterable[ManyParams]) -> int:
         cur = self.connection.cursor()
         cur.executemany(query, params_seq)
         return cur.rowcount

@@ -136,6 +136,7 @@ class PoolPolicy:
     max_lifetime: float = DEFAULT_MAX_LIFETIME
     max_idle: float = DEFAULT_MAX_IDLE
     max_size: int = DEFAULT_MAX_SIZE
+    min_size: int = 0
     connect_timeout: float = DEFAULT_TIMEOUT
     pgbouncer: str = "auto"
     url: str | None = field(default=None, repr=False)
@@ -158,6 +159,7 @@ def load_policy(environ: Mapping[str, str] | None = None) -> PoolPolicy:
         max_lifetime=float(s.max_lifetime),
         max_idle=float(s.max_idle),
         max_size=int(s.max_size),
+        min_size=int(s.min_size),
         connect_timeout=float(s.connect_timeout),
         pgbouncer=str(s.pgbouncer),
         url=s.url,
@@ -166,6 +168,9 @@ def load_policy(environ: Mapping[str, str] | None = None) -> PoolPolicy:
 
 # --------------------------------------------------------------------------------------------
 # The report
+
+
+_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 @dataclass(frozen=True)
@@ -177,8 +182,6 @@ class ServerSetting:
     unit: str | None = None
     source: str = "default"
 
-    _UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
-
     def as_int(self) -> int | None:
         try:
             return int(self.value)
@@ -187,7 +190,7 @@ class ServerSetting:
 
     def seconds(self) -> float | None:
         """The value in seconds, for time settings (``None`` if not a time)."""
-        factor = self._UNIT_SECONDS.get(self.unit or "")
+        factor = _UNIT_SECONDS.get(self.unit or "")
         number = self.as_int()
         if factor is None or number is None:
             return None
@@ -266,6 +269,7 @@ class Report:
             "max_lifetime": self.policy.max_lifetime,
             "max_idle": self.policy.max_idle,
             "max_size": self.policy.max_size,
+            "min_size": self.policy.min_size,
             "source": "defaults: " + self.policy.problem if self.policy.problem else "settings",
         }
         return data
@@ -325,30 +329,32 @@ def assess(
     ist = settings.get("idle_session_timeout")
     ist_s = ist.seconds() if ist else None
     if ist is not None and ist_s and ist_s < policy.max_lifetime:
+        head = (
+            f"{ist.describe()} is shorter than pgwarden's max_lifetime "
+            f"({fmt_duration(policy.max_lifetime)})"
+        )
+        limit = fmt_duration(ist_s)
         if behind_pooler:
-            add(
-                "warning",
-                "idle_session_timeout",
-                f"{ist.describe()} is shorter than pgwarden's max_lifetime "
-                f"({fmt_duration(policy.max_lifetime)}): the server closes PgBouncer's idle "
-                f"server connections; keep PgBouncer's server_idle_timeout below "
-                f"{fmt_duration(ist_s)}.",
+            tail = (
+                f": the server closes PgBouncer's server connections after {limit} idle; "
+                f"keep PgBouncer's server_idle_timeout below that, or raise the setting."
+            )
+        elif ist_s <= policy.max_idle:
+            tail = (
+                f" and than max_idle ({fmt_duration(policy.max_idle)}): the server closes a "
+                f"pooled connection after {limit} idle, before pgwarden retires it, so its "
+                f"next use finds it dead and pays a reconnect. Raise idle_session_timeout for "
+                f"pgwarden's role (ALTER ROLE ... SET idle_session_timeout = 0), or set "
+                f"PGWARDEN_MAX_IDLE below {limit}."
             )
         else:
-            also = (
-                f" and than max_idle ({fmt_duration(policy.max_idle)})"
-                if ist_s <= policy.max_idle
-                else ""
+            tail = (
+                f": idle connections above min_size are retired after max_idle "
+                f"({fmt_duration(policy.max_idle)}), but the min_size={policy.min_size} "
+                f"kept open can sit idle past {limit} and are found dead on their next use. "
+                f"Keep PGWARDEN_MIN_SIZE at 0 or PGWARDEN_MAX_LIFETIME below {limit}."
             )
-            add(
-                "warning",
-                "idle_session_timeout",
-                f"{ist.describe()} is shorter than pgwarden's max_lifetime "
-                f"({fmt_duration(policy.max_lifetime)}){also}: the server closes pooled "
-                f"connections that sit idle that long, and the next use of each finds it "
-                f"dead. Set PGWARDEN_MAX_LIFETIME below {fmt_duration(ist_s)} (and "
-                f"PGWARDEN_MAX_IDLE with it), or raise idle_session_timeout for pgwarden's role.",
-            )
+        add("warning", "idle_session_timeout", head + tail)
 
     iit = settings.get("idle_in_transaction_session_timeout")
     iit_s = iit.seconds() if iit else None
@@ -547,7 +553,9 @@ def _count_in_use(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[int | None
     return (int(row[0]) if row else None), None
 
 
-def _probe_admin_console(url: str, timeout: float) -> tuple[str | None, str | None, str]:
+def _probe_admin_console(
+    url: str, timeout: float, dbname: str
+) -> tuple[str | None, str | None, str]:
     """Ask PgBouncer's admin console (database ``pgbouncer``) who it is.
 
     Returns (version, pool_mode, evidence line). Never raises for connection problems.
@@ -558,7 +566,7 @@ def _probe_admin_console(url: str, timeout: float) -> tuple[str | None, str | No
             version = str(row[0]) if row else ""
             if not version.lower().startswith("pgbouncer"):
                 return None, None, "database 'pgbouncer' is not PgBouncer's admin console"
-            pool_mode = _admin_pool_mode(admin, url)
+            pool_mode = _admin_pool_mode(admin, dbname)
             return version, pool_mode, "its admin console answered SHOW VERSION"
     except psycopg.Error as exc:
         reason = summarize_connect_error(exc, timeout)
@@ -572,9 +580,9 @@ def _probe_admin_console(url: str, timeout: float) -> tuple[str | None, str | No
         return None, None, f"PgBouncer's admin console did not answer: {reason}"
 
 
-def _admin_pool_mode(admin: psycopg.Connection[tuple[Any, ...]], url: str) -> str | None:
+def _admin_pool_mode(admin: psycopg.Connection[tuple[Any, ...]], dbname: str) -> str | None:
+    """The pool mode of *dbname* (the name the client used) from the admin console."""
     try:
-        dbname = conninfo_to_dict(url).get("dbname")
         cur = admin.execute("SHOW DATABASES")
         cols = [d.name for d in cur.description or ()]
         rows = cur.fetchall()
@@ -611,7 +619,7 @@ def detect_pgbouncer(
         evidence.append("--pgbouncer on")
     elif not key_pid or backend_pid is None:
         detected = "unknown"
-        evidence.append("no backend pid to compare")
+        evidence.append("no backend pid from libpq (BackendKeyData) to compare")
     elif key_pid == backend_pid:
         detected = "no"
         evidence.append(f"cancel-key pid {key_pid} = pg_backend_pid()")
@@ -626,7 +634,7 @@ def detect_pgbouncer(
 
     version = pool_mode = None
     if detected in ("yes", "likely"):
-        version, pool_mode, said = _probe_admin_console(url, timeout)
+        version, pool_mode, said = _probe_admin_console(url, timeout, conn.info.dbname)
         evidence.append(said)
         if version and detected == "likely":
             detected = "yes"
@@ -944,15 +952,13 @@ def _check(
         reason = redact(summarize_connect_error(exc), *secrets)
         _err(f"{prog}: check failed on {target}: {reason}")
         return 1
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2), flush=True)
-    else:
-        print(format_report(report), flush=True)
+    text = json.dumps(report.to_dict(), indent=2) if args.json else format_report(report)
+    # Belt and braces: nothing in the report should hold a secret, but mask any that does.
+    print(redact(text, *secrets), flush=True)
     return 0
 
 
 def _run_embedded(args: argparse.Namespace, policy: PoolPolicy, prog: str) -> int:
-    _err("starting embedded PostgreSQL...")
     try:
         from pgwarden.embedded import start_embedded
     except ImportError as exc:
@@ -961,6 +967,7 @@ def _run_embedded(args: argparse.Namespace, policy: PoolPolicy, prog: str) -> in
             f"unavailable: {exc}"
         )
         return 2
+    _err("starting embedded PostgreSQL...")
     with _sigterm_as_interrupt():
         try:
             server = start_embedded()

@@ -47,32 +47,33 @@ NOTHING_RAN in CONNECT, LOST_COMMIT in COMMIT and TIMEOUT otherwise.
 
 SQLSTATE rules:
 
-============================ ================ =========================================
-SQLSTATE                     kind             note
-============================ ================ =========================================
-57P03 cannot_connect_now     NOTHING_RAN      starting up, shutting down, recovery
-08001, 08004                 NOTHING_RAN      could not establish / server rejected
-53300 too_many_connections   OVERLOAD         also per-role and per-database limits
-53200 out_of_memory          OVERLOAD         transient pressure; back off, shrink
-53xxx (other)                OVERLOAD         insufficient resources
-53100 disk_full              PERMANENT        backing off for seconds will not help
-53400 configuration_limit    PERMANENT        a query exceeds a static limit
-57P01 admin_shutdown         broken           pg_terminate_backend, fast shutdown
-57P02 crash_shutdown         broken           another backend crashed
-57P05 idle_session_timeout   broken
-25P03 idle_in_transaction... broken
-40003 statement_completion_  broken           outcome unknown, like a dropped link
-unknown
-08xxx (other)                broken           after the text rules (PgBouncer: 08P01)
-40001, 40P01                 CONFLICT         serialization failure, deadlock
-25006 read_only_sql_trans.   FAILOVER         we are talking to a standby
-57014 query_canceled         TIMEOUT          statement_timeout or cancel
-55P03 lock_not_available     TIMEOUT          lock_timeout or NOWAIT
-25P04 transaction_timeout    TIMEOUT
-57P04 database_dropped       PERMANENT
-28xxx, 3D000, 42xxx, 23xxx,  PERMANENT        auth, missing database, SQL, data
-22xxx, anything else
-============================ ================ =========================================
+============================== =========== =========================================
+SQLSTATE                       kind        note
+============================== =========== =========================================
+57P03 cannot_connect_now       NOTHING_RAN starting up, shutting down, recovery
+08001, 08004                   NOTHING_RAN could not establish / rejected (*)
+53300 too_many_connections     OVERLOAD    also per-role and per-database limits
+53200 out_of_memory            OVERLOAD    transient pressure; back off, shrink
+53xxx (other)                  OVERLOAD    insufficient resources
+53100 disk_full                PERMANENT   backing off for seconds will not help
+53400 configuration_limit      PERMANENT   a query exceeds a static limit
+57P01 admin_shutdown           broken      pg_terminate_backend, fast shutdown
+57P02 crash_shutdown           broken      another backend crashed
+57P05 idle_session_timeout     broken
+25P03 idle_in_transaction...   broken
+40003 stmt_completion_unknown  broken      outcome unknown, like a dropped link
+08xxx (other)                  broken      (*) PgBouncer uses 08P01 for everything
+40001, 40P01                   CONFLICT    serialization failure, deadlock
+25006 read_only_sql_trans.     FAILOVER    we are talking to a standby
+57014 query_canceled           TIMEOUT     statement_timeout or cancel
+55P03 lock_not_available       TIMEOUT     lock_timeout or NOWAIT
+25P04 transaction_timeout      TIMEOUT
+57P04 database_dropped         PERMANENT
+28xxx 3D000 42xxx 23xxx 22xxx  PERMANENT   auth, missing database, SQL, data
+any other SQLSTATE             PERMANENT
+============================== =========== =========================================
+
+(*) Class 08 is applied only after the text rules, which can refine it.
 
 Text rules (case-insensitive substrings; only reached when there is no
 SQLSTATE or a class 08 one):
@@ -140,6 +141,7 @@ TooManyRequests        NOTHING_RAN  the local queue is full; shrinking the pool
 ConnectionTimeout      NOTHING_RAN  psycopg's connect_timeout
 PoolClosed             PERMANENT    the pool is shutting down
 CancellationTimeout    timed out    a cancel request itself timed out
+_WaitTimeout           timed out    psycopg-internal wait timeout
 ConnectionRefusedError NOTHING_RAN
 gaierror               NOTHING_RAN  DNS
 ConnectionError        broken       reset, aborted, broken pipe
@@ -322,6 +324,9 @@ _BY_CLASS_NAME: Final[Mapping[str, _Verdict]] = {
     "ConnectionTimeout": _NOTHING_RAN,
     "PoolClosed": _PERMANENT,
     "CancellationTimeout": _TIMED_OUT,
+    # psycopg-internal; checked by class so its text ("wait timeout expired")
+    # cannot pass for libpq's connect "timeout expired".
+    "_WaitTimeout": _TIMED_OUT,
 }
 
 # Rule 6: Python's own exceptions, checked after SQLSTATE and text. Checked in

@@ -27,9 +27,9 @@ ramp. It does not go back through WARMING, because the successful probe *is*
 a warm-up: it opened a connection and ran a statement.
 
 CLOSE_REQUESTED moves any state to CLOSING (and is a no-op in CLOSING and
-CLOSED, so ``close()`` may be called twice); DRAINED, fired when in-flight work
-has finished or the close timeout passed, ends in CLOSED. Nothing leaves
-CLOSED.
+CLOSED, so ``close()`` may be called twice); the CLOSED event, fired when
+in-flight work has finished or the close timeout passed, ends in the CLOSED
+state. Nothing leaves CLOSED.
 
 Firing an event that the table below does not list raises
 :class:`IllegalTransition` and leaves the state unchanged: it means the shell
@@ -61,7 +61,7 @@ OPEN        BREAKER_OPENED   OPEN
 OPEN        BREAKER_CLOSED   DEGRADED
 OPEN        CLOSE_REQUESTED  CLOSING
 CLOSING     CLOSE_REQUESTED  CLOSING
-CLOSING     DRAINED          CLOSED
+CLOSING     CLOSED           CLOSED
 CLOSED      CLOSE_REQUESTED  CLOSED
 =========== ================ ===========
 """
@@ -103,7 +103,8 @@ class Event(enum.Enum):
     BREAKER_OPENED = "breaker_opened"
     BREAKER_CLOSED = "breaker_closed"
     CLOSE_REQUESTED = "close_requested"
-    DRAINED = "drained"
+    #: The drain finished (or its timeout passed): the handle is closed.
+    CLOSED = "closed"
 
 
 _S = State
@@ -131,7 +132,7 @@ TRANSITIONS: Final[Mapping[tuple[State, Event], State]] = MappingProxyType(
         (_S.OPEN, _E.BREAKER_CLOSED): _S.DEGRADED,
         (_S.OPEN, _E.CLOSE_REQUESTED): _S.CLOSING,
         (_S.CLOSING, _E.CLOSE_REQUESTED): _S.CLOSING,
-        (_S.CLOSING, _E.DRAINED): _S.CLOSED,
+        (_S.CLOSING, _E.CLOSED): _S.CLOSED,
         (_S.CLOSED, _E.CLOSE_REQUESTED): _S.CLOSED,
     }
 )

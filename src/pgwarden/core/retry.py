@@ -14,6 +14,7 @@ __all__ = ["RetryBudget", "RetryPolicy"]
 # 2**63 seconds is far beyond any sane max_delay; past it the exponent would
 # only overflow, so the cap applies directly.
 _MAX_EXPONENT = 63
+_EPSILON = 1e-9
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,10 @@ class RetryBudget:
     def try_spend(self, now: float) -> bool:
         """Take one token for a retry. ``False`` means: do not retry, raise."""
         self._refill(now)
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        # The tolerance lets ten requests at ratio 0.1 (which sum to
+        # 0.9999999999999999 in floats) earn their retry.
+        if self._tokens >= 1.0 - _EPSILON:
+            self._tokens = max(0.0, self._tokens - 1.0)
             return True
         return False
 

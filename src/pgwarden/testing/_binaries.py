@@ -21,6 +21,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ._errors import ServerUnavailable
 
@@ -32,6 +33,7 @@ __all__ = [
     "pgbouncer_version",
     "postgres_version",
     "run_as_user",
+    "user_kwargs",
 ]
 
 _INSTALL_HINT = (
@@ -51,6 +53,13 @@ class RunAs:
     def chown(self, path: Path) -> None:
         """Give ``path`` (not recursively) to this user."""
         os.chown(path, self.uid, self.gid)
+
+
+def user_kwargs(run_as: RunAs | None) -> dict[str, Any]:
+    """Keyword arguments for :mod:`subprocess` that run a child as ``run_as`` (if any)."""
+    if run_as is None:
+        return {}
+    return {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
 
 
 def run_as_user() -> RunAs | None:
@@ -147,7 +156,9 @@ def postgres_version(bindir: Path, run_as: RunAs | None) -> str:
     Running it as that user also proves the user may execute the binaries; if it may not,
     raises :class:`ServerUnavailable`.
     """
-    return _version_of([str(bindir / "postgres"), "-V"], r"\(PostgreSQL\)\s+(\d+(?:\.\d+)?)", run_as)
+    return _version_of(
+        [str(bindir / "postgres"), "-V"], r"\(PostgreSQL\)\s+(\d+(?:\.\d+)?)", run_as
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -164,9 +175,7 @@ def _version_of(argv: list[str], pattern: str, run_as: RunAs | None) -> str:
             text=True,
             timeout=30,
             cwd="/",
-            user=None if run_as is None else run_as.uid,
-            group=None if run_as is None else run_as.gid,
-            extra_groups=None if run_as is None else [],
+            **user_kwargs(run_as),
         )
     except (OSError, subprocess.SubprocessError) as exc:
         who = f" as user {run_as.name!r}" if run_as else ""

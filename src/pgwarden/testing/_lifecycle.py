@@ -20,10 +20,40 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from types import FrameType
-from typing import IO, Protocol
+from typing import IO, Protocol, TypeVar
 
-__all__ = ["forget", "new_key", "register", "unregister", "watch_path", "watch_process"]
+__all__ = [
+    "forget",
+    "new_key",
+    "poll_until",
+    "register",
+    "unregister",
+    "watch_path",
+    "watch_process",
+]
+
+_T = TypeVar("_T")
+
+
+def poll_until(deadline: float, attempt: Callable[[], _T | None]) -> _T | None:
+    """Call ``attempt`` until it returns non-None or ``deadline`` (monotonic) passes.
+
+    Sleeps between attempts start at 5 ms and grow to 100 ms: readiness is noticed fast,
+    and a slow machine is not hammered. Returns the result, or None on timeout.
+    """
+    delay = 0.005
+    while True:
+        result = attempt()
+        if result is not None:
+            return result
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 1.5, 0.1)
 
 
 class _Closeable(Protocol):

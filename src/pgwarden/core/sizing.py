@@ -1,0 +1,117 @@
+"""Adaptive sizing: AIMD on the local pool's connection limit.
+
+When the server says it is out of connection slots (OVERLOAD), every process
+that keeps its pool at full size keeps the server full. So each overload
+halves this process's limit (multiplicative decrease), and each quiet period
+without one adds a connection back (additive increase), the same rule TCP uses
+to share a link. Many processes converge on a fair share of the server's slots
+without talking to each other.
+
+A burst of overload errors from one event (twenty requests all refused in the
+same instant) must count once, or the limit would collapse to the minimum at
+once; so overloads within ``debounce`` seconds of the last decrease only
+restart the quiet period.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["AdaptiveLimit"]
+
+
+class AdaptiveLimit:
+    """The current connection limit, always within ``[min_limit, max_size]``.
+
+    ``on_overload(now)`` halves it (rounding down, never below ``min_limit``),
+    unless the previous decrease was less than ``debounce`` seconds ago
+    (default ``quiet_period / 5``). ``tick(now)``, called periodically, adds
+    one (never above ``max_size``) once ``quiet_period`` seconds have passed
+    since the last change and the last overload. ``ramp_from(start, now)``
+    restarts low, for when the breaker closes after an outage and a full-size
+    reconnect storm would knock the server over again.
+
+    Starts at ``max_size``. Not thread-safe; the shell serialises calls.
+    """
+
+    __slots__ = (
+        "_last_change",
+        "_last_decrease",
+        "_last_overload",
+        "_limit",
+        "debounce",
+        "max_size",
+        "min_limit",
+        "quiet_period",
+    )
+
+    def __init__(
+        self,
+        max_size: int,
+        *,
+        quiet_period: float = 5.0,
+        min_limit: int = 1,
+        debounce: float | None = None,
+    ) -> None:
+        if min_limit < 1:
+            raise ValueError(f"min_limit must be at least 1, got {min_limit}")
+        if max_size < min_limit:
+            raise ValueError(f"max_size must be at least min_limit ({min_limit}), got {max_size}")
+        if not (quiet_period >= 0 and math.isfinite(quiet_period)):
+            raise ValueError(f"quiet_period must be finite and >= 0, got {quiet_period}")
+        if debounce is None:
+            debounce = quiet_period / 5
+        if not (debounce >= 0 and math.isfinite(debounce)):
+            raise ValueError(f"debounce must be finite and >= 0, got {debounce}")
+        self.max_size = max_size
+        self.min_limit = min_limit
+        self.quiet_period = quiet_period
+        self.debounce = debounce
+        self._limit = max_size
+        self._last_change = -math.inf
+        self._last_decrease = -math.inf
+        self._last_overload = -math.inf
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
+    def at_max(self) -> bool:
+        """Is the limit back at ``max_size`` (nothing left to recover)?"""
+        return self._limit == self.max_size
+
+    def on_overload(self, now: float) -> int | None:
+        """The server refused a connection for lack of slots. Returns the new
+        limit if it changed."""
+        self._last_overload = max(self._last_overload, now)
+        if now - self._last_decrease < self.debounce:
+            return None
+        self._last_decrease = now
+        new = max(self.min_limit, self._limit // 2)
+        if new == self._limit:
+            return None
+        self._limit = new
+        self._last_change = now
+        return new
+
+    def tick(self, now: float) -> int | None:
+        """Grow by one if ``quiet_period`` has passed since the last change and
+        the last overload. Returns the new limit if it changed."""
+        if self._limit >= self.max_size:
+            return None
+        if now - max(self._last_change, self._last_overload) < self.quiet_period:
+            return None
+        self._limit += 1
+        self._last_change = now
+        return self._limit
+
+    def ramp_from(self, start: int, now: float) -> int:
+        """Restart at *start* (clamped to ``[min_limit, max_size]``) and grow
+        from there by :meth:`tick`. Returns the new limit."""
+        self._limit = min(self.max_size, max(self.min_limit, start))
+        self._last_change = now
+        return self._limit
+
+    def __repr__(self) -> str:
+        return f"AdaptiveLimit(limit={self._limit}, max_size={self.max_size})"
