@@ -36,7 +36,7 @@ from pgwarden.core.classify import (
     is_retryable,
     sqlstate_of,
 )
-from pgwarden.core.deadline import effective_deadline
+from pgwarden.core.deadline import current_deadline, effective_deadline
 from pgwarden.core.hygiene import GapDetector, jittered_lifetime
 from pgwarden.core.lifecycle import Event, Lifecycle, State
 from pgwarden.core.metrics import MetricsTracker, NoopTracker, StatsTracker, pool_gauges
@@ -101,6 +101,34 @@ class HandleCore:
         self.pid = os.getpid()
         self._password = _password_of(settings.url)
         self.applied_limit = settings.max_size
+        # Requests not yet credited to the retry budget (settled lazily, so the
+        # hot path only increments an integer).
+        self.unbilled_requests = 0
+        # True while nothing needs attention: READY, breaker closed, pool limit
+        # at its configured maximum. The hot path checks only this flag.
+        self.fast_path = False
+
+    def refresh_fast_path(self) -> None:
+        self.fast_path = (
+            self.lifecycle.state is State.READY
+            and self.breaker.state is BreakerState.CLOSED
+            and self.limit.limit == self.applied_limit == self.settings.max_size
+        )
+
+    def fire(self, event: Event) -> State:
+        """Fire a lifecycle event (raising on an illegal one) and refresh the fast path."""
+        state = self.lifecycle.fire(event)
+        self.refresh_fast_path()
+        return state
+
+    def try_fire(self, event: Event) -> State | None:
+        state = self.lifecycle.try_fire(event)
+        self.refresh_fast_path()
+        return state
+
+    def settle_budget(self, now: float) -> None:
+        count, self.unbilled_requests = self.unbilled_requests, 0
+        self.budget.on_requests(count, now)
 
     # --- configuration for psycopg / psycopg_pool ----------------------------------------------
     @property
@@ -160,6 +188,10 @@ class HandleCore:
             )
 
     def deadline_for(self, timeout: float | None) -> float | None:
+        """The absolute (monotonic) deadline of a call with per-call *timeout*."""
+        if timeout is None and self.settings.default_timeout is None:
+            ctx = current_deadline()
+            return None if ctx is None else ctx.expires_at
         return effective_deadline(monotonic(), timeout, self.settings.default_timeout)
 
     # --- pool observer callbacks ---------------------------------------------------------------
@@ -188,10 +220,11 @@ class HandleCore:
     def on_overload(self, now: float) -> None:
         self.tracker.overload()
         if self.lifecycle.state is State.READY:
-            self.lifecycle.try_fire(Event.FAULT_OBSERVED)
+            self.try_fire(Event.FAULT_OBSERVED)
         if not self.settings.adaptive_sizing:
             return
         new_limit = self.limit.on_overload(now)
+        self.refresh_fast_path()
         if new_limit is not None:
             self.tracker.limit_changed(new_limit)
             logger.warning(
@@ -204,11 +237,12 @@ class HandleCore:
         """The pool limit to apply now, if it differs from the applied one."""
         if self.settings.adaptive_sizing and self.limit.limit < self.settings.max_size:
             grown = self.limit.tick(now)
+            self.refresh_fast_path()
             if grown is not None:
                 self.tracker.limit_changed(grown)
         wanted = self.limit.limit
         if wanted >= self.settings.max_size and self.lifecycle.state is State.DEGRADED:
-            self.lifecycle.try_fire(Event.RECOVERED)
+            self.try_fire(Event.RECOVERED)
         return None if wanted == self.applied_limit else wanted
 
     def _breaker_event(self, before: BreakerState, new_state: BreakerState | None) -> None:
@@ -228,14 +262,15 @@ class HandleCore:
             start = max(1, self.settings.max_size // 4)
             self.limit.ramp_from(start, monotonic())
         self._sync_lifecycle_with_breaker(new_state)
+        self.refresh_fast_path()
 
     def _sync_lifecycle_with_breaker(self, new_state: BreakerState) -> None:
         state = self.lifecycle.state
         # While WARMING the warmup owns the state; it does not feed the breaker.
         if new_state is BreakerState.OPEN and state in (State.READY, State.DEGRADED):
-            self.lifecycle.try_fire(Event.BREAKER_OPENED)
+            self.try_fire(Event.BREAKER_OPENED)
         elif new_state is BreakerState.CLOSED and state is State.OPEN:
-            self.lifecycle.try_fire(Event.BREAKER_CLOSED)
+            self.try_fire(Event.BREAKER_CLOSED)
 
     # --- admission -----------------------------------------------------------------------------
     def admit(self) -> bool:
@@ -306,6 +341,7 @@ class HandleCore:
             if deadline is not None and attempt < self.retry_policy.attempts:
                 return self.deadline_error(exc, operation)
             return None
+        self.settle_budget(now)
         if not self.budget.try_spend(now):
             logger.warning(
                 "retry budget exhausted: not retrying %s after %s",
@@ -362,6 +398,7 @@ class HandleCore:
         snap["breaker"] = self.breaker.state.value
         snap["pgbouncer"] = self.pgbouncer
         snap["warmup_seconds"] = self.warmup_seconds
+        self.settle_budget(monotonic())
         snap["retry_budget_tokens"] = round(self.budget.tokens(monotonic()), 3)
         return snap
 

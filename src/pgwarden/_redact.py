@@ -14,8 +14,12 @@ __all__ = ["redact", "redact_url"]
 
 MASK = "***"
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]*)@")
-_KV_PASSWORD = re.compile(r"(?P<key>\bpassword\s*=\s*)(?P<val>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_URL_PASSWORD = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]*)@"
+)
+_KV_PASSWORD = re.compile(
+    r"(?P<key>\bpassword\s*=\s*)(?P<val>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE
+)
 _QUERY_PASSWORD = re.compile(r"(?P<key>[?&]password=)(?P<val>[^&\s]+)", re.IGNORECASE)
 
 

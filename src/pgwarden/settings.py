@@ -202,9 +202,7 @@ class Settings:
 
     # ----------------------------------------------------------------------------------------
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, /, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
         """Build settings from ``PGWARDEN_*`` variables and ``DATABASE_URL``, then *overrides*.
 
         Unknown ``PGWARDEN_*`` variables raise, so a typo is not silently ignored.

@@ -74,7 +74,9 @@ def test_200_cold_callers_share_one_warmup(pg_server: Any) -> None:
 
     async def main() -> None:
         async with make(pg_server.url, max_size=8, application_name=app) as db:
-            results = await asyncio.gather(*(db.fetchval("SELECT %s::int", [i]) for i in range(200)))
+            results = await asyncio.gather(
+                *(db.fetchval("SELECT %s::int", [i]) for i in range(200))
+            )
             assert results == list(range(200))
             stats = db.stats()
             assert stats["counters"]["warmups"] == {"ok": 1, "failed": 0}

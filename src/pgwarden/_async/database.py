@@ -95,7 +95,7 @@ class AsyncDatabase:
         core = self._core
         if core.state not in (State.NEW, State.WARMING):
             return
-        core.lifecycle.fire(Event.WARMUP_STARTED)
+        core.fire(Event.WARMUP_STARTED)
         started = monotonic()
         give_up_at = started + (timeout if timeout is not None else self.settings.ready_timeout)
         attempt = 0
@@ -115,7 +115,7 @@ class AsyncDatabase:
                 now = monotonic()
                 delay = core.retry_policy.backoff(min(attempt, 8), core.rng.random())
                 if kind is FailureKind.PERMANENT or now + delay >= give_up_at:
-                    core.lifecycle.fire(Event.WARMUP_FAILED)
+                    core.fire(Event.WARMUP_FAILED)
                     core.tracker.warmup(now - started, False)
                     error = core.not_ready_error(exc, now - started)
                     logger.error("%s", error, extra={"event": "warmup", "ok": False})
@@ -138,7 +138,7 @@ class AsyncDatabase:
         elapsed = monotonic() - started
         core.warmup_seconds = elapsed
         core.tracker.warmup(elapsed, True)
-        core.lifecycle.fire(Event.WARMUP_SUCCEEDED)
+        core.fire(Event.WARMUP_SUCCEEDED)
         logger.info(
             "ready in %.3fs after %d attempt(s)%s",
             elapsed,
@@ -268,9 +268,9 @@ class AsyncDatabase:
     ) -> Any:
         core = self._core
         deadline = core.deadline_for(timeout)
-        if core.state is not State.READY:
+        if not core.fast_path:
             await self._wait_until_usable(deadline)
-        core.budget.on_request(monotonic())
+        core.unbilled_requests += 1
         self._inflight += 1
         attempt = 1
         try:
@@ -298,7 +298,7 @@ class AsyncDatabase:
                     continue
                 finished = monotonic()
                 conn.last_used = finished
-                await self._pool_or_closed().putconn(conn)
+                await self._release(conn)
                 core.tracker.query(finished - started)
                 return result
         finally:
@@ -332,6 +332,7 @@ class AsyncDatabase:
 
     # --- connections ---------------------------------------------------------------------------
     async def _wait_until_usable(self, deadline: float | None) -> None:
+        """The slow path before a call: refuse when closing, wait for readiness."""
         core = self._core
         core.check_accepting()
         if core.state in (State.NEW, State.WARMING):
@@ -352,20 +353,23 @@ class AsyncDatabase:
     async def _acquire(self, deadline: float | None, now: float) -> PgwAsyncConnection:
         """A connection that is usable as far as can be known without sending SQL."""
         core = self._core
-        await self._admit(deadline)
-        pool = self._pool_or_closed()
+        if not core.fast_path:
+            await self._admit(deadline)
+            wanted = core.wanted_limit(now)
+            if wanted is not None:
+                await self._apply_limit(wanted)
+        pool = self._pool
+        if pool is None:
+            pool = self._pool_or_closed()
         if core.gap.observe(now, time()):
             # A long pause (frozen serverless instance): check every idle
             # connection in one pass before handing any out.
             await self._check_pool()
-        wanted = core.wanted_limit(now)
-        if wanted is not None:
-            await self._apply_limit(wanted)
+        window = self.settings.validation_window
         for _ in range(self.settings.max_size + 2):
-            conn = await self._getconn(pool, deadline)
-            if conn.last_used == 0.0 or not needs_validation(
-                monotonic() - conn.last_used, self.settings.validation_window
-            ):
+            conn = await self._getconn(pool, deadline, now)
+            last_used = conn.last_used
+            if last_used == 0.0 or not needs_validation(monotonic() - last_used, window):
                 return conn
             try:
                 await conn.execute("")
@@ -377,16 +381,17 @@ class AsyncDatabase:
             return conn
         raise psycopg.OperationalError("no usable connection: every pooled connection was stale")
 
-    async def _getconn(self, pool: PgwAsyncPool, deadline: float | None) -> PgwAsyncConnection:
+    async def _getconn(
+        self, pool: PgwAsyncPool, deadline: float | None, started: float
+    ) -> PgwAsyncConnection:
         """`pool.getconn` in slices, so a breaker that opens meanwhile ends the wait."""
         core = self._core
-        started = monotonic()
         limit = self.settings.acquire_timeout
         end = started + limit if deadline is None else min(deadline, started + limit)
         while True:
             left = end - monotonic()
             if left <= 0:
-                error = PoolTimeout(
+                raise PoolTimeout(
                     f"no connection within {monotonic() - started:.2f}s"
                     + (
                         f"; last connect error: {core.describe_error(core.last_connect_error)}"
@@ -394,9 +399,8 @@ class AsyncDatabase:
                         else ""
                     )
                 )
-                raise error
             try:
-                conn = await pool.getconn(timeout=min(left, 0.25))
+                conn = await pool.getconn(left if left < 0.25 else 0.25)
             except PoolTimeout:
                 await self._admit(deadline)
                 continue
@@ -470,6 +474,7 @@ class AsyncDatabase:
                 return
             await pool.resize(min(self.settings.min_size, wanted), wanted)
             self._core.applied_limit = wanted
+            self._core.refresh_fast_path()
 
     # --- transactions --------------------------------------------------------------------------
     @asynccontextmanager
@@ -541,12 +546,14 @@ class AsyncDatabase:
             raise ValueError(
                 f"isolation must be one of {sorted(k for k in _ISOLATION if k)}, not {isolation!r}"
             )
-        if core.state is not State.READY:
+        if not core.fast_path:
             await self._wait_until_usable(deadline)
-        core.budget.on_request(monotonic())
+        core.unbilled_requests += 1
         begin = "BEGIN" + _ISOLATION[isolation] + (" READ ONLY" if readonly else "")
         if deadline is not None:
-            begin += f"; SET LOCAL statement_timeout = {statement_timeout_ms(deadline - monotonic())}"
+            begin += (
+                f"; SET LOCAL statement_timeout = {statement_timeout_ms(deadline - monotonic())}"
+            )
         conn = await self._begin_on_fresh_connection(begin, deadline)
         token = self._watchdog.arm(deadline + SEVER_GRACE, conn.fileno()) if deadline else None
         self._inflight += 1
@@ -664,7 +671,7 @@ class AsyncDatabase:
         No retries happen inside; leave it in autocommit or end your transaction.
         """
         deadline = self._core.deadline_for(timeout)
-        if self._core.state is not State.READY:
+        if not self._core.fast_path:
             await self._wait_until_usable(deadline)
         conn = await self._acquire(deadline, monotonic())
         self._inflight += 1
@@ -689,7 +696,7 @@ class AsyncDatabase:
         if core.state is State.CLOSED:
             return
         if core.state is not State.CLOSING:
-            core.lifecycle.fire(Event.CLOSE_REQUESTED)
+            core.fire(Event.CLOSE_REQUESTED)
         give_up_at = monotonic() + timeout
         while self._inflight > 0 and monotonic() < give_up_at:
             await sleep(0.01)
@@ -697,7 +704,7 @@ class AsyncDatabase:
         if pool is not None:
             await pool.close(timeout=max(0.0, give_up_at - monotonic()))
         self._watchdog.close()
-        core.lifecycle.fire(Event.CLOSED)
+        core.fire(Event.CLOSED)
         logger.info(
             "closed (%d operation(s) still in flight were cut off)",
             self._inflight,

@@ -97,7 +97,7 @@ class Database:
         core = self._core
         if core.state not in (State.NEW, State.WARMING):
             return
-        core.lifecycle.fire(Event.WARMUP_STARTED)
+        core.fire(Event.WARMUP_STARTED)
         started = monotonic()
         give_up_at = started + (timeout if timeout is not None else self.settings.ready_timeout)
         attempt = 0
@@ -117,7 +117,7 @@ class Database:
                 now = monotonic()
                 delay = core.retry_policy.backoff(min(attempt, 8), core.rng.random())
                 if kind is FailureKind.PERMANENT or now + delay >= give_up_at:
-                    core.lifecycle.fire(Event.WARMUP_FAILED)
+                    core.fire(Event.WARMUP_FAILED)
                     core.tracker.warmup(now - started, False)
                     error = core.not_ready_error(exc, now - started)
                     logger.error("%s", error, extra={"event": "warmup", "ok": False})
@@ -140,7 +140,7 @@ class Database:
         elapsed = monotonic() - started
         core.warmup_seconds = elapsed
         core.tracker.warmup(elapsed, True)
-        core.lifecycle.fire(Event.WARMUP_SUCCEEDED)
+        core.fire(Event.WARMUP_SUCCEEDED)
         logger.info(
             "ready in %.3fs after %d attempt(s)%s",
             elapsed,
@@ -270,9 +270,9 @@ class Database:
     ) -> Any:
         core = self._core
         deadline = core.deadline_for(timeout)
-        if core.state is not State.READY:
+        if not core.fast_path:
             self._wait_until_usable(deadline)
-        core.budget.on_request(monotonic())
+        core.unbilled_requests += 1
         self._inflight += 1
         attempt = 1
         try:
@@ -300,7 +300,7 @@ class Database:
                     continue
                 finished = monotonic()
                 conn.last_used = finished
-                self._pool_or_closed().putconn(conn)
+                self._release(conn)
                 core.tracker.query(finished - started)
                 return result
         finally:
@@ -334,6 +334,7 @@ class Database:
 
     # --- connections ---------------------------------------------------------------------------
     def _wait_until_usable(self, deadline: float | None) -> None:
+        """The slow path before a call: refuse when closing, wait for readiness."""
         core = self._core
         core.check_accepting()
         if core.state in (State.NEW, State.WARMING):
@@ -354,20 +355,23 @@ class Database:
     def _acquire(self, deadline: float | None, now: float) -> PgwConnection:
         """A connection that is usable as far as can be known without sending SQL."""
         core = self._core
-        self._admit(deadline)
-        pool = self._pool_or_closed()
+        if not core.fast_path:
+            self._admit(deadline)
+            wanted = core.wanted_limit(now)
+            if wanted is not None:
+                self._apply_limit(wanted)
+        pool = self._pool
+        if pool is None:
+            pool = self._pool_or_closed()
         if core.gap.observe(now, time()):
             # A long pause (frozen serverless instance): check every idle
             # connection in one pass before handing any out.
             self._check_pool()
-        wanted = core.wanted_limit(now)
-        if wanted is not None:
-            self._apply_limit(wanted)
+        window = self.settings.validation_window
         for _ in range(self.settings.max_size + 2):
-            conn = self._getconn(pool, deadline)
-            if conn.last_used == 0.0 or not needs_validation(
-                monotonic() - conn.last_used, self.settings.validation_window
-            ):
+            conn = self._getconn(pool, deadline, now)
+            last_used = conn.last_used
+            if last_used == 0.0 or not needs_validation(monotonic() - last_used, window):
                 return conn
             try:
                 conn.execute("")
@@ -379,16 +383,15 @@ class Database:
             return conn
         raise psycopg.OperationalError("no usable connection: every pooled connection was stale")
 
-    def _getconn(self, pool: PgwPool, deadline: float | None) -> PgwConnection:
+    def _getconn(self, pool: PgwPool, deadline: float | None, started: float) -> PgwConnection:
         """`pool.getconn` in slices, so a breaker that opens meanwhile ends the wait."""
         core = self._core
-        started = monotonic()
         limit = self.settings.acquire_timeout
         end = started + limit if deadline is None else min(deadline, started + limit)
         while True:
             left = end - monotonic()
             if left <= 0:
-                error = PoolTimeout(
+                raise PoolTimeout(
                     f"no connection within {monotonic() - started:.2f}s"
                     + (
                         f"; last connect error: {core.describe_error(core.last_connect_error)}"
@@ -396,9 +399,8 @@ class Database:
                         else ""
                     )
                 )
-                raise error
             try:
-                conn = pool.getconn(timeout=min(left, 0.25))
+                conn = pool.getconn(left if left < 0.25 else 0.25)
             except PoolTimeout:
                 self._admit(deadline)
                 continue
@@ -472,6 +474,7 @@ class Database:
                 return
             pool.resize(min(self.settings.min_size, wanted), wanted)
             self._core.applied_limit = wanted
+            self._core.refresh_fast_path()
 
     # --- transactions --------------------------------------------------------------------------
     @contextmanager
@@ -543,12 +546,14 @@ class Database:
             raise ValueError(
                 f"isolation must be one of {sorted(k for k in _ISOLATION if k)}, not {isolation!r}"
             )
-        if core.state is not State.READY:
+        if not core.fast_path:
             self._wait_until_usable(deadline)
-        core.budget.on_request(monotonic())
+        core.unbilled_requests += 1
         begin = "BEGIN" + _ISOLATION[isolation] + (" READ ONLY" if readonly else "")
         if deadline is not None:
-            begin += f"; SET LOCAL statement_timeout = {statement_timeout_ms(deadline - monotonic())}"
+            begin += (
+                f"; SET LOCAL statement_timeout = {statement_timeout_ms(deadline - monotonic())}"
+            )
         conn = self._begin_on_fresh_connection(begin, deadline)
         token = self._watchdog.arm(deadline + SEVER_GRACE, conn.fileno()) if deadline else None
         self._inflight += 1
@@ -567,9 +572,7 @@ class Database:
             conn.last_used = monotonic()
             self._release(conn)
 
-    def _begin_on_fresh_connection(
-        self, begin: str, deadline: float | None
-    ) -> PgwConnection:
+    def _begin_on_fresh_connection(self, begin: str, deadline: float | None) -> PgwConnection:
         """Acquire and BEGIN, retrying failures that happen before anything ran."""
         core = self._core
         attempt = 1
@@ -666,7 +669,7 @@ class Database:
         No retries happen inside; leave it in autocommit or end your transaction.
         """
         deadline = self._core.deadline_for(timeout)
-        if self._core.state is not State.READY:
+        if not self._core.fast_path:
             self._wait_until_usable(deadline)
         conn = self._acquire(deadline, monotonic())
         self._inflight += 1
@@ -691,7 +694,7 @@ class Database:
         if core.state is State.CLOSED:
             return
         if core.state is not State.CLOSING:
-            core.lifecycle.fire(Event.CLOSE_REQUESTED)
+            core.fire(Event.CLOSE_REQUESTED)
         give_up_at = monotonic() + timeout
         while self._inflight > 0 and monotonic() < give_up_at:
             sleep(0.01)
@@ -699,7 +702,7 @@ class Database:
         if pool is not None:
             pool.close(timeout=max(0.0, give_up_at - monotonic()))
         self._watchdog.close()
-        core.lifecycle.fire(Event.CLOSED)
+        core.fire(Event.CLOSED)
         logger.info(
             "closed (%d operation(s) still in flight were cut off)",
             self._inflight,

@@ -73,9 +73,7 @@ class PgwPool(ConnectionPool[PgwConnection]):
         self._observer.on_connect_ok(monotonic() - started)
         return conn
 
-    def _add_connection(
-        self, attempt: AttemptWithBackoff | None, growing: bool = False
-    ) -> None:
+    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         if attempt is None:
             attempt = FastReconnect(timeout=self.reconnect_timeout)
         super()._add_connection(attempt, growing)

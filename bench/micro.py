@@ -1,0 +1,316 @@
+"""Micro-benchmarks of pgwarden against psycopg_pool, measured in the same run.
+
+Every figure is a ratio against psycopg_pool (or bare psycopg) measured
+alternately in the same process, because these machines are shared and noisy.
+It starts its own throwaway PostgreSQL (pgwarden.testing) unless --url is given.
+
+    python bench/micro.py                       # print the table
+    python bench/micro.py --write docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from pgwarden import AsyncDatabase, Database, Settings
+
+ROUNDS = 7
+
+
+def best_ratio(
+    ours: Callable[[], float], theirs: Callable[[], float]
+) -> tuple[float, float, float]:
+    """Alternate the two measurements ROUNDS times; compare their medians."""
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(ROUNDS):
+        b.append(theirs())
+        a.append(ours())
+    ma, mb = statistics.median(a), statistics.median(b)
+    return ma, mb, ma / mb
+
+
+def sync_latency(url: str, n: int) -> dict[str, float]:
+    pool = ConnectionPool(url, min_size=1, max_size=4, open=True, kwargs={"autocommit": True})
+    db = Database(Settings(url=url, max_size=4))
+    db.fetchval("SELECT 1")
+    pool.wait()
+
+    def theirs() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with pool.connection() as conn:
+                conn.execute("SELECT 1").fetchone()
+        return (time.perf_counter() - t0) / n
+
+    def ours() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            db.fetchval("SELECT 1")
+        return (time.perf_counter() - t0) / n
+
+    try:
+        a, b, r = best_ratio(ours, theirs)
+    finally:
+        db.close()
+        pool.close()
+    return {"pgwarden_us": a * 1e6, "psycopg_pool_us": b * 1e6, "ratio": r}
+
+
+def async_latency(url: str, n: int) -> dict[str, float]:
+    async def main() -> dict[str, float]:
+        pool = AsyncConnectionPool(
+            url, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
+        )
+        await pool.open(wait=True)
+        db = AsyncDatabase(Settings(url=url, max_size=4))
+        await db.fetchval("SELECT 1")
+        a: list[float] = []
+        b: list[float] = []
+        for _ in range(ROUNDS):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                async with pool.connection() as conn:
+                    cur = await conn.execute("SELECT 1")
+                    await cur.fetchone()
+            b.append((time.perf_counter() - t0) / n)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                await db.fetchval("SELECT 1")
+            a.append((time.perf_counter() - t0) / n)
+        await db.close()
+        await pool.close()
+        ma, mb = statistics.median(a), statistics.median(b)
+        return {"pgwarden_us": ma * 1e6, "psycopg_pool_us": mb * 1e6, "ratio": ma / mb}
+
+    return asyncio.run(main())
+
+
+def async_throughput(url: str, tasks: int, per_task: int) -> dict[str, float]:
+    async def main() -> dict[str, float]:
+        pool = AsyncConnectionPool(
+            url, min_size=tasks, max_size=tasks, open=False, kwargs={"autocommit": True}
+        )
+        await pool.open(wait=True)
+        db = AsyncDatabase(Settings(url=url, min_size=tasks, max_size=tasks))
+        await asyncio.gather(*(db.fetchval("SELECT 1") for _ in range(tasks)))
+
+        async def theirs_worker() -> None:
+            for _ in range(per_task):
+                async with pool.connection() as conn:
+                    cur = await conn.execute("SELECT 1")
+                    await cur.fetchone()
+
+        async def ours_worker() -> None:
+            for _ in range(per_task):
+                await db.fetchval("SELECT 1")
+
+        a: list[float] = []
+        b: list[float] = []
+        total = tasks * per_task
+        for _ in range(ROUNDS):
+            t0 = time.perf_counter()
+            await asyncio.gather(*(theirs_worker() for _ in range(tasks)))
+            b.append(total / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            await asyncio.gather(*(ours_worker() for _ in range(tasks)))
+            a.append(total / (time.perf_counter() - t0))
+        await db.close()
+        await pool.close()
+        ma, mb = statistics.median(a), statistics.median(b)
+        return {"pgwarden_qps": ma, "psycopg_pool_qps": mb, "ratio": ma / mb}
+
+    return asyncio.run(main())
+
+
+def _run_python(code: str, env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    return time.perf_counter() - t0
+
+
+def cold_start(url: str, runs: int) -> dict[str, float]:
+    # Installed packages (psycopg) ship compiled bytecode; compile ours too so the
+    # comparison is like for like even where PYTHONDONTWRITEBYTECODE is set.
+    import compileall
+
+    import pgwarden
+
+    compileall.compile_dir(os.path.dirname(pgwarden.__file__), quiet=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGWARDEN_")}
+    env["DATABASE_URL"] = url
+    bare = (
+        "import os, psycopg\n"
+        "c = psycopg.connect(os.environ['DATABASE_URL'], autocommit=True)\n"
+        "assert c.execute('SELECT 1').fetchone() == (1,)\n"
+    )
+    ours = "import pgwarden\nassert pgwarden.connect().fetchval('SELECT 1') == 1\n"
+    a, b = [], []
+    for _ in range(runs):
+        b.append(_run_python(bare, env))
+        a.append(_run_python(ours, env))
+    ma, mb = statistics.median(a), statistics.median(b)
+    imp_pg, imp_pgw, imp_full, imp_none = [], [], [], []
+    for _ in range(runs):
+        imp_none.append(_run_python("pass", env))
+        imp_pg.append(_run_python("import psycopg", env))
+        imp_pgw.append(_run_python("import pgwarden", env))
+        imp_full.append(_run_python("import pgwarden._sync.database", env))
+    return {
+        "pgwarden_ms": ma * 1e3,
+        "psycopg_ms": mb * 1e3,
+        "ratio": ma / mb,
+        "import_psycopg_ms": (statistics.median(imp_pg) - statistics.median(imp_none)) * 1e3,
+        "import_pgwarden_ms": (statistics.median(imp_pgw) - statistics.median(imp_none)) * 1e3,
+        # Everything a first query loads (psycopg, psycopg_pool, the handle) minus psycopg.
+        "handle_import_over_psycopg_ms": (statistics.median(imp_full) - statistics.median(imp_pg))
+        * 1e3,
+    }
+
+
+def readiness_200(url: str, max_size: int) -> dict[str, float]:
+    async def one_connect_and_probe() -> float:
+        t0 = time.perf_counter()
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        await (await conn.execute("SELECT 1")).fetchone()
+        elapsed = time.perf_counter() - t0
+        await conn.close()
+        return elapsed
+
+    async def cold_ready() -> tuple[float, int]:
+        db = AsyncDatabase(Settings(url=url, max_size=max_size, application_name="pgw-bench-200"))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(db.ready() for _ in range(200)))
+        elapsed = time.perf_counter() - t0
+        opened = db.stats()["counters"]["connections_opened"]
+        await db.close()
+        return elapsed, int(opened)
+
+    async def main() -> dict[str, float]:
+        base: list[float] = []
+        ready: list[float] = []
+        opened = 0
+        for _ in range(ROUNDS):
+            base.append(await one_connect_and_probe())
+            elapsed, n = await cold_ready()
+            ready.append(elapsed)
+            opened = max(opened, n)
+        mb, ma = statistics.median(base), statistics.median(ready)
+        return {
+            "ready_ms": ma * 1e3,
+            "connect_probe_ms": mb * 1e3,
+            "ratio": ma / mb,
+            "max_connections_opened": opened,
+            "max_size": max_size,
+        }
+
+    return asyncio.run(main())
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"psycopg {psycopg.__version__}, {platform.system()} {platform.release()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="PostgreSQL URL (default: a throwaway server)")
+    parser.add_argument("--n", type=int, default=2000, help="queries per latency round")
+    parser.add_argument("--write", metavar="FILE", help="write the results as Markdown")
+    args = parser.parse_args(argv)
+
+    with ExitStack() as stack:
+        url = args.url
+        if url is None:
+            from pgwarden.testing import PostgresServer
+
+            print("starting a throwaway PostgreSQL...", file=sys.stderr)
+            server = stack.enter_context(PostgresServer())
+            url = server.url
+            version = server.version
+        else:
+            version = "given by --url"
+        results: dict[str, dict[str, Any]] = {}
+        steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            ("sync fetchval latency", lambda: sync_latency(url, args.n)),
+            ("async fetchval latency", lambda: async_latency(url, args.n)),
+            ("async throughput, 16 tasks", lambda: async_throughput(url, 16, args.n // 4)),
+            ("cold start (fresh interpreter)", lambda: cold_start(url, 9)),
+            ("readiness, 200 cold callers", lambda: readiness_200(url, 10)),
+        ]
+        for name, step in steps:
+            print(f"running: {name}...", file=sys.stderr, flush=True)
+            results[name] = step()
+            print(f"  {format_result(results[name])}", file=sys.stderr, flush=True)
+
+    text = render(results, machine(), version)
+    print(text)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(text)
+        print(f"wrote {args.write}", file=sys.stderr)
+    return 0
+
+
+def format_result(result: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+    )
+
+
+TARGETS = {
+    "sync fetchval latency": "ratio <= 1.10",
+    "async fetchval latency": "ratio <= 1.10",
+    "async throughput, 16 tasks": "ratio >= 0.95",
+    "cold start (fresh interpreter)": "ratio <= 1.15; import adds <= 20 ms over psycopg",
+    "readiness, 200 cold callers": "ratio <= 2.0; opened <= max_size",
+}
+
+
+def render(results: dict[str, dict[str, Any]], machine_text: str, version: str) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`bench/micro.py`). Every ratio compares pgwarden with",
+        "psycopg_pool (or bare psycopg for cold start) measured alternately in the same run,",
+        f"median of {ROUNDS} rounds, `SELECT 1` over loopback.",
+        "",
+        f"- machine: {machine_text}",
+        f"- server: PostgreSQL {version} (throwaway, fsync off)",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+        "| benchmark | result | target |",
+        "|---|---|---|",
+    ]
+    for name, result in results.items():
+        lines.append(f"| {name} | {format_result(result)} | {TARGETS.get(name, '')} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
