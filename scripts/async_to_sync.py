@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,18 +55,37 @@ HEADER = (
 def convert(text: str) -> str:
     for pattern, replacement in SUBS:
         text = re.sub(pattern, replacement, text)
-    # Imports that only the async side needs (or that became duplicates).
-    lines = [line for line in text.splitlines(keepends=True) if not _drop(line)]
-    return "".join(lines)
-
-
-def _drop(line: str) -> bool:
-    return line.strip() in {"from collections.abc import Awaitable", ""} and False
+    return text
 
 
 def render(name: str) -> str:
     source = (SOURCE / name).read_text()
-    return HEADER.format(name=name) + convert(source)
+    return ruff_format(HEADER.format(name=name) + convert(source), TARGET / name)
+
+
+def ruff_format(text: str, path: Path) -> str:
+    """Format like the rest of the tree, so `ruff format --check` agrees with us."""
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        raise SystemExit("ruff is needed to format the generated files (pip install ruff)")
+    # Sort imports and drop the ones only the async side used, then format.
+    fixed = subprocess.run(
+        [ruff, "check", "--fix-only", "--select", "I,F401", "--stdin-filename", str(path), "-"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    done = subprocess.run(
+        [ruff, "format", "--stdin-filename", str(path), "-"],
+        input=fixed,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return done.stdout
 
 
 def main(argv: list[str] | None = None) -> int:

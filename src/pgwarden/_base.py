@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from time import monotonic
 from typing import Any
 
-from pgwarden._redact import redact
+from pgwarden._redact import redact, sanitize_sql
 from pgwarden.core.breaker import Admission, BreakerState, CircuitBreaker
 from pgwarden.core.classify import (
     FailureKind,
@@ -372,6 +372,44 @@ class HandleCore:
             f"database at {self.settings.safe_url} not ready after {elapsed:.2f}s: {cause}"
         )
 
+    # --- events --------------------------------------------------------------------------------
+    def on_slow_query(self, query: object, seconds: float) -> None:
+        self.tracker.slow_query()
+        statement = sanitize_sql(query)
+        logger.warning(
+            "slow query (%.3fs): %s",
+            seconds,
+            statement,
+            extra={"event": "slow_query", "seconds": round(seconds, 6), "statement": statement},
+        )
+
+    def on_leak(self, site: str, held_since: float) -> None:
+        """A connection has been held past ``leak_threshold`` (reported once per hold)."""
+        self.tracker.leaked_connection()
+        held = monotonic() - held_since
+        logger.warning(
+            "connection held for %.1fs (leak threshold %.1fs), acquired at %s",
+            held,
+            self.settings.leak_threshold,
+            site,
+            extra={"event": "leak", "held_seconds": round(held, 3), "site": site},
+        )
+
+    def health_report(
+        self, ok: bool, latency: float, error: BaseException | None, pool: Mapping[str, int] | None
+    ) -> dict[str, Any]:
+        self.tracker.health_check(ok)
+        stats = self.stats(pool)
+        return {
+            "ok": ok,
+            "state": stats["state"],
+            "breaker": stats["breaker"],
+            "latency_ms": round(latency * 1000, 3),
+            "error": None if error is None else self.describe_error(error),
+            "pool": stats["pool"],
+            "pgbouncer": self.pgbouncer,
+        }
+
     # --- stats ---------------------------------------------------------------------------------
     def stats(self, pool_stats: Mapping[str, int] | None) -> dict[str, Any]:
         """The plain-dict snapshot behind ``db.stats()``."""
@@ -417,3 +455,17 @@ def _password_of(url: str | None) -> str | None:
     except Exception:  # an unparsable URL fails later with a clear message
         return None
     return str(value) if value else None
+
+
+def call_site() -> str:
+    """``file:line in function`` of the first caller outside pgwarden and contextlib."""
+    import sys
+
+    frame = sys._getframe(1)
+    package_dir = os.path.dirname(__file__)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(package_dir) and "contextlib" not in filename:
+            return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return "<unknown>"

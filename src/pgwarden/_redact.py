@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["redact", "redact_url"]
+__all__ = ["redact", "redact_url", "sanitize_sql"]
 
 MASK = "***"
 
@@ -39,3 +39,23 @@ def redact(text: str, *secrets: str | None) -> str:
         if secret and len(secret) >= 3:
             out = out.replace(secret, MASK)
     return out
+
+
+_SQL_LITERAL = re.compile(
+    r"'(?:[^']|'')*'"  # string literals
+    r"|\$(?P<tag>[A-Za-z_]*)\$.*?\$(?P=tag)\$"  # dollar-quoted strings
+    r"|\b\d+(?:\.\d+)?\b",  # numbers
+    re.DOTALL,
+)
+_WHITESPACE = re.compile(r"\s+")
+
+
+def sanitize_sql(sql: object, limit: int = 200) -> str:
+    """Statement text safe to log: literals become ``?``, whitespace folds, long text is cut.
+
+    Parameters are never part of the text psycopg sends separately, but
+    literals written into the SQL itself may hold secrets, so they go too.
+    """
+    text = sql.decode(errors="replace") if isinstance(sql, bytes) else str(sql)
+    text = _WHITESPACE.sub(" ", _SQL_LITERAL.sub("?", text)).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"

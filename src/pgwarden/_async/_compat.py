@@ -7,8 +7,8 @@ rest of the shell can be converted to sync code by token replacement.
 from __future__ import annotations
 
 import asyncio
-import signal
 import os
+import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -79,12 +79,12 @@ def sever(fileno: int) -> None:
 
 
 class Watchdog:
-    """Severs a connection's socket if its operation outlives a deadline."""
+    """Runs a callback at a monotonic time unless disarmed first (deadlines, leaks)."""
 
-    def arm(self, when: float, fileno: int) -> Any:
-        """Schedule :func:`sever` at monotonic time *when*; returns a handle to cancel."""
+    def arm(self, when: float, callback: Callable[..., object], *args: Any) -> Any:
+        """Schedule ``callback(*args)`` at monotonic time *when*; returns a handle."""
         loop = asyncio.get_running_loop()
-        return loop.call_at(loop.time() + (when - _monotonic()), sever, fileno)
+        return loop.call_at(loop.time() + (when - _monotonic()), callback, *args)
 
     @staticmethod
     def disarm(handle: Any) -> None:

@@ -7,6 +7,7 @@ convertible by ``scripts/async_to_sync.py``: asyncio specifics belong in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -14,13 +15,21 @@ from time import monotonic, time
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg.sql import SQL, Composed
 from psycopg.rows import tuple_row
+from psycopg.sql import SQL, Composed
 from psycopg_pool import PoolTimeout
 
-from pgwarden._async._compat import Lock, SingleFlight, Watchdog, on_signals, sleep, spawn
+from pgwarden._async._compat import (
+    Lock,
+    SingleFlight,
+    Watchdog,
+    on_signals,
+    sever,
+    sleep,
+    spawn,
+)
 from pgwarden._async.pool import PgwAsyncConnection, PgwAsyncPool
-from pgwarden._base import SEVER_GRACE, HandleCore
+from pgwarden._base import SEVER_GRACE, HandleCore, call_site
 from pgwarden.core.breaker import BreakerState
 from pgwarden.core.classify import FailureKind, Phase, RetryContext, is_write_sql
 from pgwarden.core.deadline import statement_timeout_ms
@@ -67,6 +76,8 @@ class AsyncDatabase:
         self._resize_lock = Lock()
         self._watchdog = Watchdog()
         self._inflight = 0
+        self._health_flight: SingleFlight[dict[str, Any]] = SingleFlight()
+        self._health_cache: tuple[float, dict[str, Any]] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.settings.safe_url} {self._core.state.value}>"
@@ -300,6 +311,8 @@ class AsyncDatabase:
                 conn.last_used = finished
                 await self._release(conn)
                 core.tracker.query(finished - started)
+                if finished - started > self.settings.slow_query_threshold:
+                    core.on_slow_query(query, finished - started)
                 return result
         finally:
             self._inflight -= 1
@@ -319,7 +332,7 @@ class AsyncDatabase:
         # Bound the statement on both sides: the server cancels it when the
         # time left runs out, and the watchdog severs the socket shortly after
         # in case the server cannot answer at all (a blackholed network).
-        token = self._watchdog.arm(deadline + SEVER_GRACE, conn.fileno())
+        token = self._watchdog.arm(deadline + SEVER_GRACE, sever, conn.fileno())
         try:
             ms = statement_timeout_ms(deadline - monotonic())
             async with conn.transaction():
@@ -555,7 +568,10 @@ class AsyncDatabase:
                 f"; SET LOCAL statement_timeout = {statement_timeout_ms(deadline - monotonic())}"
             )
         conn = await self._begin_on_fresh_connection(begin, deadline)
-        token = self._watchdog.arm(deadline + SEVER_GRACE, conn.fileno()) if deadline else None
+        token = None
+        if deadline is not None:
+            token = self._watchdog.arm(deadline + SEVER_GRACE, sever, conn.fileno())
+        leak = self._watch_for_leak()
         self._inflight += 1
         tx = AsyncTransaction(conn)
         try:
@@ -567,6 +583,7 @@ class AsyncDatabase:
             await self._commit(conn, resolve=resolve and self.settings.resolve_commits)
         finally:
             self._inflight -= 1
+            self._watchdog.disarm(leak)
             if token is not None:
                 self._watchdog.disarm(token)
             conn.last_used = monotonic()
@@ -674,13 +691,22 @@ class AsyncDatabase:
         if not self._core.fast_path:
             await self._wait_until_usable(deadline)
         conn = await self._acquire(deadline, monotonic())
+        leak = self._watch_for_leak()
         self._inflight += 1
         try:
             yield conn
         finally:
             self._inflight -= 1
+            self._watchdog.disarm(leak)
             conn.last_used = monotonic()
             await self._release(conn)
+
+    def _watch_for_leak(self) -> Any:
+        """Report once if the caller holds this connection past ``leak_threshold``."""
+        now = monotonic()
+        return self._watchdog.arm(
+            now + self.settings.leak_threshold, self._core.on_leak, call_site(), now
+        )
 
     # --- health, stats, shutdown ---------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -727,6 +753,8 @@ class AsyncDatabase:
         self._resize_lock = Lock()
         self._watchdog = Watchdog()
         self._inflight = 0
+        self._health_flight = SingleFlight()
+        self._health_cache = None
 
     async def __aenter__(self) -> AsyncDatabase:
         return self
@@ -788,10 +816,9 @@ async def _result(cur: Any, mode: int) -> Any:
 async def _rollback_quietly(conn: PgwAsyncConnection) -> None:
     if conn.closed or conn.broken:
         return
-    try:
+    # On failure the pool discards a connection left in a bad state.
+    with contextlib.suppress(psycopg.Error):
         await conn.execute(b"ROLLBACK")
-    except psycopg.Error:
-        pass  # the pool discards a connection left in a bad state
 
 
 async def _looks_like_pgbouncer(conn: PgwAsyncConnection) -> bool:

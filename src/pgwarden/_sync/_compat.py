@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import heapq
-import signal
 import itertools
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -64,7 +64,7 @@ class SingleFlight(Generic[T]):
 
 
 class Watchdog:
-    """One daemon thread per handle that severs sockets whose deadline passed.
+    """One daemon thread per handle that runs callbacks at their time (deadlines, leaks).
 
     Started lazily on first use, so handles that never set a deadline pay
     nothing. Arming and disarming cost a heap push and a set removal.
@@ -72,16 +72,16 @@ class Watchdog:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, int]] = []
+        self._heap: list[tuple[float, int, Callable[..., object], tuple[Any, ...]]] = []
         self._live: set[int] = set()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def arm(self, when: float, fileno: int) -> int:
+    def arm(self, when: float, callback: Callable[..., object], *args: Any) -> int:
         token = next(self._ids)
         with self._cond:
-            heapq.heappush(self._heap, (when, token, fileno))
+            heapq.heappush(self._heap, (when, token, callback, args))
             self._live.add(token)
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -109,14 +109,21 @@ class Watchdog:
                 if not self._heap:
                     self._cond.wait()
                     continue
-                when, token, fileno = self._heap[0]
+                when, token, callback, args = self._heap[0]
                 delay = when - time.monotonic()
                 if delay > 0:
                     self._cond.wait(delay)
                     continue
                 heapq.heappop(self._heap)
                 self._live.discard(token)
-                sever(fileno)
+                try:
+                    callback(*args)
+                except Exception as exc:  # a failing callback must not kill the thread
+                    import logging
+
+                    logging.getLogger("pgwarden").warning(
+                        "watchdog callback failed: %s", type(exc).__name__
+                    )
 
 
 def spawn(fn: Callable[[], Any]) -> None:

@@ -8,6 +8,9 @@ Environment variables read here (all optional):
     path of the ``pgbouncer`` executable; overrides discovery.
 ``PGWARDEN_RUN_AS``
     system user that runs the servers when Python runs as root (default ``postgres``).
+``PGWARDEN_TMPDIR``
+    where servers keep their data directories (default: ``/dev/shm`` when it is a
+    shared tmpfs with at least 1 GiB free, else the temporary directory).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ __all__ = [
     "pgbouncer_version",
     "postgres_version",
     "run_as_user",
+    "scratch_dir",
     "user_kwargs",
 ]
 
@@ -225,3 +230,25 @@ def free_port(host: str = "127.0.0.1") -> int:
 def is_linux() -> bool:
     """True on Linux (GNU ``cp`` with ``--reflink`` and ``/proc`` are available)."""
     return sys.platform.startswith("linux")
+
+
+def scratch_dir() -> str:
+    """Return the directory under which servers keep their files.
+
+    ``$PGWARDEN_TMPDIR`` if set; else ``/dev/shm`` when it is a world-writable sticky
+    directory with at least 1 GiB free (RAM is several times faster than a disk to copy
+    a data directory into); else :func:`tempfile.gettempdir`.
+    """
+    configured = os.environ.get("PGWARDEN_TMPDIR")
+    if configured:
+        return configured
+    shm = "/dev/shm"  # noqa: S108 (only ever used as mkdtemp's parent)
+    try:
+        st = os.stat(shm)
+        vfs = os.statvfs(shm)
+    except OSError:
+        return tempfile.gettempdir()
+    shared = st.st_mode & 0o1777 == 0o1777
+    if shared and os.access(shm, os.W_OK | os.X_OK) and vfs.f_bavail * vfs.f_frsize >= 1 << 30:
+        return shm
+    return tempfile.gettempdir()

@@ -73,13 +73,18 @@ def new_key() -> str:
     return f"{os.getpid()}-{next(_keys)}"
 
 
-def register(obj: _Closeable) -> None:
-    """Close ``obj`` at interpreter exit or on SIGTERM/SIGHUP unless unregistered first."""
+def _ensure_atexit() -> None:
     global _atexit_installed
     with _lock:
         if not _atexit_installed:
             atexit.register(_at_exit)
             _atexit_installed = True
+
+
+def register(obj: _Closeable) -> None:
+    """Close ``obj`` at interpreter exit or on SIGTERM/SIGHUP unless unregistered first."""
+    _ensure_atexit()
+    with _lock:
         _install_signal_handlers()
         _live[id(obj)] = obj
 
@@ -225,6 +230,7 @@ class _Watchdog:
         if self._failed or os.getpid() != _owner_pid:
             return None
         if self._proc is None:
+            _ensure_atexit()  # so that the watchdog is always waited for at exit
             try:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-c", _WATCHDOG_SOURCE],

@@ -26,7 +26,7 @@ from urllib.parse import quote
 import psycopg
 
 from . import _lifecycle
-from ._binaries import find_pgbouncer, free_port, pgbouncer_version, user_kwargs
+from ._binaries import find_pgbouncer, free_port, pgbouncer_version, scratch_dir, user_kwargs
 from ._binaries import run_as_user as _run_as_user
 from ._errors import ServerStartError, ServerUnavailable
 from .postgres import PostgresServer
@@ -282,7 +282,7 @@ class PgBouncerServer:
     # -- internals ---------------------------------------------------------------------
 
     def _prepare(self) -> None:
-        root = Path(tempfile.mkdtemp(prefix="pgwarden-bouncer-"))
+        root = Path(tempfile.mkdtemp(prefix="pgwarden-bouncer-", dir=scratch_dir()))
         self._root = root
         self._root_key = _lifecycle.new_key()
         _lifecycle.register(self)

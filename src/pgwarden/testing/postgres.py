@@ -40,6 +40,7 @@ from ._binaries import (
     free_port,
     is_linux,
     postgres_version,
+    scratch_dir,
     user_kwargs,
 )
 from ._binaries import run_as_user as _run_as_user
@@ -591,7 +592,7 @@ class PostgresServer:
     def _prepare(self) -> None:
         """Make the directories, copy the template and write the settings."""
         template, initdb_seconds = _template_for(self._bindir, self.version, self._run_as)
-        root = Path(tempfile.mkdtemp(prefix="pgwarden-pg-"))
+        root = Path(tempfile.mkdtemp(prefix="pgwarden-pg-", dir=scratch_dir()))
         self._root = root
         self._root_key = _lifecycle.new_key()
         _lifecycle.register(self)
