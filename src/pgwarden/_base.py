@@ -34,6 +34,7 @@ from pgwarden.core.classify import (
     RetryContext,
     classify,
     is_retryable,
+    is_transaction_retryable,
     sqlstate_of,
 )
 from pgwarden.core.deadline import current_deadline, effective_deadline
@@ -78,6 +79,7 @@ class HandleCore:
             threshold=settings.breaker_threshold,
             cooldown=settings.breaker_cooldown,
             max_cooldown=settings.breaker_max_cooldown,
+            min_outage=settings.breaker_min_outage,
         )
         self.retry_policy = RetryPolicy(
             attempts=settings.retry_attempts,
@@ -212,7 +214,10 @@ class HandleCore:
         now = monotonic()
         if kind is FailureKind.OVERLOAD:
             self.on_overload(now)
-        if feed_breaker and kind in (FailureKind.NOTHING_RAN, FailureKind.OVERLOAD):
+        # Overload is not an outage: the server is up and says "fewer, please".
+        # AIMD sizing answers it; opening the breaker would fail callers that a
+        # connection freed a moment later could serve.
+        if feed_breaker and kind is FailureKind.NOTHING_RAN:
             before = self.breaker.state
             self._breaker_event(before, self.breaker.on_failure(now))
         return kind
@@ -317,10 +322,13 @@ class HandleCore:
         attempt: int,
         deadline: float | None,
         operation: str,
+        policy: RetryPolicy | None = None,
     ) -> float | BaseException | None:
         """Decide what follows a failed attempt.
 
-        Returns the seconds to sleep before the next attempt; or an exception
+        ``ctx.in_transaction`` asks whether a whole transaction function may be
+        re-run (`run_transaction`), not a statement inside one. Returns the
+        seconds to sleep before the next attempt; or an exception
         the caller raises ``from exc``; or None, meaning re-raise *exc* as is
         (permanent errors keep their psycopg type).
         """
@@ -330,15 +338,18 @@ class HandleCore:
             self.on_overload(now)
         if kind is FailureKind.TIMEOUT and deadline is not None and now >= deadline - 0.01:
             return self.deadline_error(exc, operation)
-        if not is_retryable(kind, ctx):
+        if ctx.in_transaction:
+            retryable = is_transaction_retryable(kind)
+        else:
+            retryable = is_retryable(kind, ctx)
+        if not retryable:
             if deadline is not None and now >= deadline:
                 return self.deadline_error(exc, operation)
             return None
-        delay = self.retry_policy.next_delay(
-            attempt, now=now, deadline=deadline, rand=self.rng.random()
-        )
+        policy = policy or self.retry_policy
+        delay = policy.next_delay(attempt, now=now, deadline=deadline, rand=self.rng.random())
         if delay is None:
-            if deadline is not None and attempt < self.retry_policy.attempts:
+            if deadline is not None and attempt < policy.attempts:
                 return self.deadline_error(exc, operation)
             return None
         self.settle_budget(now)
@@ -355,7 +366,7 @@ class HandleCore:
             "retrying %s (attempt %d of %d) after %s: %s",
             operation,
             attempt + 1,
-            self.retry_policy.attempts,
+            policy.attempts,
             kind.value,
             self.describe_error(exc),
             extra={"event": "retry", "reason": kind.value, "attempt": attempt + 1},

@@ -10,6 +10,7 @@ the parent's sessions are untouched).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 import weakref
@@ -83,10 +84,8 @@ def _reset_after_fork() -> None:
 
 def _close_sync_handles_at_exit() -> None:
     for handle in list(_sync_handles.values()):
-        try:
+        with contextlib.suppress(Exception):  # best effort at interpreter exit
             handle.close(timeout=1.0)
-        except Exception:  # noqa: S110 - best effort at interpreter exit
-            pass
 
 
 if hasattr(os, "register_at_fork"):

@@ -134,7 +134,7 @@ class Settings:
     )
 
     # --- PgBouncer ------------------------------------------------------------------------
-    pgbouncer: PgBouncerMode = _doc(
+    pgbouncer: PgBouncerMode = _doc(  # noqa: RUF009 - _doc returns a dataclass field
         "auto",
         "'auto' detects PgBouncer from the server's answers; 'on' or 'off' overrides. In "
         "transaction mode server-side prepared statements must be off.",
@@ -163,10 +163,19 @@ class Settings:
     breaker_threshold: int = _doc(
         5, "Consecutive connect failures that open the breaker; callers then fail fast."
     )
-    breaker_cooldown: float = _doc(
-        1.0, "Wait before the single half-open probe; doubles per failed probe."
+    breaker_min_outage: float = _doc(
+        1.0,
+        "The failures must span at least this long before the breaker opens: a restart makes "
+        "every pooled connection fail at once, and callers with time left should wait it out.",
     )
-    breaker_max_cooldown: float = _doc(30.0, "Cap on the probe interval during a long outage.")
+    breaker_cooldown: float = _doc(
+        0.5, "Wait before the single half-open probe; doubles per failed probe."
+    )
+    breaker_max_cooldown: float = _doc(
+        5.0,
+        "Cap on the probe interval during a long outage: one connection attempt per 5 s costs "
+        "the server nothing and bounds how late recovery is noticed.",
+    )
 
     # --- adaptive sizing -------------------------------------------------------------------
     adaptive_sizing: bool = _doc(
@@ -276,6 +285,7 @@ class Settings:
             "retry_max_delay",
             "breaker_cooldown",
             "breaker_max_cooldown",
+            "breaker_min_outage",
             "health_interval",
             "sizing_quiet_period",
             "leak_threshold",

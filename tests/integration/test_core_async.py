@@ -52,10 +52,14 @@ def test_transaction_commits_and_rolls_back(pg_server: Any) -> None:
             async with db.transaction() as tx:
                 await tx.execute("INSERT INTO tx_rows VALUES (1)")
                 assert await tx.fetchval("SELECT count(*) FROM tx_rows") == 1
-            with pytest.raises(ZeroDivisionError):
+
+            async def failing_transaction() -> None:
                 async with db.transaction() as tx:
                     await tx.execute("INSERT INTO tx_rows VALUES (2)")
                     raise ZeroDivisionError
+
+            with pytest.raises(ZeroDivisionError):
+                await failing_transaction()
             assert await db.fetchval("SELECT count(*) FROM tx_rows") == 1
             async with db.transaction(isolation="serializable", readonly=True) as tx:
                 assert await tx.fetchval("SHOW transaction_isolation") == "serializable"
@@ -194,7 +198,8 @@ def test_registry_returns_one_handle_per_settings(pg_server: Any) -> None:
     c = pgwarden.connect_async(pg_server.url, max_size=4)
     assert a is b
     assert a is not c
-    assert pgwarden.connect(pg_server.url, max_size=3) is not a  # sync and async differ
+    sync_handle: object = pgwarden.connect(pg_server.url, max_size=3)
+    assert sync_handle is not a  # sync and async handles are distinct
 
 
 @pytest.mark.pgbouncer

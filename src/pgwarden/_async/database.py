@@ -8,6 +8,7 @@ convertible by ``scripts/async_to_sync.py``: asyncio specifics belong in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -299,11 +300,11 @@ class AsyncDatabase:
                     plan = core.plan_retry(
                         exc, kind, ctx, attempt=attempt, deadline=deadline, operation="query"
                     )
+                    await self._after_failure(kind)
                     if plan is None:
                         raise
                     if isinstance(plan, BaseException):
                         raise plan from exc
-                    await self._after_failure(kind)
                     await sleep(plan)
                     attempt += 1
                     continue
@@ -404,6 +405,8 @@ class AsyncDatabase:
         while True:
             left = end - monotonic()
             if left <= 0:
+                if deadline is not None and deadline <= end:
+                    raise core.deadline_error(core.last_connect_error, "acquire")
                 raise PoolTimeout(
                     f"no connection within {monotonic() - started:.2f}s"
                     + (
@@ -453,7 +456,7 @@ class AsyncDatabase:
         await pool.putconn(conn)
 
     async def _after_failure(self, kind: FailureKind) -> None:
-        """Housekeeping after a failed attempt, before the retry."""
+        """Housekeeping after a failed attempt, whether or not it is retried."""
         if kind in (FailureKind.STALE, FailureKind.LOST, FailureKind.LOST_COMMIT):
             # One broken connection usually means a restart or a failover:
             # check the idle ones now rather than fail on them one by one.
@@ -505,7 +508,7 @@ class AsyncDatabase:
         the whole body on conflicts and lost connections.
         """
         deadline = self._core.deadline_for(timeout)
-        async with self._begin(isolation, readonly, deadline, resolve=False) as tx:
+        async with self._begin(isolation, readonly, deadline) as tx:
             yield tx
 
     async def run_transaction(
@@ -528,31 +531,36 @@ class AsyncDatabase:
         core = self._core
         deadline = core.deadline_for(timeout)
         limit = attempts if attempts is not None else max(self.settings.retry_attempts, 5)
+        policy = dataclasses.replace(core.retry_policy, attempts=limit)
         attempt = 1
         while True:
             try:
-                async with self._begin(isolation, readonly, deadline, resolve=True) as tx:
+                async with self._begin(isolation, readonly, deadline) as tx:
                     result = await fn(tx)
                 return result
             except Exception as exc:
                 kind = _tx_failure_kind(core, exc)
-                ctx = RetryContext(is_write=_is_write, idempotent=True, in_transaction=False)
-                if attempt >= limit:
-                    raise
+                ctx = RetryContext(is_write=_is_write, idempotent=True, in_transaction=True)
                 plan = core.plan_retry(
-                    exc, kind, ctx, attempt=attempt, deadline=deadline, operation="transaction"
+                    exc,
+                    kind,
+                    ctx,
+                    attempt=attempt,
+                    deadline=deadline,
+                    operation="transaction",
+                    policy=policy,
                 )
+                await self._after_failure(kind)
                 if plan is None:
                     raise
                 if isinstance(plan, BaseException):
                     raise plan from exc
-                await self._after_failure(kind)
                 await sleep(plan)
                 attempt += 1
 
     @asynccontextmanager
     async def _begin(
-        self, isolation: str | None, readonly: bool, deadline: float | None, *, resolve: bool
+        self, isolation: str | None, readonly: bool, deadline: float | None
     ) -> AsyncIterator[AsyncTransaction]:
         core = self._core
         if isolation not in _ISOLATION:
@@ -580,7 +588,7 @@ class AsyncDatabase:
             except BaseException:
                 await _rollback_quietly(conn)
                 raise
-            await self._commit(conn, resolve=resolve and self.settings.resolve_commits)
+            await self._commit(conn, readonly=readonly)
         finally:
             self._inflight -= 1
             self._watchdog.disarm(leak)
@@ -607,18 +615,20 @@ class AsyncDatabase:
                 plan = core.plan_retry(
                     exc, kind, ctx, attempt=attempt, deadline=deadline, operation="BEGIN"
                 )
+                await self._after_failure(kind)
                 if plan is None:
                     raise
                 if isinstance(plan, BaseException):
                     raise plan from exc
-                await self._after_failure(kind)
                 await sleep(plan)
                 attempt += 1
 
-    async def _commit(self, conn: PgwAsyncConnection, *, resolve: bool) -> None:
+    async def _commit(self, conn: PgwAsyncConnection, *, readonly: bool) -> None:
         """COMMIT; if the connection is lost meanwhile, resolve the outcome by txid."""
+        resolve = self.settings.resolve_commits and not readonly
         txid: int | None = None
         if resolve:
+            # NULL when the transaction wrote nothing: then there is nothing to resolve.
             cur = await conn.execute(b"SELECT txid_current_if_assigned()")
             row = await cur.fetchone()
             txid = None if row is None else next(iter(row.values()))
@@ -627,6 +637,8 @@ class AsyncDatabase:
         except psycopg.OperationalError as exc:
             if not conn.broken and not conn.closed:
                 raise  # a server-side commit failure (e.g. deferred constraint): not ambiguous
+            if readonly:
+                return  # a read-only transaction changed nothing; its fate does not matter
             await self._resolve_commit(exc, txid, resolve=resolve)
 
     async def _resolve_commit(

@@ -10,6 +10,7 @@ convertible by ``scripts/async_to_sync.py``: asyncio specifics belong in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -301,11 +302,11 @@ class Database:
                     plan = core.plan_retry(
                         exc, kind, ctx, attempt=attempt, deadline=deadline, operation="query"
                     )
+                    self._after_failure(kind)
                     if plan is None:
                         raise
                     if isinstance(plan, BaseException):
                         raise plan from exc
-                    self._after_failure(kind)
                     sleep(plan)
                     attempt += 1
                     continue
@@ -404,6 +405,8 @@ class Database:
         while True:
             left = end - monotonic()
             if left <= 0:
+                if deadline is not None and deadline <= end:
+                    raise core.deadline_error(core.last_connect_error, "acquire")
                 raise PoolTimeout(
                     f"no connection within {monotonic() - started:.2f}s"
                     + (
@@ -453,7 +456,7 @@ class Database:
         pool.putconn(conn)
 
     def _after_failure(self, kind: FailureKind) -> None:
-        """Housekeeping after a failed attempt, before the retry."""
+        """Housekeeping after a failed attempt, whether or not it is retried."""
         if kind in (FailureKind.STALE, FailureKind.LOST, FailureKind.LOST_COMMIT):
             # One broken connection usually means a restart or a failover:
             # check the idle ones now rather than fail on them one by one.
@@ -505,7 +508,7 @@ class Database:
         the whole body on conflicts and lost connections.
         """
         deadline = self._core.deadline_for(timeout)
-        with self._begin(isolation, readonly, deadline, resolve=False) as tx:
+        with self._begin(isolation, readonly, deadline) as tx:
             yield tx
 
     def run_transaction(
@@ -528,31 +531,36 @@ class Database:
         core = self._core
         deadline = core.deadline_for(timeout)
         limit = attempts if attempts is not None else max(self.settings.retry_attempts, 5)
+        policy = dataclasses.replace(core.retry_policy, attempts=limit)
         attempt = 1
         while True:
             try:
-                with self._begin(isolation, readonly, deadline, resolve=True) as tx:
+                with self._begin(isolation, readonly, deadline) as tx:
                     result = fn(tx)
                 return result
             except Exception as exc:
                 kind = _tx_failure_kind(core, exc)
-                ctx = RetryContext(is_write=_is_write, idempotent=True, in_transaction=False)
-                if attempt >= limit:
-                    raise
+                ctx = RetryContext(is_write=_is_write, idempotent=True, in_transaction=True)
                 plan = core.plan_retry(
-                    exc, kind, ctx, attempt=attempt, deadline=deadline, operation="transaction"
+                    exc,
+                    kind,
+                    ctx,
+                    attempt=attempt,
+                    deadline=deadline,
+                    operation="transaction",
+                    policy=policy,
                 )
+                self._after_failure(kind)
                 if plan is None:
                     raise
                 if isinstance(plan, BaseException):
                     raise plan from exc
-                self._after_failure(kind)
                 sleep(plan)
                 attempt += 1
 
     @contextmanager
     def _begin(
-        self, isolation: str | None, readonly: bool, deadline: float | None, *, resolve: bool
+        self, isolation: str | None, readonly: bool, deadline: float | None
     ) -> Iterator[Transaction]:
         core = self._core
         if isolation not in _ISOLATION:
@@ -580,7 +588,7 @@ class Database:
             except BaseException:
                 _rollback_quietly(conn)
                 raise
-            self._commit(conn, resolve=resolve and self.settings.resolve_commits)
+            self._commit(conn, readonly=readonly)
         finally:
             self._inflight -= 1
             self._watchdog.disarm(leak)
@@ -605,18 +613,20 @@ class Database:
                 plan = core.plan_retry(
                     exc, kind, ctx, attempt=attempt, deadline=deadline, operation="BEGIN"
                 )
+                self._after_failure(kind)
                 if plan is None:
                     raise
                 if isinstance(plan, BaseException):
                     raise plan from exc
-                self._after_failure(kind)
                 sleep(plan)
                 attempt += 1
 
-    def _commit(self, conn: PgwConnection, *, resolve: bool) -> None:
+    def _commit(self, conn: PgwConnection, *, readonly: bool) -> None:
         """COMMIT; if the connection is lost meanwhile, resolve the outcome by txid."""
+        resolve = self.settings.resolve_commits and not readonly
         txid: int | None = None
         if resolve:
+            # NULL when the transaction wrote nothing: then there is nothing to resolve.
             cur = conn.execute(b"SELECT txid_current_if_assigned()")
             row = cur.fetchone()
             txid = None if row is None else next(iter(row.values()))
@@ -625,6 +635,8 @@ class Database:
         except psycopg.OperationalError as exc:
             if not conn.broken and not conn.closed:
                 raise  # a server-side commit failure (e.g. deferred constraint): not ambiguous
+            if readonly:
+                return  # a read-only transaction changed nothing; its fate does not matter
             self._resolve_commit(exc, txid, resolve=resolve)
 
     def _resolve_commit(

@@ -16,6 +16,7 @@ pyproject.toml and covered by integration tests; see docs/decisions.md):
 
 from __future__ import annotations
 
+import logging
 from time import monotonic
 from typing import Any, Protocol
 
@@ -24,13 +25,29 @@ from psycopg.rows import DictRow
 from psycopg_pool import ConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 
-__all__ = ["PgwConnection", "PgwPool", "PoolObserver"]
+__all__ = ["CircuitOpen", "PgwConnection", "PgwPool", "PoolObserver"]
 
 
 class PgwConnection(Connection[DictRow]):
     """A psycopg connection that remembers when it was last used by pgwarden."""
 
     last_used: float = 0.0
+
+
+class CircuitOpen(OperationalError):
+    """Raised instead of connecting while the breaker is open (never reaches callers)."""
+
+
+class _HideCircuitOpen(logging.Filter):
+    """Drop psycopg_pool's per-attempt warning for our own `CircuitOpen` refusals:
+    the breaker already logged the outage once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not any(isinstance(arg, CircuitOpen) for arg in args)
+
+
+logging.getLogger("psycopg.pool").addFilter(_HideCircuitOpen())
 
 
 class PoolObserver(Protocol):
@@ -41,10 +58,14 @@ class PoolObserver(Protocol):
 
 
 class FastReconnect(AttemptWithBackoff):
-    """Reconnection backoff: 50 ms doubling to a 1 s cap (psycopg_pool: 1 s doubling)."""
+    """Reconnection backoff: 50 ms doubling to a 250 ms cap (psycopg_pool: 1 s doubling).
+
+    The cap bounds how late the pool notices a restarted server; the breaker,
+    not this backoff, protects a server that stays down.
+    """
 
     INITIAL_DELAY = 0.05
-    MAX_DELAY = 1.0
+    MAX_DELAY = 0.25
 
     def update_delay(self, now: float) -> None:
         super().update_delay(now)
@@ -63,7 +84,7 @@ class PgwPool(ConnectionPool[PgwConnection]):
         if not self._observer.may_connect():
             # The breaker is open: only its single probe may touch the server.
             # Failing here costs nothing and the pool retries on its backoff.
-            raise OperationalError("pgwarden: circuit open, not connecting")
+            raise CircuitOpen("pgwarden: circuit open, not connecting")
         started = monotonic()
         try:
             conn = super()._connect(timeout)

@@ -49,7 +49,10 @@ class Admission(enum.Enum):
 class CircuitBreaker:
     """Consecutive-failure circuit breaker with a single half-open probe.
 
-    ``threshold`` consecutive failures open it. It stays open for
+    ``threshold`` consecutive failures open it, provided the first of them is
+    at least ``min_outage`` seconds old: a burst of simultaneous failures (every
+    pooled connection noticing the same restart at once) is one blip, not an
+    outage, and callers with time left should wait it out. It stays open for
     ``cooldown`` seconds; each failed probe doubles that, up to
     ``max_cooldown``; a successful probe closes it and resets the cooldown.
     ``probe_timeout`` (default ``max(max_cooldown, cooldown)``) is how long an
@@ -63,12 +66,14 @@ class CircuitBreaker:
     __slots__ = (
         "_cooldown",
         "_failures",
+        "_first_failure_at",
         "_opened_at",
         "_probe_started_at",
         "_state",
         "_transitions",
         "base_cooldown",
         "max_cooldown",
+        "min_outage",
         "probe_timeout",
         "threshold",
     )
@@ -80,6 +85,7 @@ class CircuitBreaker:
         max_cooldown: float = 30.0,
         *,
         probe_timeout: float | None = None,
+        min_outage: float = 0.0,
     ) -> None:
         if threshold < 1:
             raise ValueError(f"threshold must be at least 1, got {threshold}")
@@ -87,6 +93,8 @@ class CircuitBreaker:
             raise ValueError(f"cooldown must be finite and >= 0, got {cooldown}")
         if not (max_cooldown >= cooldown and math.isfinite(max_cooldown)):
             raise ValueError(f"max_cooldown must be finite and >= cooldown, got {max_cooldown}")
+        if not (min_outage >= 0 and math.isfinite(min_outage)):
+            raise ValueError(f"min_outage must be finite and >= 0, got {min_outage}")
         if probe_timeout is None:
             probe_timeout = max(max_cooldown, cooldown)
         if not probe_timeout > 0:
@@ -95,6 +103,8 @@ class CircuitBreaker:
         self.base_cooldown = cooldown
         self.max_cooldown = max_cooldown
         self.probe_timeout = probe_timeout
+        self.min_outage = min_outage
+        self._first_failure_at = 0.0
         self._state = BreakerState.CLOSED
         self._failures = 0
         self._cooldown = cooldown
@@ -158,7 +168,12 @@ class CircuitBreaker:
         (threshold reached, or the probe failed), else ``None``."""
         if self._state is BreakerState.CLOSED:
             self._failures += 1
-            if self._failures >= self.threshold:
+            if self._failures == 1:
+                self._first_failure_at = now
+            if (
+                self._failures >= self.threshold
+                and now - self._first_failure_at >= self.min_outage
+            ):
                 self._opened_at = now
                 self._cooldown = self.base_cooldown
                 return self._move(BreakerState.OPEN)

@@ -278,10 +278,13 @@ _forked_away: list[subprocess.Popen[bytes]] = []
 
 
 def _after_fork_in_child() -> None:
-    global _lock
+    # The parent's servers are the parent's to close; the child starts afresh, with its
+    # own registry and (if it starts servers) its own watchdog.
+    global _lock, _owner_pid
     _lock = threading.RLock()
     _live.clear()
     _watchdog.after_fork_in_child()
+    _owner_pid = os.getpid()
 
 
 if hasattr(os, "register_at_fork"):

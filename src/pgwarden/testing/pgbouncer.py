@@ -93,6 +93,7 @@ class PgBouncerServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._proc_key: str | None = None
         self._closed = False
+        self._owner_pid = os.getpid()  # a forked child must not stop our processes
         self._version: str | None = None
 
     @property
@@ -239,6 +240,12 @@ class PgBouncerServer:
             if self._closed:
                 return
             self._closed = True
+            if os.getpid() != self._owner_pid:
+                # Inherited through fork: the process is the parent's child, not ours, to
+                # stop and wait for (marking it finished also silences Popen.__del__).
+                if self._proc is not None:
+                    self._proc.returncode = 0
+                return
             try:
                 self.stop(timeout=10)
             except Exception:

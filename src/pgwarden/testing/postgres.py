@@ -272,6 +272,7 @@ class PostgresServer:
         self._root_key: str | None = None
         self._password_set = False
         self._closed = False
+        self._owner_pid = os.getpid()  # a forked child must not stop our processes
         self._version: str | None = None
         #: Seconds spent in the phases of the last start: ``initdb`` (0.0 when the template
         #: was cached), ``copy`` (template to data directory), ``start`` (spawn until ready).
@@ -462,6 +463,12 @@ class PostgresServer:
             if self._closed:
                 return
             self._closed = True
+            if os.getpid() != self._owner_pid:
+                # Inherited through fork: the process is the parent's child, not ours, to
+                # stop and wait for (marking it finished also silences Popen.__del__).
+                if self._proc is not None:
+                    self._proc.returncode = 0
+                return
             try:
                 self.stop("fast", timeout=10)
             except Exception:
@@ -494,16 +501,14 @@ class PostgresServer:
 
     # -- admin helpers -----------------------------------------------------------------
 
-    def execute(
-        self, query: QueryNoTemplate, params: Params | None = None
-    ) -> list[tuple[Any, ...]]:
+    def execute(self, sql: QueryNoTemplate, params: Params | None = None) -> list[tuple[Any, ...]]:
         """Run one statement as superuser on a short-lived connection, in autocommit.
 
         Returns the rows (an empty list for statements without a result), so it can run
         ``CREATE DATABASE`` as well as queries.
         """
         with self._admin_connect() as conn:
-            cur = conn.execute(query, params)
+            cur = conn.execute(sql, params)
             return cur.fetchall() if cur.description is not None else []
 
     def terminate_backends(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 import threading
@@ -216,6 +217,7 @@ class FaultProxy:
         self._cut: tuple[bytes, str] | None = None
         self._flowing: asyncio.Event | None = None
         self._closed = False
+        self._owner_pid = os.getpid()  # a forked child must not stop our processes
 
     # -- public API --------------------------------------------------------------------
 
@@ -377,6 +379,8 @@ class FaultProxy:
             if self._closed:
                 return
             self._closed = True
+            if os.getpid() != self._owner_pid:
+                return  # inherited through fork: the parent closes it
             loop, thread = self._loop, self._thread
             if loop is not None and thread is not None:
                 with contextlib.suppress(Exception):

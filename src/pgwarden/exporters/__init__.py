@@ -1,0 +1,404 @@
+"""Exporters: what turns a handle's ``stats()`` into Prometheus, OpenTelemetry or JSON.
+
+This package imports only the standard library and pgwarden's pure core. The optional
+integrations live in their own modules and import their third-party library there and
+nowhere else, so ``import pgwarden`` (and ``import pgwarden.exporters``) never loads them:
+
+* :mod:`pgwarden.exporters.prometheus` (extra ``prometheus``): a collector, ``/metrics`` apps;
+* :mod:`pgwarden.exporters.otel` (extra ``otel``): OpenTelemetry instruments and spans.
+
+What lives here is shared by both and by :mod:`pgwarden.dashboard`:
+
+* :func:`stats_source` turns a handle, a callable or a dict into a zero-argument callable;
+* :func:`snapshot` is ``stats()`` plus cumulative histogram buckets, redacted, JSON-ready
+  (what ``/stats.json`` serves, and what a remote exporter can consume);
+* :func:`histograms_of` finds a handle's :class:`~pgwarden.core.histogram.Histogram` objects;
+* :func:`pool_name` is the bounded ``pool`` label of a handle;
+* the fixed label vocabularies (:data:`KINDS`, :data:`CLOSE_REASONS`, ...) and
+  :func:`bounded`, which maps any other value to ``"other"`` so that label cardinality stays
+  bounded whatever a custom tracker reports.
+
+Labels never carry SQL text, parameters, URLs or passwords: every label value is either drawn
+from a fixed vocabulary or is the pool name, which is redacted and truncated.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from pgwarden._redact import redact
+from pgwarden.core.breaker import BreakerState
+from pgwarden.core.classify import FailureKind
+from pgwarden.core.histogram import PROMETHEUS_BOUNDS, Histogram
+from pgwarden.core.lifecycle import State
+from pgwarden.core.metrics import CloseReason, MetricsTracker
+
+__all__ = [
+    "AMBIGUOUS_OUTCOMES",
+    "BREAKER_STATES",
+    "BUCKET_BOUNDS",
+    "CLOSE_REASONS",
+    "HISTOGRAMS",
+    "KINDS",
+    "MAX_ATTEMPT_LABEL",
+    "OTHER",
+    "STATES",
+    "StatsHandle",
+    "TeeTracker",
+    "attach_tracker",
+    "attempt_label",
+    "bounded",
+    "histograms_of",
+    "parse_buckets",
+    "password_of",
+    "pool_name",
+    "redact_tree",
+    "snapshot",
+    "stats_source",
+]
+
+#: The value a label takes when a tracker reports something outside its vocabulary.
+OTHER = "other"
+#: Failure kinds (``errors``, ``connect_failures`` and retry reasons).
+KINDS: tuple[str, ...] = tuple(k.value for k in FailureKind)
+#: Why a pooled connection was closed (``connections_closed``).
+CLOSE_REASONS: tuple[str, ...] = tuple(r.value for r in CloseReason)
+#: Lifecycle states (``state``).
+STATES: tuple[str, ...] = tuple(s.value for s in State)
+#: Circuit-breaker states (``breaker``).
+BREAKER_STATES: tuple[str, ...] = tuple(s.value for s in BreakerState)
+#: How a COMMIT whose connection was lost was resolved.
+AMBIGUOUS_OUTCOMES: tuple[str, ...] = ("committed", "aborted", "unknown")
+#: Retry attempt numbers above this share the label ``"<n>+"``.
+MAX_ATTEMPT_LABEL = 5
+#: The histograms of the metrics model, by their ``stats()`` key.
+HISTOGRAMS: tuple[str, ...] = (
+    "acquire_wait_seconds",
+    "query_duration_seconds",
+    "connection_setup_seconds",
+    "warmup_duration_seconds",
+)
+
+_POOL_NAME_MAX = 64
+
+
+@runtime_checkable
+class StatsHandle(Protocol):
+    """What the exporters need of a handle: :class:`pgwarden.AsyncDatabase` and
+    :class:`pgwarden.Database` both qualify."""
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+def bounded(value: object, vocabulary: Iterable[str]) -> str:
+    """``str(value)`` if it is in *vocabulary*, else :data:`OTHER`."""
+    text = str(getattr(value, "value", value))
+    return text if text in vocabulary else OTHER
+
+
+def attempt_label(attempt: object) -> str:
+    """A retry attempt number as a bounded label: ``"1"`` .. ``"4"``, then ``"5+"``."""
+    try:
+        n = int(str(attempt))
+    except ValueError:
+        return OTHER
+    if n < 1:
+        return OTHER
+    return str(n) if n < MAX_ATTEMPT_LABEL else f"{MAX_ATTEMPT_LABEL}+"
+
+
+def password_of(handle: object) -> str | None:
+    """The password in a handle's URL, to mask wherever it might be echoed (or None)."""
+    settings = getattr(handle, "settings", None)
+    url = getattr(settings, "url", None)
+    if not isinstance(url, str) or not url:
+        return None
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        value = conninfo_to_dict(url).get("password")
+    except Exception:
+        return None
+    return str(value) if value else None
+
+
+def pool_name(handle: object, name: str | None = None) -> str:
+    """The ``pool`` label: *name* if given, else the handle's ``application_name``.
+
+    Redacted and cut to 64 characters; ``"default"`` when nothing better is known.
+    """
+    if name is None:
+        settings = getattr(handle, "settings", None)
+        app = getattr(settings, "application_name", None)
+        name = app if isinstance(app, str) and app else "default"
+    text = redact(name, password_of(handle)).strip() or "default"
+    return text[:_POOL_NAME_MAX]
+
+
+def histograms_of(handle: object) -> Mapping[str, Histogram]:
+    """The live :class:`Histogram` objects behind a handle's ``stats()``, by key.
+
+    Looks at the handle's tracker (a ``StatsTracker``, or a composite/tee that holds one).
+    Returns ``{}`` when there is none (metrics off, or a source that is not a handle).
+    """
+    core = getattr(handle, "_core", None)
+    tracker = getattr(core, "tracker", None)
+    return _histograms_of_tracker(tracker, depth=0)
+
+
+def _histograms_of_tracker(tracker: object, depth: int) -> Mapping[str, Histogram]:
+    if tracker is None or depth > 4:
+        return {}
+    found = getattr(tracker, "histograms", None)
+    if isinstance(found, Mapping) and all(isinstance(h, Histogram) for h in found.values()):
+        return found
+    for attr in ("primary", "_primary"):
+        inner = getattr(tracker, attr, None)
+        if inner is not None:
+            got = _histograms_of_tracker(inner, depth + 1)
+            if got:
+                return got
+    children = getattr(tracker, "_children", None)
+    if isinstance(children, (list, tuple)):
+        for child in children:
+            got = _histograms_of_tracker(child, depth + 1)
+            if got:
+                return got
+    return {}
+
+
+def redact_tree(value: Any, *secrets: str | None) -> Any:
+    """A copy of a JSON-like tree with every string (keys too) passed through ``redact``."""
+    if isinstance(value, str):
+        return redact(value, *secrets)
+    if isinstance(value, Mapping):
+        return {redact(str(k), *secrets): redact_tree(v, *secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_tree(v, *secrets) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no inf/nan
+    return value
+
+
+def _buckets_json(h: Histogram) -> list[list[float | int | str]]:
+    return [["+Inf" if math.isinf(le) else le, n] for le, n in h.buckets()]
+
+
+def snapshot(handle: object, *, name: str | None = None) -> dict[str, Any]:
+    """``handle.stats()`` made ready to serve: redacted, JSON-safe, with bucket counts.
+
+    Adds ``ts`` (Unix time), ``name`` (the pool label, see :func:`pool_name`) and
+    ``buckets``: for each histogram, cumulative ``[le, count]`` pairs over
+    :data:`~pgwarden.core.histogram.PROMETHEUS_BOUNDS` and ``"+Inf"``.  A Prometheus
+    collector or the dashboard pointed at this dict (e.g. over HTTP) can then rebuild real
+    histograms and windowed percentiles.
+    """
+    stats = handle.stats() if isinstance(handle, StatsHandle) else {}
+    out: dict[str, Any] = redact_tree(stats, password_of(handle))
+    out["ts"] = time.time()
+    out["name"] = pool_name(handle, name)
+    hists = histograms_of(handle)
+    if hists:
+        out["buckets"] = {key: _buckets_json(h) for key, h in hists.items()}
+    return out
+
+
+def stats_source(source: object, *, name: str | None = None) -> Callable[[], dict[str, Any]]:
+    """Turn *source* into a zero-argument callable returning a :func:`snapshot`-shaped dict.
+
+    *source* is a handle (anything with ``stats()``), or a callable returning a stats dict
+    (optionally with ``buckets`` as :func:`snapshot` adds them), or a dict (served as is,
+    useful in tests).
+    """
+    if isinstance(source, StatsHandle):
+        handle = source
+        return lambda: snapshot(handle, name=name)
+    if callable(source):
+        fn: Callable[[], Any] = source
+
+        def call() -> dict[str, Any]:
+            got = fn()
+            if not isinstance(got, Mapping):
+                raise TypeError(f"stats source returned {type(got).__name__}, not a dict")
+            return dict(got)
+
+        return call
+    if isinstance(source, Mapping):
+        fixed = dict(source)
+        return lambda: dict(fixed)
+    raise TypeError(
+        "source must be a pgwarden handle, a callable returning a stats dict, or a dict; "
+        f"got {type(source).__name__}"
+    )
+
+
+def parse_buckets(raw: object) -> list[tuple[float, int]] | None:
+    """``[[le, count], ...]`` (``le`` may be ``"+Inf"``) as ``(float, int)`` pairs, or None."""
+    if not isinstance(raw, (list, tuple)) or not raw:
+        return None
+    out: list[tuple[float, int]] = []
+    try:
+        for le, n in raw:
+            out.append((math.inf if le in ("+Inf", "inf", "Infinity") else float(le), int(n)))
+    except (TypeError, ValueError):
+        return None
+    if out[-1][0] != math.inf:
+        return None
+    return out
+
+
+#: The export bounds, re-exported for exporters that want to advise bucket layouts.
+BUCKET_BOUNDS: tuple[float, ...] = PROMETHEUS_BOUNDS
+
+
+class TeeTracker:
+    """A tracker that reports to a *primary* tracker and to one *extra* tracker.
+
+    Unlike :class:`~pgwarden.core.metrics.CompositeTracker`, ``snapshot()`` and
+    ``histograms`` are the primary's, so ``db.stats()`` keeps its shape when an exporter
+    (OpenTelemetry histograms) is attached.  An exception from the extra tracker is swallowed:
+    an exporter must never fail a query.
+    """
+
+    __slots__ = ("extra", "primary")
+
+    def __init__(self, primary: MetricsTracker, extra: MetricsTracker) -> None:
+        self.primary = primary
+        self.extra = extra
+
+    @property
+    def histograms(self) -> Mapping[str, Histogram]:
+        return _histograms_of_tracker(self.primary, depth=0)
+
+    def query(self, duration: float) -> None:
+        self.primary.query(duration)
+        try:  # noqa: SIM105 - zero-cost try, unlike contextlib.suppress
+            self.extra.query(duration)
+        except Exception:  # noqa: S110 - an exporter must not fail a query
+            pass
+
+    def query_error(self, kind: str) -> None:
+        self.primary.query_error(kind)
+        try:  # noqa: SIM105
+            self.extra.query_error(kind)
+        except Exception:  # noqa: S110
+            pass
+
+    def acquire(self, wait: float) -> None:
+        self.primary.acquire(wait)
+        try:  # noqa: SIM105
+            self.extra.acquire(wait)
+        except Exception:  # noqa: S110
+            pass
+
+    def connection_opened(self, setup: float) -> None:
+        self.primary.connection_opened(setup)
+        try:  # noqa: SIM105
+            self.extra.connection_opened(setup)
+        except Exception:  # noqa: S110
+            pass
+
+    def connection_closed(self, reason: str) -> None:
+        self.primary.connection_closed(reason)
+        try:  # noqa: SIM105
+            self.extra.connection_closed(reason)
+        except Exception:  # noqa: S110
+            pass
+
+    def connect_failed(self, kind: str) -> None:
+        self.primary.connect_failed(kind)
+        try:  # noqa: SIM105
+            self.extra.connect_failed(kind)
+        except Exception:  # noqa: S110
+            pass
+
+    def warmup(self, duration: float, ok: bool) -> None:
+        self.primary.warmup(duration, ok)
+        try:  # noqa: SIM105
+            self.extra.warmup(duration, ok)
+        except Exception:  # noqa: S110
+            pass
+
+    def retry(self, reason: str, attempt: int) -> None:
+        self.primary.retry(reason, attempt)
+        try:  # noqa: SIM105
+            self.extra.retry(reason, attempt)
+        except Exception:  # noqa: S110
+            pass
+
+    def overload(self) -> None:
+        self.primary.overload()
+        try:  # noqa: SIM105
+            self.extra.overload()
+        except Exception:  # noqa: S110
+            pass
+
+    def breaker_transition(self, from_state: str, to_state: str) -> None:
+        self.primary.breaker_transition(from_state, to_state)
+        try:  # noqa: SIM105
+            self.extra.breaker_transition(from_state, to_state)
+        except Exception:  # noqa: S110
+            pass
+
+    def ambiguous_commit(self, outcome: str) -> None:
+        self.primary.ambiguous_commit(outcome)
+        try:  # noqa: SIM105
+            self.extra.ambiguous_commit(outcome)
+        except Exception:  # noqa: S110
+            pass
+
+    def health_check(self, ok: bool) -> None:
+        self.primary.health_check(ok)
+        try:  # noqa: SIM105
+            self.extra.health_check(ok)
+        except Exception:  # noqa: S110
+            pass
+
+    def slow_query(self) -> None:
+        self.primary.slow_query()
+        try:  # noqa: SIM105
+            self.extra.slow_query()
+        except Exception:  # noqa: S110
+            pass
+
+    def leaked_connection(self) -> None:
+        self.primary.leaked_connection()
+        try:  # noqa: SIM105
+            self.extra.leaked_connection()
+        except Exception:  # noqa: S110
+            pass
+
+    def limit_changed(self, new_limit: int) -> None:
+        self.primary.limit_changed(new_limit)
+        try:  # noqa: SIM105
+            self.extra.limit_changed(new_limit)
+        except Exception:  # noqa: S110
+            pass
+
+    def snapshot(self) -> dict[str, object]:
+        return self.primary.snapshot()
+
+
+def attach_tracker(handle: object, extra: MetricsTracker) -> Callable[[], None]:
+    """Make *handle* report every metrics event to *extra* as well; return ``detach()``.
+
+    The handle keeps its own tracker as the primary (``stats()`` is unchanged).  This reaches
+    into the handle's private ``_core.tracker``: it is the one place the exporters do so, until
+    the handle offers a public hook.  ``detach()`` restores the previous tracker if nothing
+    else replaced it meanwhile.
+    """
+    core = getattr(handle, "_core", None)
+    current = getattr(core, "tracker", None)
+    if core is None or not isinstance(current, MetricsTracker):
+        raise TypeError(f"{type(handle).__name__} has no metrics tracker to attach to")
+    tee = TeeTracker(current, extra)
+    core.tracker = tee
+
+    def detach() -> None:
+        if getattr(core, "tracker", None) is tee:
+            core.tracker = current
+
+    return detach

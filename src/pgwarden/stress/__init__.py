@@ -1,0 +1,25 @@
+"""``pgwarden stress``: fault scenarios that compare pgwarden with the clients it replaces.
+
+Every scenario runs the same workload with four clients in turn (pgwarden, psycopg_pool
+with its defaults, SQLAlchemy's QueuePool with ``pool_pre_ping=True``, and a naive
+connect-per-request client), each in real worker processes, while the harness injects a
+fault (a restart, killed backends, an overloaded server, a flaky network...). Writes carry
+unique ids, so duplicates and lost acknowledged writes are counted from the table itself.
+
+Modules:
+
+* :mod:`.worker`: the worker process (``python -m pgwarden.stress.worker CONFIG``). It
+  imports only the standard library until the start signal, so a cold start is real.
+* :mod:`.clients`: the four client adapters the worker drives.
+* :mod:`.scenarios`: scenario definitions, sizes and fault schedules.
+* :mod:`.harness`: servers, worker processes, the connection sampler, fault injection.
+* :mod:`.analysis`: turning request records into figures (pure).
+* :mod:`.report`: the terminal table, the JSON file and the HTML report.
+
+This package imports nothing at import time, so the worker starts as fast as Python can.
+See ``docs/stress.md``.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []
