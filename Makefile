@@ -21,16 +21,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
-# System packages: PgBouncer for the integration tests. Installed only when
-# missing and only when we can (root); otherwise the tests say what is missing.
+# System packages the integration tests need: PostgreSQL server binaries and
+# PgBouncer. Installed only when missing and only when we can (root); the
+# tests then say what is missing (skip locally, fail under CI=true).
+# No cluster is created on the standard port: the tests start their own.
 sysdeps:
-	@if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then \
+	@need=""; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need="$$need postgresql"; \
+	{ command -v pgbouncer || test -x /usr/sbin/pgbouncer; } >/dev/null 2>&1 || need="$$need pgbouncer"; \
+	if [ -n "$$need" ]; then \
 	  if [ "$$(id -u)" = "0" ]; then \
-	    echo "installing pgbouncer (apt-get)"; \
+	    echo "installing:$$need (apt-get)"; \
+	    mkdir -p /etc/postgresql-common; \
+	    grep -qs '^create_main_cluster' /etc/postgresql-common/createcluster.conf || \
+	      echo 'create_main_cluster = false' >> /etc/postgresql-common/createcluster.conf; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
 	  else \
-	    echo "pgbouncer is missing and we are not root: PgBouncer tests will skip (fail under CI=true)"; \
+	    echo "missing:$$need and not root: those tests will skip (fail under CI=true)"; \
 	  fi; \
 	fi
 

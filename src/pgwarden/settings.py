@@ -30,6 +30,8 @@ __all__ = ["PgBouncerMode", "Settings"]
 PgBouncerMode = Literal["auto", "on", "off"]
 
 ENV_PREFIX = "PGWARDEN_"
+# Variables of the test harness (pgwarden.testing), not settings of a handle.
+TEST_ENV_PREFIX = "PGWARDEN_TEST_"
 
 
 def _doc(default: Any, reason: str) -> Any:
@@ -214,13 +216,14 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
         """Build settings from ``PGWARDEN_*`` variables and ``DATABASE_URL``, then *overrides*.
 
-        Unknown ``PGWARDEN_*`` variables raise, so a typo is not silently ignored.
+        Unknown ``PGWARDEN_*`` variables raise, so a typo is not silently ignored
+        (``PGWARDEN_TEST_*`` belong to the test harness and are skipped).
         """
         env = os.environ if environ is None else environ
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, raw in env.items():
-            if not key.startswith(ENV_PREFIX):
+            if not key.startswith(ENV_PREFIX) or key.startswith(TEST_ENV_PREFIX):
                 continue
             name = key[len(ENV_PREFIX) :].lower()
             if name not in known:

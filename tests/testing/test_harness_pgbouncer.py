@@ -118,6 +118,6 @@ def test_missing_pgbouncer_is_unavailable(tmp_path: Path, monkeypatch: pytest.Mo
     server = PostgresServer()  # never started: nothing to clean up
     with pytest.raises(ServerUnavailable, match="PgBouncer"):
         PgBouncerServer(server, binary=tmp_path / "pgbouncer")
-    monkeypatch.setenv("PGWARDEN_PGBOUNCER", str(tmp_path / "pgbouncer"))
-    with pytest.raises(ServerUnavailable, match="PGWARDEN_PGBOUNCER"):
+    monkeypatch.setenv("PGWARDEN_TEST_PGBOUNCER", str(tmp_path / "pgbouncer"))
+    with pytest.raises(ServerUnavailable, match="PGWARDEN_TEST_PGBOUNCER"):
         PgBouncerServer(server)

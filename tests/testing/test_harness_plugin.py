@@ -73,6 +73,6 @@ def test_factory_servers_are_gone_after_the_test(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("ci", "outcome"), [("", "1 skipped"), ("true", "1 error")])
 def test_missing_server_skips_or_fails_under_ci(tmp_path: Path, ci: str, outcome: str) -> None:
-    result = run_inner(tmp_path, CI=ci, PGWARDEN_PG_BINDIR=str(tmp_path / "nowhere"))
+    result = run_inner(tmp_path, CI=ci, PGWARDEN_TEST_PG_BINDIR=str(tmp_path / "nowhere"))
     assert outcome in result.stdout, result.stdout + result.stderr
     assert (result.returncode == 0) == (ci == "")

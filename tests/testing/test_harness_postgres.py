@@ -162,8 +162,8 @@ def test_bad_setting_is_a_start_error_with_the_log(pg_server_factory: Factory) -
 def test_missing_binaries_are_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ServerUnavailable, match="initdb"):
         PostgresServer(bindir=tmp_path)
-    monkeypatch.setenv("PGWARDEN_PG_BINDIR", str(tmp_path / "missing"))
-    with pytest.raises(ServerUnavailable, match="PGWARDEN_PG_BINDIR"):
+    monkeypatch.setenv("PGWARDEN_TEST_PG_BINDIR", str(tmp_path / "missing"))
+    with pytest.raises(ServerUnavailable, match="PGWARDEN_TEST_PG_BINDIR"):
         PostgresServer()
 
 

@@ -213,6 +213,16 @@ CONNECT_TEXTS: list[tuple[str, FailureKind]] = [
     (LIBPQ + "ERROR:  no such user: app", K.PERMANENT),
     (LIBPQ + "ERROR:  unsupported startup parameter: options", K.PERMANENT),
     (LIBPQ + "ERROR:  SASL authentication failed", K.PERMANENT),
+    # PgBouncer 1.18, query_timeout below query_wait_timeout, server down: the login
+    # waited in the queue and never reached a server.
+    (LIBPQ + "FATAL:  query_timeout", K.OVERLOAD),
+    # libpq found no host that fits target_session_attrs (e.g. read-write while every
+    # host is a standby during a failover): nothing ran, try again later.
+    (LIBPQ + "session is read-only", K.NOTHING_RAN),
+    (LIBPQ + "session is not read-only", K.NOTHING_RAN),
+    (LIBPQ + "server is in hot standby mode", K.NOTHING_RAN),
+    (LIBPQ + "server is not in hot standby mode", K.NOTHING_RAN),
+    ('could not make a writable connection to server "10.0.0.5:5432"', K.NOTHING_RAN),
 ]
 
 
@@ -290,6 +300,23 @@ def test_pgbouncer_query_wait_timeout_is_overload_in_every_phase(phase: Phase) -
 def test_pgbouncer_query_timeout(phase: Phase) -> None:
     exc = psycopg.errors.lookup("08P01")("query timeout")
     assert classify(exc, phase) is TIMED_OUT[phase]
+
+
+@pytest.mark.parametrize("phase", ALL_PHASES)
+def test_pgbouncer_query_timeout_while_queued_is_overload(phase: Phase) -> None:
+    # "query_timeout" (underscore) goes only to clients still waiting for a server, so
+    # the query was never sent; "query timeout" (space) goes to one that was running.
+    exc = psycopg.errors.lookup("08P01")("query_timeout")
+    assert classify(exc, phase) is K.OVERLOAD
+
+
+def test_several_hosts_none_fits_target_session_attrs() -> None:
+    joined = (
+        LIBPQ + "session is read-only\nMultiple connection attempts failed. All failures were:\n"
+        "- host: 'a', port: '5432', hostaddr: '10.0.0.5': session is read-only\n"
+        "- host: 'b', port: '5432', hostaddr: '10.0.0.6': Connection refused"
+    )
+    assert classify(psycopg.OperationalError(joined), Phase.CONNECT) is K.NOTHING_RAN
 
 
 def test_pgbouncer_login_failing_during_a_statement_means_nothing_ran() -> None:

@@ -97,9 +97,16 @@ too many connections for                           OVERLOAD     server, 53300
 no more connections allowed                        OVERLOAD     PgBouncer max_client_conn
 query_wait_timeout                                 OVERLOAD     PgBouncer: waited for a
                                                                 server, never sent
+query_timeout (with the underscore)                OVERLOAD     PgBouncer: still queued
+                                                                at query_timeout, never
+                                                                sent (also at login)
 the database system is starting up / shutting      NOTHING_RAN  server, 57P03
 down / in recovery mode / not yet accepting
 connections / not accepting connections
+session is read-only / session is not read-only    NOTHING_RAN  libpq: no host fits
+/ server is in hot standby mode / server is not                 target_session_attrs
+in hot standby mode / could not make a writable                 (the last: libpq < 14)
+connection
 server login has been failing                      NOTHING_RAN  PgBouncer
 pgbouncer cannot connect to server                 NOTHING_RAN  PgBouncer
 client_login_timeout                               NOTHING_RAN  PgBouncer
@@ -111,7 +118,8 @@ could not translate host name / Name or service    NOTHING_RAN  libpq, DNS
 not known / Temporary failure in name resolution
 Network is unreachable / No route to host          NOTHING_RAN  libpq
 could not connect to server                        NOTHING_RAN  old libpq
-query timeout                                      timed out    PgBouncer query_timeout
+query timeout                                      timed out    PgBouncer query_timeout,
+                                                                query was running
 server closed the connection unexpectedly          broken       libpq
 SSL connection has been closed unexpectedly        broken       libpq
 SSL SYSCALL error / SSL error                      broken       libpq
@@ -275,11 +283,21 @@ _BY_TEXT: Final[tuple[tuple[str, _Verdict], ...]] = (
     ("too many connections for", _OVERLOAD),
     ("no more connections allowed", _OVERLOAD),
     ("query_wait_timeout", _OVERLOAD),
+    # PgBouncer's janitor says "query_timeout" (underscore) only to clients still in
+    # the wait queue; one that is running gets "query timeout" (space, below).
+    ("query_timeout", _OVERLOAD),
     ("the database system is starting up", _NOTHING_RAN),
     ("the database system is shutting down", _NOTHING_RAN),
     ("the database system is in recovery mode", _NOTHING_RAN),
     ("the database system is not yet accepting connections", _NOTHING_RAN),
     ("the database system is not accepting connections", _NOTHING_RAN),
+    # libpq rejected every host for target_session_attrs (e.g. read-write during a
+    # failover, before a standby is promoted): retry, as for a host that is down.
+    ("session is read-only", _NOTHING_RAN),
+    ("session is not read-only", _NOTHING_RAN),
+    ("server is in hot standby mode", _NOTHING_RAN),
+    ("server is not in hot standby mode", _NOTHING_RAN),
+    ("could not make a writable connection", _NOTHING_RAN),
     ("server login has been failing", _NOTHING_RAN),
     ("pgbouncer cannot connect to server", _NOTHING_RAN),
     ("client_login_timeout", _NOTHING_RAN),

@@ -2,13 +2,13 @@
 
 Environment variables read here (all optional):
 
-``PGWARDEN_PG_BINDIR``
+``PGWARDEN_TEST_PG_BINDIR``
     directory holding ``postgres`` and ``initdb``; overrides discovery.
-``PGWARDEN_PGBOUNCER``
+``PGWARDEN_TEST_PGBOUNCER``
     path of the ``pgbouncer`` executable; overrides discovery.
-``PGWARDEN_RUN_AS``
+``PGWARDEN_TEST_RUN_AS``
     system user that runs the servers when Python runs as root (default ``postgres``).
-``PGWARDEN_TMPDIR``
+``PGWARDEN_TEST_TMPDIR``
     where servers keep their data directories (default: ``/dev/shm`` when it is a
     shared tmpfs with at least 1 GiB free, else the temporary directory).
 """
@@ -43,7 +43,7 @@ __all__ = [
 
 _INSTALL_HINT = (
     "install PostgreSQL (Debian/Ubuntu: apt-get install postgresql), "
-    "or point PGWARDEN_PG_BINDIR at a directory holding postgres and initdb"
+    "or point PGWARDEN_TEST_PG_BINDIR at a directory holding postgres and initdb"
 )
 
 
@@ -71,24 +71,24 @@ def run_as_user() -> RunAs | None:
     """Return the user to run servers as, or None to run them as the current user.
 
     PostgreSQL and PgBouncer refuse to run as root, so as root this is the system user
-    named by ``PGWARDEN_RUN_AS`` (default ``postgres``). Raises :class:`ServerUnavailable`
+    named by ``PGWARDEN_TEST_RUN_AS`` (default ``postgres``). Raises :class:`ServerUnavailable`
     when that user does not exist.
     """
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return None
     import pwd
 
-    name = os.environ.get("PGWARDEN_RUN_AS") or "postgres"
+    name = os.environ.get("PGWARDEN_TEST_RUN_AS") or "postgres"
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
         raise ServerUnavailable(
             f"running as root, but PostgreSQL and PgBouncer refuse to run as root and the "
             f"system user {name!r} does not exist; create it (useradd --system {name}) or "
-            f"set PGWARDEN_RUN_AS to an existing unprivileged user"
+            f"set PGWARDEN_TEST_RUN_AS to an existing unprivileged user"
         ) from None
     if entry.pw_uid == 0:
-        raise ServerUnavailable(f"PGWARDEN_RUN_AS={name!r} is root; name an unprivileged user")
+        raise ServerUnavailable(f"PGWARDEN_TEST_RUN_AS={name!r} is root; name an unprivileged user")
     return RunAs(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
 
 
@@ -105,18 +105,18 @@ def _version_key(path: Path) -> tuple[int, ...]:
 def find_postgres_bindir(bindir: str | os.PathLike[str] | None = None) -> Path:
     """Return the directory holding ``postgres`` and ``initdb``.
 
-    Order: ``bindir`` if given, ``$PGWARDEN_PG_BINDIR``, ``pg_config --bindir``, the newest
+    Order: ``bindir`` if given, ``$PGWARDEN_TEST_PG_BINDIR``, ``pg_config --bindir``, the newest
     ``/usr/lib/postgresql/*/bin`` (Debian), ``/usr/pgsql-*/bin`` (RHEL), the directory of
     ``postgres`` on ``PATH``. Raises :class:`ServerUnavailable` if none has both binaries.
     """
     return _find_postgres_bindir(
-        None if bindir is None else os.fspath(bindir), os.environ.get("PGWARDEN_PG_BINDIR")
+        None if bindir is None else os.fspath(bindir), os.environ.get("PGWARDEN_TEST_PG_BINDIR")
     )
 
 
 @functools.lru_cache(maxsize=16)
 def _find_postgres_bindir(explicit: str | None, from_env: str | None) -> Path:
-    for given, origin in ((explicit, "bindir"), (from_env, "PGWARDEN_PG_BINDIR")):
+    for given, origin in ((explicit, "bindir"), (from_env, "PGWARDEN_TEST_PG_BINDIR")):
         if given:
             path = Path(given)
             if _has_server(path):
@@ -196,18 +196,18 @@ def _version_of(argv: list[str], pattern: str, run_as: RunAs | None) -> str:
 
 
 def find_pgbouncer(binary: str | os.PathLike[str] | None = None) -> Path:
-    """Return the ``pgbouncer`` executable: ``binary``, ``$PGWARDEN_PGBOUNCER``, ``PATH``,
+    """Return the ``pgbouncer`` executable: ``binary``, ``$PGWARDEN_TEST_PGBOUNCER``, ``PATH``,
     or ``/usr/sbin``. Raises :class:`ServerUnavailable` with install advice if missing."""
     hint = (
         "install PgBouncer (Debian/Ubuntu: apt-get install pgbouncer) "
-        "or point PGWARDEN_PGBOUNCER at the executable"
+        "or point PGWARDEN_TEST_PGBOUNCER at the executable"
     )
-    for given, origin in ((binary, "binary"), (os.environ.get("PGWARDEN_PGBOUNCER"), "env")):
+    for given, origin in ((binary, "binary"), (os.environ.get("PGWARDEN_TEST_PGBOUNCER"), "env")):
         if given:
             path = Path(given)
             if os.access(path, os.X_OK) and path.is_file():
                 return path
-            name = "PGWARDEN_PGBOUNCER" if origin == "env" else "binary"
+            name = "PGWARDEN_TEST_PGBOUNCER" if origin == "env" else "binary"
             raise ServerUnavailable(f"{name}={os.fspath(given)!r} is not an executable; {hint}")
     found = shutil.which("pgbouncer")
     if found is not None:
@@ -235,11 +235,11 @@ def is_linux() -> bool:
 def scratch_dir() -> str:
     """Return the directory under which servers keep their files.
 
-    ``$PGWARDEN_TMPDIR`` if set; else ``/dev/shm`` when it is a world-writable sticky
+    ``$PGWARDEN_TEST_TMPDIR`` if set; else ``/dev/shm`` when it is a world-writable sticky
     directory with at least 1 GiB free (RAM is several times faster than a disk to copy
     a data directory into); else :func:`tempfile.gettempdir`.
     """
-    configured = os.environ.get("PGWARDEN_TMPDIR")
+    configured = os.environ.get("PGWARDEN_TEST_TMPDIR")
     if configured:
         return configured
     shm = "/dev/shm"  # noqa: S108 (only ever used as mkdtemp's parent)
