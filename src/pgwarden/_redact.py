@@ -18,7 +18,7 @@ _URL_PASSWORD = re.compile(
     r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:@/\s]*):(?P<pw>[^@\s]*)@"
 )
 _KV_PASSWORD = re.compile(
-    r"(?P<key>\bpassword\s*=\s*)(?P<val>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE
+    r"(?P<key>(?<![?&])\bpassword\s*=\s*)(?P<val>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE
 )
 _QUERY_PASSWORD = re.compile(r"(?P<key>[?&]password=)(?P<val>[^&\s]+)", re.IGNORECASE)
 

@@ -721,6 +721,29 @@ class AsyncDatabase:
         )
 
     # --- health, stats, shutdown ---------------------------------------------------------------
+    async def health(self) -> dict[str, Any]:
+        """A health report (ok, state, breaker, latency, error, pool), from one real
+        round trip. Cached for ``health_interval`` and single-flight, so a busy
+        health endpoint costs the database at most one query per interval."""
+        cached = self._health_cache
+        if cached is not None and monotonic() - cached[0] < self.settings.health_interval:
+            return cached[1]
+        return await self._health_flight.run(self._check_health)
+
+    async def _check_health(self) -> dict[str, Any]:
+        started = monotonic()
+        error: BaseException | None = None
+        try:
+            await self.fetchval("SELECT 1", timeout=self.settings.connect_timeout)
+        except Exception as exc:
+            error = exc
+        pool = self._pool
+        report = self._core.health_report(
+            error is None, monotonic() - started, error, pool.get_stats() if pool else None
+        )
+        self._health_cache = (monotonic(), report)
+        return report
+
     def stats(self) -> dict[str, Any]:
         """A plain-dict snapshot of every gauge, counter and histogram."""
         pool = self._pool
