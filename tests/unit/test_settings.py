@@ -74,7 +74,8 @@ def test_secrets_never_printed() -> None:
 
 def test_settings_are_frozen_and_hashable() -> None:
     a, b = Settings(url=URL, max_size=3), Settings(url=URL, max_size=3)
-    assert a == b and hash(a) == hash(b)
+    assert a == b
+    assert hash(a) == hash(b)
     with pytest.raises(AttributeError):
         a.max_size = 4  # type: ignore[misc]
     assert a.replace(max_size=4).max_size == 4
@@ -96,5 +97,7 @@ def test_redaction_forms() -> None:
 
 def test_sanitize_sql_drops_literals() -> None:
     text = sanitize_sql("SELECT * FROM t WHERE token = 'abc''def' AND n = 42 AND $$x$$ = b")
-    assert "abc" not in text and "42" not in text and "x$$" not in text
+    assert "abc" not in text
+    assert "42" not in text
+    assert "x$$" not in text
     assert sanitize_sql("x" * 500, limit=50).endswith("…")
