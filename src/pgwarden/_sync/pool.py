@@ -16,14 +16,15 @@ pyproject.toml and covered by integration tests; see docs/decisions.md):
 
 from __future__ import annotations
 
-import logging
 from time import monotonic
-from typing import Any, Protocol
+from typing import Any
 
-from psycopg import Connection, OperationalError
+from psycopg import Connection
 from psycopg.rows import DictRow
 from psycopg_pool import ConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
+
+from pgwarden._pool_base import CircuitOpen, FastReconnect, PoolObserver
 
 __all__ = ["CircuitOpen", "PgwConnection", "PgwPool", "PoolObserver"]
 
@@ -32,44 +33,6 @@ class PgwConnection(Connection[DictRow]):
     """A psycopg connection that remembers when it was last used by pgwarden."""
 
     last_used: float = 0.0
-
-
-class CircuitOpen(OperationalError):
-    """Raised instead of connecting while the breaker is open (never reaches callers)."""
-
-
-class _HideCircuitOpen(logging.Filter):
-    """Drop psycopg_pool's per-attempt warning for our own `CircuitOpen` refusals:
-    the breaker already logged the outage once."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args if isinstance(record.args, tuple) else ()
-        return not any(isinstance(arg, CircuitOpen) for arg in args)
-
-
-logging.getLogger("psycopg.pool").addFilter(_HideCircuitOpen())
-
-
-class PoolObserver(Protocol):
-    def on_connect_ok(self, setup_seconds: float) -> None: ...
-    def on_connect_failed(self, exc: BaseException) -> Any: ...
-    def on_connection_closed(self, reason: str) -> None: ...
-    def may_connect(self) -> bool: ...
-
-
-class FastReconnect(AttemptWithBackoff):
-    """Reconnection backoff: 50 ms doubling to a 250 ms cap (psycopg_pool: 1 s doubling).
-
-    The cap bounds how late the pool notices a restarted server; the breaker,
-    not this backoff, protects a server that stays down.
-    """
-
-    INITIAL_DELAY = 0.05
-    MAX_DELAY = 0.25
-
-    def update_delay(self, now: float) -> None:
-        super().update_delay(now)
-        self.delay = min(self.delay, self.MAX_DELAY)
 
 
 class PgwPool(ConnectionPool[PgwConnection]):
