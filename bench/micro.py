@@ -136,6 +136,45 @@ def async_throughput(url: str, tasks: int, per_task: int) -> dict[str, float]:
     return asyncio.run(main())
 
 
+def transaction_costs(url: str, n: int) -> dict[str, float]:
+    """What commit resolution and deadlines cost per call (pgwarden against itself)."""
+    with ExitStack() as stack:
+        on = stack.enter_context(Database(Settings(url=url, max_size=2, application_name="a")))
+        off = stack.enter_context(
+            Database(Settings(url=url, max_size=2, resolve_commits=False, application_name="b"))
+        )
+        on.execute("CREATE TABLE IF NOT EXISTS bench_tx (id int)")
+
+        def body(tx: Any) -> None:
+            tx.execute("INSERT INTO bench_tx VALUES (1)")
+
+        def timed(fn: Callable[[], object]) -> Callable[[], float]:
+            def run() -> float:
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                return (time.perf_counter() - t0) / n
+
+            return run
+
+        resolve, plain, resolve_ratio = best_ratio(
+            timed(lambda: on.run_transaction(body)), timed(lambda: off.run_transaction(body))
+        )
+        with_deadline, without, deadline_ratio = best_ratio(
+            timed(lambda: on.fetchval("SELECT 1", timeout=5.0)),
+            timed(lambda: on.fetchval("SELECT 1")),
+        )
+        on.execute("DROP TABLE bench_tx")
+    return {
+        "tx_resolve_us": resolve * 1e6,
+        "tx_no_resolve_us": plain * 1e6,
+        "resolve_ratio": resolve_ratio,
+        "fetchval_deadline_us": with_deadline * 1e6,
+        "fetchval_no_deadline_us": without * 1e6,
+        "deadline_ratio": deadline_ratio,
+    }
+
+
 def _run_python(code: str, env: dict[str, str]) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
@@ -261,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             ("async throughput, 16 tasks", lambda: async_throughput(url, 16, args.n // 4)),
             ("cold start (fresh interpreter)", lambda: cold_start(url, 9)),
             ("readiness, 200 cold callers", lambda: readiness_200(url, 10)),
+            ("costs: commit resolution, deadlines", lambda: transaction_costs(url, args.n // 4)),
         ]
         for name, step in steps:
             print(f"running: {name}...", file=sys.stderr, flush=True)
@@ -288,6 +328,7 @@ TARGETS = {
     "async throughput, 16 tasks": "ratio >= 0.95",
     "cold start (fresh interpreter)": "ratio <= 1.15; import adds <= 20 ms over psycopg",
     "readiness, 200 cold callers": "ratio <= 2.0; opened <= max_size",
+    "costs: commit resolution, deadlines": "measured and documented (no target)",
 }
 
 

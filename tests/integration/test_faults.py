@@ -375,3 +375,20 @@ def test_failover_to_read_only_drains_the_pool(pg_server_factory: Any) -> None:
     stats = asyncio.run(main())
     assert stats["counters"]["errors"]["failover"] >= 1
     assert stats["counters"]["retries"]["by_reason"].get("failover", 0) >= 1
+
+
+def test_deadline_tightens_statement_timeout_on_the_server(pg_server: Any) -> None:
+    async def main() -> tuple[float, BaseException | None]:
+        async with make(pg_server.url) as db:
+            await db.ready()
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded) as info:
+                await db.fetchval("SELECT pg_sleep(5)", timeout=0.5)
+            elapsed = time.monotonic() - started
+            # The session carries no leftover timeout (it was transaction-local).
+            assert await db.fetchval("SHOW statement_timeout") == "0"
+            return elapsed, info.value.last_error
+
+    elapsed, last_error = asyncio.run(main())
+    assert 0.45 <= elapsed < 1.5
+    assert isinstance(last_error, psycopg.errors.QueryCanceled)

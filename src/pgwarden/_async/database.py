@@ -336,11 +336,16 @@ class AsyncDatabase:
         token = self._watchdog.arm(deadline + SEVER_GRACE, sever, conn.fileno())
         try:
             ms = statement_timeout_ms(deadline - monotonic())
-            async with conn.transaction():
+            cur = conn.cursor(row_factory=tuple_row) if mode == _VALUE else conn.cursor()
+            # One pipelined round trip: a transaction-local timeout leaves no
+            # session state behind (safe behind PgBouncer). If the statement
+            # fails the COMMIT is skipped and the pool rolls the connection back.
+            async with conn.pipeline():
+                await conn.execute(b"BEGIN")
                 await conn.execute(_SET_TIMEOUT, (str(ms),))
-                cur = conn.cursor(row_factory=tuple_row) if mode == _VALUE else conn.cursor()
                 await cur.execute(query, params)
-                return await _result(cur, mode)
+                await conn.execute(b"COMMIT")
+            return await _result(cur, mode)
         finally:
             self._watchdog.disarm(token)
 

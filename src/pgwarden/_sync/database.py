@@ -338,11 +338,16 @@ class Database:
         token = self._watchdog.arm(deadline + SEVER_GRACE, sever, conn.fileno())
         try:
             ms = statement_timeout_ms(deadline - monotonic())
-            with conn.transaction():
+            cur = conn.cursor(row_factory=tuple_row) if mode == _VALUE else conn.cursor()
+            # One pipelined round trip: a transaction-local timeout leaves no
+            # session state behind (safe behind PgBouncer). If the statement
+            # fails the COMMIT is skipped and the pool rolls the connection back.
+            with conn.pipeline():
+                conn.execute(b"BEGIN")
                 conn.execute(_SET_TIMEOUT, (str(ms),))
-                cur = conn.cursor(row_factory=tuple_row) if mode == _VALUE else conn.cursor()
                 cur.execute(query, params)
-                return _result(cur, mode)
+                conn.execute(b"COMMIT")
+            return _result(cur, mode)
         finally:
             self._watchdog.disarm(token)
 

@@ -33,6 +33,14 @@ COMMANDS: dict[str, Command] = {
         "pgwarden.cli.check",
         "connect once; report version, latency, limits, PgBouncer, TLS, risky settings",
     ),
+    "dashboard": Command(
+        "pgwarden.cli.dashboard",
+        "serve a live dashboard for a database or a running app's stats endpoint",
+    ),
+    "stress": Command(
+        "pgwarden.cli.stress",
+        "fault scenarios: pgwarden vs psycopg_pool, SQLAlchemy and naive; JSON + HTML report",
+    ),
 }
 
 

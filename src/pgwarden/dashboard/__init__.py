@@ -12,7 +12,10 @@ Routes, relative to wherever it is mounted:
   second, the breaker and lifecycle state, counters, and recent events;
 * ``/stats.json``: ``{"ts", "name", "source", "stats", "events", "error"}``, where ``stats`` is
   :func:`pgwarden.exporters.snapshot` (``db.stats()`` plus histogram buckets) and ``events``
-  the last 50 structured events from the ``pgwarden`` logger;
+  the last 50 structured events from the ``pgwarden`` logger; with ``?history=1`` also
+  ``history``, up to five minutes of compact one-second samples, so a page opened late starts
+  with full charts (sampled in the background once the ASGI lifespan starts, or by
+  :meth:`DashboardApp.start_sampling`; otherwise while a page polls);
 * ``/events.json?since=N``: buffered events with a sequence number above N.
 
 *source* is a handle (``AsyncDatabase`` or ``Database``), a callable returning a stats dict
@@ -28,6 +31,8 @@ source uses a worker thread from the running asyncio loop.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import inspect
 import json
 import time
@@ -56,6 +61,11 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 EVENTS_PER_RESPONSE = 50
 #: Seconds to wait for a URL source.
 FETCH_TIMEOUT = 2.0
+#: Samples of history kept server-side (one a second: five minutes), sent on page load.
+HISTORY = 300
+#: Minimum seconds between two history samples.
+SAMPLE_SPACING = 0.9
+_HISTORY_HISTOGRAMS = ("query_duration_seconds", "acquire_wait_seconds")
 
 _CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -108,10 +118,44 @@ class DashboardApp:
         self.buffer = EventBuffer(events, secrets=self._secrets)
         if capture_events:
             self.buffer.install()
+        self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
+        self._last_sample = 0.0
+        self._sampler: asyncio.Task[None] | None = None
 
     def close(self) -> None:
-        """Detach the event buffer from the ``pgwarden`` logger."""
+        """Stop sampling and detach the event buffer from the ``pgwarden`` logger."""
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
         self.buffer.uninstall()
+
+    # --- history -----------------------------------------------------------------------------
+    def _remember(self, payload: Mapping[str, Any]) -> None:
+        """Keep a compact copy of *payload* in :attr:`history` (at most one per 0.9 s)."""
+        stats = payload.get("stats")
+        ts = float(payload.get("ts") or 0.0)
+        if not isinstance(stats, Mapping) or ts - self._last_sample < SAMPLE_SPACING:
+            return
+        self._last_sample = ts
+        self.history.append({"ts": ts, "stats": _compact(stats)})
+
+    async def sample(self) -> None:
+        """Read the source once into :attr:`history` (the background sampler's step)."""
+        self._remember(await self.payload())
+
+    def start_sampling(self, interval: float = 1.0) -> asyncio.Task[None]:
+        """Sample every *interval* seconds in the running loop, so a page opened later shows
+        the last five minutes at once.  Started by the ASGI lifespan startup and by
+        ``pgwarden dashboard``; without it, history accrues only while a page polls."""
+        if self._sampler is None or self._sampler.done():
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_forever(interval))
+        return self._sampler
+
+    async def _sample_forever(self, interval: float) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.sample()
+            await asyncio.sleep(interval)
 
     # --- data --------------------------------------------------------------------------------
     async def payload(self) -> dict[str, Any]:
@@ -162,6 +206,7 @@ class DashboardApp:
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
+                    self.start_sampling()
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     self.close()
@@ -194,7 +239,12 @@ class DashboardApp:
             )
             return
         if path == "/stats.json":
-            body = json.dumps(await self.payload(), separators=(",", ":")).encode()
+            payload = await self.payload()
+            self._remember(payload)
+            query = urllib.parse.parse_qs(bytes(scope.get("query_string", b"")).decode())
+            if query.get("history", ["0"])[0] not in ("", "0"):
+                payload["history"] = list(self.history)
+            body = json.dumps(payload, separators=(",", ":")).encode()
             await _respond(send, 200, body, "application/json")
             return
         if path == "/events.json":
@@ -207,6 +257,32 @@ class DashboardApp:
             await _respond(send, 200, json.dumps(events).encode(), "application/json")
             return
         await _respond(send, 404, b"not found\n", "text/plain")
+
+
+def _sub(parent: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = parent.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _compact(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a stats dict that the page's charts need, for :attr:`DashboardApp.history`."""
+    pool = _sub(stats, "pool")
+    counters = _sub(stats, "counters")
+    buckets = _sub(stats, "buckets")
+    hists = _sub(stats, "histograms")
+    out: dict[str, Any] = {
+        "pool": {k: pool.get(k) for k in ("in_use", "idle", "waiting", "max_size")},
+        "counters": {
+            "queries": counters.get("queries"),
+            "errors": counters.get("errors"),
+            "retries": {"total": _sub(counters, "retries").get("total")},
+            "overload_events": counters.get("overload_events"),
+        },
+        "histograms": {k: hists[k] for k in _HISTORY_HISTOGRAMS if k in hists},
+    }
+    if buckets:
+        out["buckets"] = {k: buckets[k] for k in _HISTORY_HISTOGRAMS if k in buckets}
+    return out
 
 
 async def _respond(

@@ -99,7 +99,7 @@ footer { color: var(--muted); font-size: 11px; padding: 0 20px 14px; }
 </header>
 <main>
   <section class="tiles">
-    <div class="tile"><div class="k">Connections in use</div>
+    <div class="tile"><div class="k">In use / max</div>
       <div class="v" id="v-in-use">&ndash;</div><div class="s" id="v-in-use-sub">&nbsp;</div></div>
     <div class="tile"><div class="k">Waiting</div>
       <div class="v" id="v-waiting">&ndash;</div><div class="s">callers queued</div></div>
@@ -107,10 +107,10 @@ footer { color: var(--muted); font-size: 11px; padding: 0 20px 14px; }
       <div class="v" id="v-util">&ndash;</div><div class="s" id="v-limit">&nbsp;</div></div>
     <div class="tile"><div class="k">Queries / s</div>
       <div class="v" id="v-qps">&ndash;</div><div class="s" id="v-queries">&nbsp;</div></div>
-    <div class="tile"><div class="k">Query p99</div>
+    <div class="tile"><div class="k">Query p99 (10 s)</div>
       <div class="v" id="v-p99">&ndash;</div><div class="s" id="v-p50">&nbsp;</div></div>
-    <div class="tile"><div class="k">Acquire wait p99</div>
-      <div class="v" id="v-ap99">&ndash;</div><div class="s">last 10 s</div></div>
+    <div class="tile"><div class="k">Acquire p99 (10 s)</div>
+      <div class="v" id="v-ap99">&ndash;</div><div class="s" id="v-ap50">&nbsp;</div></div>
     <div class="tile"><div class="k">Errors / s</div>
       <div class="v" id="v-eps">&ndash;</div><div class="s" id="v-errors">&nbsp;</div></div>
     <div class="tile"><div class="k">Retries / s</div>
@@ -203,9 +203,13 @@ function windowed(key, q, stats) {
   return quantile(q, delta);
 }
 
+// Fold one sample into the history.  A point is added only when at least 0.9 s passed
+// since the previous one, so fast or repeated polls cannot make the rates noisy.
 function record(payload) {
   const st = payload.stats || {};
   const ts = num(payload.ts || st.ts) || Date.now() / 1000;
+  const lastP = S.points[S.points.length - 1];
+  if (lastP && ts - lastP.ts < 0.9) return st;
   const c = st.counters || {};
   const pool = st.pool || {};
   S.snaps.push({ ts: ts, buckets: st.buckets || null });
@@ -218,7 +222,7 @@ function record(payload) {
     waiting: num(pool.waiting), max: num(pool.max_size), qps: null, eps: null, rps: null,
     ops: null };
   const prev = S.prev;
-  if (prev && ts > prev.ts) {
+  if (prev && ts > prev.ts && ts - prev.ts < 30) {
     const dt = ts - prev.ts;
     p.qps = Math.max(0, (cur.queries - prev.queries) / dt);
     p.eps = Math.max(0, (cur.errors - prev.errors) / dt);
@@ -232,7 +236,7 @@ function record(payload) {
     p[k + "99"] = windowed(h, 0.99, st);
   }
   S.points.push(p);
-  if (S.points.length > HISTORY) S.points.shift();
+  while (S.points.length && S.points[0].ts < ts - HISTORY) S.points.shift();
   return st;
 }
 
@@ -244,11 +248,14 @@ function esc(text) {
 function niceMax(v) {
   if (!(v > 0)) return 1;
   const p = Math.pow(10, Math.floor(Math.log10(v)));
-  for (const m of [1, 2, 2.5, 5, 10]) { if (v <= m * p) return m * p; }
+  for (const m of [1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10]) {
+    if (v <= m * p + 1e-12) return m * p;
+  }
   return 10 * p;
 }
 
-// One chart: SVG paths per series over the last HISTORY points, right-aligned.
+// One chart: an SVG path per series, x by sample time (the newest at the right edge),
+// spanning the history held, at least 60 s and at most HISTORY seconds.
 function chart(id, series, fmt, minMax) {
   const svg = $(id);
   const W = 600, H = 190, L = 58, R = 8, T = 8, B = 20;
@@ -258,7 +265,10 @@ function chart(id, series, fmt, minMax) {
     for (const p of pts) { const v = p[s.key]; if (v !== null && v > top) top = v; }
   }
   top = niceMax(top * 1.05);
-  const x = (i) => L + ((HISTORY - pts.length + i) / (HISTORY - 1)) * (W - L - R);
+  const newest = pts.length ? pts[pts.length - 1].ts : 0;
+  const oldest = pts.length ? pts[0].ts : 0;
+  const span = Math.min(HISTORY, Math.max(60, Math.ceil((newest - oldest) / 30) * 30));
+  const x = (p) => L + (1 - (newest - p.ts) / span) * (W - L - R);
   const y = (v) => T + (1 - v / top) * (H - T - B);
   let out = "";
   for (let g = 0; g <= 4; g++) {
@@ -267,7 +277,6 @@ function chart(id, series, fmt, minMax) {
       '" y2="' + yy + '"/><text x="' + (L - 6) + '" y="' + (Number(yy) + 3) +
       '" text-anchor="end">' + esc(fmt(v)) + "</text>";
   }
-  const span = HISTORY;
   for (const [frac, label] of [[0, "-" + span + "s"], [0.5, "-" + span / 2 + "s"],
                                [1, "now"]]) {
     out += '<text x="' + (L + frac * (W - L - R)) + '" y="' + (H - 5) + '" text-anchor="' +
@@ -275,14 +284,14 @@ function chart(id, series, fmt, minMax) {
   }
   for (const s of series) {
     let d = "", n = 0, pen = false, first = null, last = null;
-    pts.forEach((p, i) => {
+    for (const p of pts) {
       const v = p[s.key];
-      if (v === null || v === undefined || !Number.isFinite(v)) { pen = false; return; }
-      const px = x(i).toFixed(1), py = y(v).toFixed(1);
+      if (v === null || v === undefined || !Number.isFinite(v)) { pen = false; continue; }
+      const px = x(p).toFixed(1), py = y(v).toFixed(1);
       d += (pen ? "L" : "M") + px + " " + py + " ";
       if (first === null) first = px;
       last = px; pen = true; n++;
-    });
+    }
     if (s.area && n > 1) {
       out += '<path class="area" fill="' + s.color + '" d="' + d + "L" + last + " " +
         y(0).toFixed(1) + " L" + first + " " + y(0).toFixed(1) + ' Z"/>';
@@ -362,9 +371,12 @@ function events(list) {
 }
 
 function render(payload) {
+  if (Array.isArray(payload.history)) {
+    for (const h of payload.history) record(h);
+  }
   const st = record(payload);
   const pool = st.pool || {};
-  const last = S.points[S.points.length - 1];
+  const last = S.points[S.points.length - 1] || {};
   $("v-name").textContent = payload.name || st.name || "";
   const state = String(st.state || "unknown");
   pill("v-state", state, state === "ready" ? "ok" :
@@ -383,8 +395,9 @@ function render(payload) {
   $("v-qps").textContent = fmtRate(last.qps);
   $("v-queries").textContent = fmtInt(c.queries) + " total";
   $("v-p99").textContent = fmtDur(last.q99);
-  $("v-p50").textContent = "p50 " + fmtDur(last.q50) + " \\u00b7 p95 " + fmtDur(last.q95);
+  $("v-p50").textContent = "p50 " + fmtDur(last.q50) + ", p95 " + fmtDur(last.q95);
   $("v-ap99").textContent = fmtDur(last.a99);
+  $("v-ap50").textContent = "p50 " + fmtDur(last.a50);
   $("v-eps").textContent = fmtRate(last.eps);
   $("v-errors").textContent = fmtInt(total(c.errors)) + " total";
   $("v-rps").textContent = fmtRate(last.rps);
@@ -417,7 +430,8 @@ function render(payload) {
 
 async function refresh() {
   try {
-    const res = await fetch("stats.json", { cache: "no-store" });
+    const res = await fetch(S.refreshes ? "stats.json" : "stats.json?history=1",
+      { cache: "no-store" });
     if (!res.ok) throw new Error("HTTP " + res.status);
     const payload = await res.json();
     if (payload.error) throw new Error(payload.error);

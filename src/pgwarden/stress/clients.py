@@ -294,6 +294,7 @@ _PGWARDEN_KINDS = {
     "HandleClosed": "handle_closed",
 }
 
+
 def _unwrap(exc: BaseException) -> BaseException:
     module = type(exc).__module__
     if module.startswith("sqlalchemy"):

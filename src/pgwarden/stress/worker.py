@@ -157,7 +157,9 @@ class _Worker:
         rec = self.rec
         with rec.lock:
             self.inflight[index] = None
-            rec.records.append([round(started, 6), round(latency, 6), "w" if is_write else "r", kind])
+            rec.records.append(
+                [round(started, 6), round(latency, 6), "w" if is_write else "r", kind]
+            )
             if kind in ("ok", "late"):
                 rec.ok += 1
                 if kind == "ok" and rec.first_ok is None:

@@ -1,0 +1,524 @@
+"""The stress report: a terminal table per scenario, a JSON file, a self-contained HTML page.
+
+The HTML page has no script and loads nothing: its charts are inline SVG drawn here, so it
+opens offline and from a mail attachment alike.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "format_scenario",
+    "format_summary",
+    "invariant_failures",
+    "render_html",
+    "write_html",
+    "write_json",
+]
+
+COLUMNS = (
+    ("client", "<"),
+    ("reqs", ">"),
+    ("success", ">"),
+    ("fail-left", ">"),
+    ("p50", ">"),
+    ("p95", ">"),
+    ("p99", ">"),
+    ("max", ">"),
+    ("conns", ">"),
+    ("recovery", ">"),
+    ("dups", ">"),
+    ("lost", ">"),
+    ("errors", "<"),
+)
+
+CLIENT_COLORS = {
+    "pgwarden": "#2563eb",
+    "psycopg_pool": "#d97706",
+    "sqlalchemy": "#7c3aed",
+    "naive": "#059669",
+}
+_KIND_COLORS = {"ok": "#16a34a", "late": "#f59e0b", "hung": "#7f1d1d"}
+_FAIL = "#dc2626"
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting helpers
+
+
+def fmt_ms(ms: float | None) -> str:
+    """``0.8ms``, ``12ms``, ``1.25s``; ``-`` for None."""
+    if ms is None:
+        return "-"
+    if ms < 10:
+        return f"{ms:.1f}ms"
+    if ms < 1000:
+        return f"{ms:.0f}ms"
+    return f"{ms / 1000:.2f}s"
+
+
+def fmt_recovery(result: dict[str, Any]) -> str:
+    if not result.get("recoveries"):
+        return "-"
+    if result.get("unrecovered_faults"):
+        return "never"
+    return fmt_ms(float(result["recovery_s"]) * 1000)
+
+
+def fmt_errors(errors: dict[str, int], limit: int = 4) -> str:
+    if not errors:
+        return "-"
+    items = list(errors.items())
+    text = ", ".join(f"{kind} {n}" for kind, n in items[:limit])
+    if len(items) > limit:
+        text += f", +{len(items) - limit} more"
+    return text
+
+
+def _row(client: str, r: dict[str, Any]) -> list[str]:
+    lat = r["latency_ms"]
+    pct = r["success_pct"]
+    return [
+        client,
+        str(r["requests"]),
+        "-" if pct is None else f"{pct:.1f}%",
+        str(r["failed_with_deadline_left"]),
+        fmt_ms(lat["p50"]),
+        fmt_ms(lat["p95"]),
+        fmt_ms(lat["p99"]),
+        fmt_ms(lat["max"]),
+        "-" if r["peak_server_connections"] is None else str(r["peak_server_connections"]),
+        fmt_recovery(r),
+        str(r["duplicates"]),
+        str(r["lost_writes"]),
+        fmt_errors(r["errors"]),
+    ]
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    header = [name for name, _ in COLUMNS]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(COLUMNS))]
+    lines = []
+    for row in [header, *rows]:
+        cells = []
+        for i, (_, align) in enumerate(COLUMNS):
+            cell = str(row[i])
+            last = i == len(COLUMNS) - 1
+            cells.append(cell if last else f"{cell:{align}{widths[i]}}")
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def describe_params(entry: dict[str, Any]) -> str:
+    p = entry["params"]
+    parts = [
+        f"{p['processes']} processes x {p['threads']} threads",
+        f"pool {p['pool_size']}",
+        f"deadline {p['deadline_s']:g}s",
+    ]
+    settings = p.get("server_settings") or {}
+    if settings:
+        parts.append(", ".join(f"{k}={v}" for k, v in settings.items()))
+    if p["faults"]:
+        faults = [f"{f['label']} @{f['at']:g}s" for f in p["faults"][:4]]
+        more = len(p["faults"]) - 4
+        parts.append("faults: " + "; ".join(faults) + (f"; +{more} more" if more > 0 else ""))
+    return ", ".join(parts)
+
+
+def format_scenario(entry: dict[str, Any]) -> str:
+    """The terminal table (and notes) of one scenario."""
+    title = f"{entry['name']}: {entry['title']}"
+    if entry.get("skipped"):
+        return f"== {title}: SKIPPED: {entry['skipped']}"
+    lines = [f"== {title}", f"   {describe_params(entry)}"]
+    if entry.get("target"):
+        lines.append(f"   target: {entry['target']}")
+    results: dict[str, dict[str, Any]] = entry["results"]
+    lines.extend(format_table([_row(client, r) for client, r in results.items()]))
+    if entry["name"].endswith("storm"):
+        firsts = []
+        for client, r in results.items():
+            fs = r["first_success_s"]
+            missing = r["processes_without_success"]
+            firsts.append(
+                f"{client} p50 {fmt_ms(_ms(fs['p50']))} max {fmt_ms(_ms(fs['max']))}"
+                + (f" ({missing} of {r['processes']} never)" if missing else "")
+            )
+        lines.append("   first success per process (from start): " + "; ".join(firsts))
+    for client, r in results.items():
+        notes = []
+        if r.get("unacked_writes_committed"):
+            notes.append(f"{r['unacked_writes_committed']} failed write(s) committed anyway")
+        if r.get("worker_errors"):
+            notes.append(f"worker problems: {r['worker_errors'][0]}")
+        if r.get("harness_errors"):
+            notes.append(f"harness: {r['harness_errors'][0]}")
+        if notes:
+            lines.append(f"   {client}: " + "; ".join(notes))
+    return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def invariant_failures(report: dict[str, Any], client: str = "pgwarden") -> list[str]:
+    """pgwarden's hard invariants that failed: duplicates and lost acknowledged writes."""
+    out = []
+    for entry in report["scenarios"]:
+        r = entry.get("results", {}).get(client)
+        if r is None:
+            continue
+        if r["duplicates"]:
+            out.append(f"{entry['name']}: {r['duplicates']} duplicate write(s)")
+        if r["lost_writes"]:
+            out.append(f"{entry['name']}: {r['lost_writes']} lost acknowledged write(s)")
+    return out
+
+
+def format_summary(report: dict[str, Any], json_path: Path, html_path: Path) -> str:
+    lines = []
+    failures = invariant_failures(report)
+    ran = [e for e in report["scenarios"] if not e.get("skipped")]
+    if any("pgwarden" in e["results"] for e in ran):
+        left = sum(
+            e["results"]["pgwarden"]["failed_with_deadline_left"]
+            for e in ran
+            if "pgwarden" in e["results"]
+        )
+        verdict = "held" if not failures else "FAILED: " + "; ".join(failures)
+        lines.append(
+            f"pgwarden invariants (no duplicates, no lost acknowledged writes): {verdict}; "
+            f"failures with deadline left: {left}"
+        )
+    lines.append(f"JSON:   {json_path}")
+    lines.append(f"report: {html_path}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_html(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(report), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# SVG charts
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+class _Frame:
+    """A plot area with axes; maps data to pixels."""
+
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        x_max: float,
+        y_min: float,
+        y_max: float,
+        *,
+        log: bool,
+    ) -> None:
+        self.w, self.h = width, height
+        self.left, self.right, self.top, self.bottom = 52, 12, 10, 26
+        self.x_max = max(x_max, 1e-9)
+        self.log = log
+        self.y_min, self.y_max = y_min, max(y_max, y_min + 1e-9)
+
+    def x(self, t: float) -> float:
+        span = self.w - self.left - self.right
+        return self.left + span * max(0.0, min(t, self.x_max)) / self.x_max
+
+    def y(self, v: float) -> float:
+        span = self.h - self.top - self.bottom
+        if self.log:
+            lo, hi = math.log10(self.y_min), math.log10(self.y_max)
+            frac = (math.log10(max(v, self.y_min)) - lo) / (hi - lo)
+        else:
+            frac = (v - self.y_min) / (self.y_max - self.y_min)
+        return self.top + span * (1 - max(0.0, min(frac, 1.0)))
+
+    def axes(self, y_ticks: Sequence[tuple[float, str]], y_label: str) -> list[str]:
+        out = [
+            f'<rect x="{self.left}" y="{self.top}" width="{self.w - self.left - self.right}" '
+            f'height="{self.h - self.top - self.bottom}" fill="#fff" stroke="#cbd5e1"/>'
+        ]
+        for value, label in y_ticks:
+            y = self.y(value)
+            out.append(
+                f'<line x1="{self.left}" x2="{self.w - self.right}" y1="{y:.1f}" y2="{y:.1f}" '
+                'stroke="#eef2f7"/>'
+                f'<text x="{self.left - 4}" y="{y + 3:.1f}" text-anchor="end">{_esc(label)}</text>'
+            )
+        step = _nice_step(self.x_max)
+        t = 0.0
+        for _ in range(200):
+            if t > self.x_max + 1e-9:
+                break
+            x = self.x(t)
+            out.append(
+                f'<text x="{x:.1f}" y="{self.h - self.bottom + 14}" text-anchor="middle">'
+                f"{t:g}s</text>"
+            )
+            t += step
+        out.append(f'<text x="12" y="{self.top + 8}" class="axis">{_esc(y_label)}</text>')
+        return out
+
+    def faults(self, faults: Sequence[dict[str, Any]]) -> list[str]:
+        out = []
+        for f in faults:
+            start, end = float(f["start"]), float(f.get("end") or f["start"])
+            x0, x1 = self.x(start), self.x(end)
+            title = f"<title>{_esc(f['label'])} {start:.2f}s-{end:.2f}s</title>"
+            if x1 - x0 >= 1:
+                out.append(
+                    f'<rect x="{x0:.1f}" y="{self.top}" width="{x1 - x0:.1f}" '
+                    f'height="{self.h - self.top - self.bottom}" fill="#fde68a" '
+                    f'fill-opacity="0.45">{title}</rect>'
+                )
+            out.append(
+                f'<line x1="{x0:.1f}" x2="{x0:.1f}" y1="{self.top}" '
+                f'y2="{self.h - self.bottom}" stroke="#b45309" stroke-dasharray="4 3">'
+                f"{title}</line>"
+            )
+        return out
+
+
+def _nice_step(span: float) -> float:
+    raw = span / 8
+    for step in (0.5, 1, 2, 5, 10, 15, 20, 30, 60, 120, 300):
+        if step >= raw:
+            return float(step)
+    return float(math.ceil(raw / 60) * 60)
+
+
+def _svg(width: int, height: int, body: list[str], label: str) -> str:
+    return (
+        f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'role="img" aria-label="{_esc(label)}">' + "".join(body) + "</svg>"
+    )
+
+
+def latency_chart(result: dict[str, Any], deadline_s: float, x_max: float, client: str) -> str:
+    """Every request (sampled) as a dot: time it started vs latency (log scale)."""
+    width, height = 560, 220
+    points = result["series"]["requests"]
+    top = max([deadline_s * 1000 * 1.5, *(float(p[1]) for p in points)] or [1000.0])
+    frame = _Frame(width, height, x_max, 0.1, 10 ** math.ceil(math.log10(max(top, 1.0))), log=True)
+    ticks = [(v, fmt_ms(v)) for v in (0.1, 1, 10, 100, 1000, 10000, 100000) if v <= frame.y_max]
+    body = frame.axes(ticks, "latency")
+    body += frame.faults(result.get("faults", []))
+    dl = frame.y(deadline_s * 1000)
+    body.append(
+        f'<line x1="{frame.left}" x2="{width - frame.right}" y1="{dl:.1f}" y2="{dl:.1f}" '
+        'stroke="#64748b" stroke-dasharray="2 3"><title>deadline</title></line>'
+    )
+    for t, ms, kind in points:
+        color = _KIND_COLORS.get(kind, _FAIL)
+        r = 1.4 if kind == "ok" else 2.2
+        body.append(
+            f'<circle cx="{frame.x(float(t)):.1f}" cy="{frame.y(float(ms)):.1f}" r="{r}" '
+            f'fill="{color}" fill-opacity="{0.45 if kind == "ok" else 0.85}"/>'
+        )
+    return _svg(width, height, body, f"latency over time, {client}")
+
+
+def connections_chart(
+    results: dict[str, dict[str, Any]], x_max: float, max_connections: int | None
+) -> str:
+    """Server connections over time, one line per client (each run aligned at its start)."""
+    width, height = 560, 220
+    peak = max(
+        [n for r in results.values() for _, n in r["series"]["connections"] if n is not None] or [1]
+    )
+    y_max = float(max(peak, max_connections or 0) * 1.1 + 1)
+    frame = _Frame(width, height, x_max, 0.0, y_max, log=False)
+    step = max(1, int(_nice_step(y_max)))
+    ticks = [(float(v), str(v)) for v in range(0, int(y_max) + 1, step)]
+    body = frame.axes(ticks, "server connections")
+    if max_connections:
+        y = frame.y(max_connections)
+        body.append(
+            f'<line x1="{frame.left}" x2="{width - frame.right}" y1="{y:.1f}" y2="{y:.1f}" '
+            'stroke="#dc2626" stroke-dasharray="6 3"><title>max_connections</title></line>'
+        )
+    for client, r in results.items():
+        pts = [(t, n) for t, n in r["series"]["connections"] if n is not None]
+        if not pts:
+            continue
+        path = " ".join(f"{frame.x(float(t)):.1f},{frame.y(float(n)):.1f}" for t, n in pts)
+        color = CLIENT_COLORS.get(client, "#334155")
+        body.append(
+            f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.6">'
+            f"<title>{_esc(client)}</title></polyline>"
+        )
+    return _svg(width, height, body, "server connections over time")
+
+
+# --------------------------------------------------------------------------------------------
+# The page
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#0f172a;
+background:#f8fafc}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:32px 0 4px}
+h3{font-size:14px;margin:12px 0 4px}
+.muted{color:#64748b} table{border-collapse:collapse;background:#fff;margin:8px 0}
+th,td{border:1px solid #e2e8f0;padding:3px 8px;text-align:right;white-space:nowrap}
+th{background:#f1f5f9} td.l,th.l{text-align:left} td.bad{background:#fee2e2;color:#991b1b}
+td.good{background:#dcfce7} .charts{display:flex;flex-wrap:wrap;gap:12px}
+.chart{background:#fff;border:1px solid #e2e8f0;padding:6px}
+svg text{font-size:10px;fill:#475569} svg text.axis{font-weight:600}
+.legend span{display:inline-block;margin-right:12px}
+.dot{display:inline-block;width:10px;height:10px;border-radius:50%;margin-right:4px;
+vertical-align:middle}
+code{background:#eef2f7;padding:0 3px}
+"""
+
+
+def _legend() -> str:
+    items = [
+        ("#16a34a", "ok"),
+        ("#f59e0b", "late (after the deadline)"),
+        (_FAIL, "failed"),
+        ("#7f1d1d", "hung (cut off at the end)"),
+    ]
+    dots = "".join(
+        f'<span><i class="dot" style="background:{c}"></i>{_esc(t)}</span>' for c, t in items
+    )
+    return (
+        f'<div class="legend muted">{dots}<span>shaded/dashed: fault</span>'
+        "<span>dotted: deadline</span></div>"
+    )
+
+
+def _scenario_html(entry: dict[str, Any]) -> str:
+    name = entry["name"]
+    out = [f'<h2 id="{_esc(name)}">{_esc(name)}: {_esc(entry["title"])}</h2>']
+    out.append(f'<p class="muted">{_esc(entry["description"])}</p>')
+    if entry.get("skipped"):
+        out.append(f"<p><b>Skipped:</b> {_esc(entry['skipped'])}</p>")
+        return "\n".join(out)
+    out.append(f'<p class="muted">{_esc(describe_params(entry))}<br>{_esc(entry["target"])}</p>')
+    results: dict[str, dict[str, Any]] = entry["results"]
+    header = "".join(
+        f'<th class="{"l" if align == "<" else ""}">{_esc(col)}</th>' for col, align in COLUMNS
+    )
+    rows = []
+    for client, r in results.items():
+        cells = _row(client, r)
+        tds = []
+        for i, (col, align) in enumerate(COLUMNS):
+            cls = "l" if align == "<" else ""
+            if col in ("dups", "lost", "fail-left") and cells[i] not in ("0", "-"):
+                cls += " bad"
+            if col == "recovery" and cells[i] == "never":
+                cls += " bad"
+            tds.append(f'<td class="{cls.strip()}">{_esc(cells[i])}</td>')
+        rows.append("<tr>" + "".join(tds) + "</tr>")
+    out.append(f"<table><tr>{header}</tr>{''.join(rows)}</table>")
+    x_max = max(
+        [
+            float(p[0]) + float(p[1]) / 1000
+            for r in results.values()
+            for p in r["series"]["requests"]
+        ]
+        + [float(t) for r in results.values() for t, _ in r["series"]["connections"]]
+        + [1.0]
+    )
+    deadline = float(entry["params"]["deadline_s"])
+    out.append('<div class="charts">')
+    legend = "".join(
+        f'<span><i class="dot" style="background:{CLIENT_COLORS.get(c, "#334155")}"></i>'
+        f"{_esc(c)}</span>"
+        for c in results
+    )
+    out.append(
+        '<div class="chart"><h3>Server connections (pg_stat_activity, every 100 ms)</h3>'
+        + connections_chart(results, x_max, entry.get("max_connections"))
+        + f'<div class="legend muted">{legend}<span>red dashed: max_connections</span></div></div>'
+    )
+    for client, r in results.items():
+        out.append(
+            f'<div class="chart"><h3>{_esc(client)}: latency of each request</h3>'
+            + latency_chart(r, deadline, x_max, client)
+            + _legend()
+            + "</div>"
+        )
+    out.append("</div>")
+    details = []
+    for client, r in results.items():
+        bits = []
+        for kind, message in r.get("error_samples", {}).items():
+            bits.append(f"<li><code>{_esc(kind)}</code>: {_esc(message)}</li>")
+        for rec in r.get("recoveries", []):
+            secs = rec["seconds"]
+            shown = "never" if secs is None else fmt_ms(float(secs) * 1000)
+            bits.append(f"<li>recovery after {_esc(rec['fault'])} at {rec['at']}s: {shown}</li>")
+        for problem in r.get("worker_errors", [])[:3] + r.get("harness_errors", [])[:3]:
+            bits.append(f"<li>{_esc(problem)}</li>")
+        if r.get("unacked_writes_committed"):
+            bits.append(
+                f"<li>{r['unacked_writes_committed']} write(s) reported as failed were "
+                "committed anyway (outcome unknown to the caller)</li>"
+            )
+        if bits:
+            details.append(f"<h3>{_esc(client)}</h3><ul>{''.join(bits)}</ul>")
+    if details:
+        out.append("<details><summary>Errors, recoveries and notes</summary>")
+        out.extend(details)
+        out.append("</details>")
+    return "\n".join(out)
+
+
+def render_html(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    opts = report["options"]
+    toc = " · ".join(
+        f'<a href="#{_esc(e["name"])}">{_esc(e["name"])}</a>' for e in report["scenarios"]
+    )
+    failures = invariant_failures(report)
+    verdict = (
+        "<p>pgwarden invariants (no duplicates, no lost acknowledged writes): "
+        + ("<b>held</b>" if not failures else "<b>FAILED</b>: " + _esc("; ".join(failures)))
+        + "</p>"
+    )
+    head = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        "<title>pgwarden stress report</title>"
+        f"<style>{_CSS}</style></head><body>"
+        "<h1>pgwarden stress report</h1>"
+        f'<p class="muted">{_esc(report["started_at"])} to {_esc(report["finished_at"])}'
+        f"{' (interrupted)' if report.get('interrupted') else ''} · size {_esc(opts['size'])}"
+        f" · deadline {_esc(opts['deadline_s'])}s · target {_esc(opts['target'])}<br>"
+        f"{_esc(m['platform'])}, {_esc(m['cpus'])} CPUs, Python {_esc(m['python'])} · "
+        + _esc(", ".join(f"{k} {v}" for k, v in m["packages"].items() if v))
+        + "</p>"
+        + verdict
+        + f"<p>{toc}</p>"
+        + '<p class="muted">Columns: <b>success</b> requests that returned within their '
+        "deadline; <b>fail-left</b> failures that came back with at least 10% of the deadline "
+        "left; latencies are of every request, successful or not; <b>conns</b> peak client "
+        "backends on the server; <b>recovery</b> worst time from the end of a fault to the "
+        "next success; <b>dups</b> writes that ran twice; <b>lost</b> acknowledged writes "
+        "missing from the table.</p>"
+    )
+    body = [_scenario_html(e) for e in report["scenarios"]]
+    return head + "\n".join(body) + "</body></html>\n"
