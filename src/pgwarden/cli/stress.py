@@ -112,8 +112,13 @@ def run(argv: Sequence[str], prog: str = "pgwarden stress") -> int:
 
     from pgwarden._redact import redact
     from pgwarden.stress.clients import CLIENTS
-    from pgwarden.stress.harness import HarnessError, Options, loopback_problem, new_report
-    from pgwarden.stress.harness import run_stress
+    from pgwarden.stress.harness import (
+        HarnessError,
+        Options,
+        loopback_problem,
+        new_report,
+        run_stress,
+    )
     from pgwarden.stress.report import (
         format_scenario,
         format_summary,
@@ -121,7 +126,7 @@ def run(argv: Sequence[str], prog: str = "pgwarden stress") -> int:
         write_html,
         write_json,
     )
-    from pgwarden.stress.scenarios import QUICK, resolve
+    from pgwarden.stress.scenarios import QUICK, Size, resolve
 
     names: list[str] = []
     for item in args.scenario or []:
@@ -149,7 +154,7 @@ def run(argv: Sequence[str], prog: str = "pgwarden stress") -> int:
                 file=sys.stderr,
             )
             return 2
-    size = args.size or "small"
+    size: Size = args.size or "small"
     out = Path(args.out)
     json_path = out / "results.json"
     html_path = out / "report.html"

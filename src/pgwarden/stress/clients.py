@@ -39,20 +39,28 @@ __all__ = [
     "make_client",
 ]
 
+# The table name is a constant, never input: the f-strings below are not injectable.
 TABLE = "pgwarden_stress_writes"
-READ_SQL = f"SELECT count(*) FROM {TABLE} WHERE req_id = %s::uuid"
-READ_WORK_SQL = f"SELECT count(*) FROM {TABLE}, pg_sleep(%s) WHERE req_id = %s::uuid"
-WRITE_SQL = f"INSERT INTO {TABLE} (run, req_id, worker) VALUES (%s, %s::uuid, %s)"
+READ_SQL = f"SELECT count(*) FROM {TABLE} WHERE req_id = %s::uuid"  # noqa: S608
+READ_WORK_SQL = f"SELECT count(*) FROM {TABLE}, pg_sleep(%s) WHERE req_id = %s::uuid"  # noqa: S608
+WRITE_SQL = f"INSERT INTO {TABLE} (run, req_id, worker) VALUES (%s, %s::uuid, %s)"  # noqa: S608
 
 #: Client names, in the order the harness runs them.
 CLIENTS = ("pgwarden", "psycopg_pool", "sqlalchemy", "naive")
 
 
 class ClientConfig(Protocol):
-    url: str
-    pool_size: int
-    deadline: float
-    application_name: str
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def pool_size(self) -> int: ...
+
+    @property
+    def deadline(self) -> float: ...
+
+    @property
+    def application_name(self) -> str: ...
 
 
 class Client(Protocol):
@@ -142,7 +150,7 @@ def _named(sql: str, names: tuple[str, ...]) -> str:
     """``%s`` placeholders to SQLAlchemy's ``:name`` ones, in order."""
     parts = sql.split("%s")
     out = parts[0]
-    for name, part in zip(names, parts[1:]):
+    for name, part in zip(names, parts[1:], strict=True):
         out += f":{name}" + part
     return out
 

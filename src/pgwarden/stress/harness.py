@@ -290,7 +290,12 @@ def _own_server(target: Target, plan: Plan, say: Say) -> None:
         from pgwarden.testing import PgBouncerServer
 
         try:
-            bouncer = PgBouncerServer(server, pool_mode="transaction", **dict(plan.pgbouncer))
+            bouncer = PgBouncerServer(
+                server,
+                pool_mode="transaction",
+                default_pool_size=plan.pgbouncer_pool_size,
+                max_client_conn=plan.pgbouncer_max_clients,
+            )
             target.closers.append(bouncer.close)
             bouncer.start()
         except Exception as exc:
@@ -344,7 +349,7 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="stress-sampler", daemon=True)
         cond = "application_name LIKE %s" if target.only_ours else "application_name <> %s"
         self._query = (
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "  # noqa: S608
             f"AND pid <> pg_backend_pid() AND {cond} "
             "AND application_name <> 'pgwarden-testing-admin'"
         )
@@ -828,7 +833,7 @@ def _merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _rows_for(target: Target, run_id: str) -> dict[str, int]:
     """Request id -> rows in the table, for one run (retrying while the server restarts)."""
-    query = f"SELECT req_id::text, count(*) FROM {TABLE} WHERE run = %s GROUP BY 1"
+    query = f"SELECT req_id::text, count(*) FROM {TABLE} WHERE run = %s GROUP BY 1"  # noqa: S608
     last: Exception | None = None
     for _ in range(50):
         try:
@@ -871,7 +876,15 @@ def _params(scenario: Scenario, plan: Plan, size: Size) -> dict[str, Any]:
         "hard_limit_s": round(plan.hard_limit, 2),
         "server_settings": dict(plan.server_settings),
         "via": plan.via,
-        "pgbouncer": dict(plan.pgbouncer),
+        "pgbouncer": (
+            {
+                "pool_mode": "transaction",
+                "default_pool_size": plan.pgbouncer_pool_size,
+                "max_client_conn": plan.pgbouncer_max_clients,
+            }
+            if plan.via == "pgbouncer"
+            else None
+        ),
         "faults": [
             {"at": f.at, "action": f.action, "label": f.label, "duration": f.duration}
             for f in plan.faults

@@ -320,7 +320,7 @@ def latency_chart(result: dict[str, Any], deadline_s: float, x_max: float, clien
     """Every request (sampled) as a dot: time it started vs latency (log scale)."""
     width, height = 560, 220
     points = result["series"]["requests"]
-    top = max([deadline_s * 1000 * 1.5, *(float(p[1]) for p in points)] or [1000.0])
+    top = max([deadline_s * 1000 * 1.5, *(float(p[1]) for p in points)])
     frame = _Frame(width, height, x_max, 0.1, 10 ** math.ceil(math.log10(max(top, 1.0))), log=True)
     ticks = [(v, fmt_ms(v)) for v in (0.1, 1, 10, 100, 1000, 10000, 100000) if v <= frame.y_max]
     body = frame.axes(ticks, "latency")

@@ -85,7 +85,8 @@ class Plan:
     faults: tuple[FaultStep, ...] = ()
     server_settings: Mapping[str, object] = field(default_factory=dict)
     via: Via = "direct"
-    pgbouncer: Mapping[str, object] = field(default_factory=dict)
+    pgbouncer_pool_size: int = 10  # PgBouncer's default_pool_size
+    pgbouncer_max_clients: int = 1000  # PgBouncer's max_client_conn
     deadline: float = 5.0
 
     @property
@@ -253,15 +254,11 @@ def _idle(size: Size, deadline: float) -> Plan:
     )
 
 
-_BOUNCER = {"default_pool_size": 10, "max_client_conn": 1000}
-
-
 def _pgbouncer_storm(size: Size, deadline: float) -> Plan:
     return Plan(
         workload=_storm_workload(size),
         server_settings={"max_connections": 20},
         via="pgbouncer",
-        pgbouncer=_BOUNCER,
         deadline=deadline,
     )
 
@@ -272,7 +269,6 @@ def _pgbouncer_restart(size: Size, deadline: float) -> Plan:
         faults=_restart_faults(size),
         server_settings={"max_connections": 20},
         via="pgbouncer",
-        pgbouncer=_BOUNCER,
         deadline=deadline,
     )
 
