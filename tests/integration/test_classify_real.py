@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 import pytest
@@ -91,6 +91,13 @@ class Env:
         return bouncer
 
     @property
+    def shared_bouncer(self) -> PgBouncerServer:
+        """The session's PgBouncer (for rows that change nothing in it)."""
+        bouncer: PgBouncerServer = self._request.getfixturevalue("pgbouncer")
+        self._secret(bouncer.password)
+        return bouncer
+
+    @property
     def proxy(self) -> FaultProxy:
         """A fault proxy in front of the shared server."""
         self._secret(self.pg.password)
@@ -102,19 +109,23 @@ class Env:
         name = f"pgw_{secrets.token_hex(4)}"
         password = secrets.token_urlsafe(12)
         self._secret(password)
+        ident = sql.Identifier(name)
         server.execute(
             sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} " + options).format(
-                sql.Identifier(name), sql.Literal(password)
+                ident, sql.Literal(password)
             )
         )
+        self.stack.callback(lambda: server.execute(sql.SQL("DROP ROLE {}").format(ident)))
         return server.url_for(user=name, password=password)
 
     def table(self, server: PostgresServer, columns: str, rows: str = "") -> str:
         """Create a uniquely named table (and fill it); return its name."""
         name = f"pgw_{secrets.token_hex(4)}"
-        server.execute(sql.SQL("CREATE TABLE {} (" + columns + ")").format(sql.Identifier(name)))
+        ident = sql.Identifier(name)
+        server.execute(sql.SQL("CREATE TABLE {} (" + columns + ")").format(ident))
+        self.stack.callback(lambda: server.execute(sql.SQL("DROP TABLE {}").format(ident)))
         if rows:
-            server.execute(sql.SQL("INSERT INTO {} VALUES " + rows).format(sql.Identifier(name)))
+            server.execute(sql.SQL("INSERT INTO {} VALUES " + rows).format(ident))
         return name
 
     def connect(self, conninfo: str, **kwargs: Any) -> Conn:
@@ -278,25 +289,22 @@ def shutting_down(env: Env) -> psycopg.Error:
     # A smart shutdown (pg_ctl stop -m smart, SIGTERM) waits for open sessions to end
     # and meanwhile refuses new ones with 57P03: deterministic while `keep` is open.
     server = env.server()
-    keep = psycopg.connect(server.url)
-    try:
-        with meanwhile(lambda: server.stop(mode="smart")):
-            try:
-                refusals: list[psycopg.Error] = []
+    keep = env.connect(server.url)
+    refusals: list[psycopg.Error] = []
 
-                def refused_now() -> bool:
-                    try:
-                        connect_only(server.url, connect_timeout=2)
-                    except psycopg.OperationalError as exc:
-                        refusals.append(exc)
-                        return True
-                    return False
+    def refused_now() -> bool:
+        try:
+            connect_only(server.url, connect_timeout=2)
+        except psycopg.OperationalError as exc:
+            refusals.append(exc)
+            return True
+        return False
 
-                poll("the smart shutdown to refuse new sessions", refused_now)
-            finally:
-                keep.close()  # lets the shutdown finish, so the thread ends
-    finally:
-        keep.close()
+    with meanwhile(lambda: server.stop(mode="smart")):
+        try:
+            poll("the smart shutdown to refuse new sessions", refused_now)
+        finally:
+            keep.close()  # the last session ends: the shutdown completes, the thread ends
     return refusals[0]
 
 
@@ -314,8 +322,8 @@ def starting_up(env: Env) -> psycopg.Error:
             while not stop.is_set():
                 try:
                     connect_only(server.url, connect_timeout=2)
-                except psycopg.OperationalError as exc:
-                    seen.append(exc)
+                except psycopg.OperationalError as err:
+                    seen.append(err)
 
         thread = threading.Thread(target=hammer, name="pgw-hammer", daemon=True)
         thread.start()
@@ -336,16 +344,19 @@ def in_recovery(env: Env) -> psycopg.Error:
     server = env.server()
     seen: list[psycopg.Error] = []
     for _ in range(10):
-        with psycopg.connect(server.url) as victim:
+        victim = psycopg.connect(server.url)
+        try:
             os.kill(victim.info.backend_pid, signal.SIGKILL)
+        finally:
+            victim.close()
         recovered: list[bool] = []
 
         def back(recovered: list[bool] = recovered) -> bool:
             # Until the postmaster notices the crash, connections still succeed.
             try:
                 connect_only(server.url, connect_timeout=2)
-            except psycopg.OperationalError as exc:
-                seen.append(exc)
+            except psycopg.OperationalError as err:
+                seen.append(err)
                 recovered.append(False)
                 return False
             return bool(recovered)
@@ -395,7 +406,9 @@ def database_missing(env: Env) -> psycopg.Error:
 def database_not_allowing(env: Env) -> psycopg.Error:
     server = env.pg
     name = f"pgw_{secrets.token_hex(4)}"
-    server.execute(sql.SQL("CREATE DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
+    server.execute(
+        sql.SQL("CREATE DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name))
+    )
     env.stack.callback(
         lambda: server.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
     )
@@ -527,13 +540,13 @@ def idle_in_transaction_timeout(env: Env) -> psycopg.Error:
     return raised(lambda: conn.execute("SELECT 1"))
 
 
-def commit_cut(when: str) -> Callable[[Env], psycopg.Error]:
+def commit_cut(when: Literal["before", "after"]) -> Callable[[Env], psycopg.Error]:
     def provoke(env: Env) -> psycopg.Error:
         proxy = env.proxy
         table = env.table(env.pg, "x int")
         conn = env.connect(proxy.url_for(env.pg.url))
         conn.execute(sql.SQL("INSERT INTO {} VALUES (1)").format(sql.Identifier(table)))
-        proxy.cut_on(b"COMMIT", when="after" if when == "after" else "before")
+        proxy.cut_on(b"COMMIT", when=when)
         exc = raised(conn.commit)
         # The client cannot tell these two apart; the server can.
         rows = env.pg.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))
@@ -652,8 +665,8 @@ def statement_error(query: str, setup: str = "") -> Callable[[Env], psycopg.Erro
     def provoke(env: Env) -> psycopg.Error:
         conn = env.connect(env.pg.url, autocommit=True)
         if setup:
-            conn.execute(setup)  # type: ignore[arg-type]  # fixed text, not user input
-        return raised(lambda: conn.execute(query))  # type: ignore[arg-type]
+            conn.execute(setup)
+        return raised(lambda: conn.execute(query))
 
     return provoke
 
@@ -750,7 +763,7 @@ def bouncer_login_failing(env: Env) -> psycopg.Error:
 
 
 def bouncer_bad_password(env: Env) -> psycopg.Error:
-    bouncer: PgBouncerServer = env._request.getfixturevalue("pgbouncer")
+    bouncer = env.shared_bouncer
     wrong = f"wrong-{secrets.token_urlsafe(8)}"
     env.secrets.append(wrong)
     return raised(lambda: connect_only(bouncer.url.replace(bouncer.password, wrong)))
@@ -814,7 +827,9 @@ BOUNCER = (pytest.mark.pgbouncer,)
 ROWS: list[Row] = [
     # connect failures: no SQLSTATE reaches psycopg, the text decides
     Row("refused", refused, {CONNECT: K.NOTHING_RAN}, "Connection refused", marks=PROXY),
-    Row("connect timeout", connect_timeout, {CONNECT: K.NOTHING_RAN}, "timeout expired", marks=PROXY),
+    Row(
+        "connect timeout", connect_timeout, {CONNECT: K.NOTHING_RAN}, "timeout expired", marks=PROXY
+    ),
     Row("no unix socket", no_socket, {CONNECT: K.NOTHING_RAN}, "No such file or directory"),
     Row("unknown host", unknown_host, {CONNECT: K.NOTHING_RAN}, "failed to resolve host"),
     Row("53300 too many clients", too_many_clients, {CONNECT: K.OVERLOAD}, "too many clients"),

@@ -231,7 +231,9 @@ def test_blackholed_network_gives_deadline_exceeded_not_a_hang(
     assert all(o < 0.5 for o in overshoot), overshoot
 
 
+@pytest.mark.slow
 def test_server_down_opens_breaker_fails_fast_and_recovers(pg_server_factory: Any) -> None:
+    """Down for 10 s with 50 callers: fail fast, one probe at a time, then recover."""
     server = pg_server_factory()
 
     async def main() -> dict[str, Any]:
@@ -246,7 +248,7 @@ def test_server_down_opens_breaker_fails_fast_and_recovers(pg_server_factory: An
         await db.ready()
         await asyncio.to_thread(server.stop)
         outcomes: list[tuple[float, float, str]] = []  # (start, duration, outcome)
-        stop_at = time.monotonic() + 10.0
+        stop_at = time.monotonic() + 14.0
 
         async def caller() -> None:
             while time.monotonic() < stop_at:
@@ -262,7 +264,7 @@ def test_server_down_opens_breaker_fails_fast_and_recovers(pg_server_factory: An
                 await asyncio.sleep(0.02)
 
         restarter = asyncio.get_running_loop().call_later(
-            6.0, lambda: asyncio.ensure_future(asyncio.to_thread(server.start))
+            10.0, lambda: asyncio.ensure_future(asyncio.to_thread(server.start))
         )
         await asyncio.gather(*(caller() for _ in range(50)))
         restarter.cancel()
@@ -282,7 +284,7 @@ def test_server_down_opens_breaker_fails_fast_and_recovers(pg_server_factory: An
     # One probe at a time: connection attempts while open stay near the probe count.
     attempts = sum(stats["counters"]["connect_failures"].values())
     assert attempts < 40, f"{attempts} connection attempts while the server was down"
-    late = [o for o in outcomes if o[0] > outcomes[0][0] + 8.5]
+    late = [o for o in outcomes if o[0] > outcomes[0][0] + 13.0]
     assert late, "no calls after the server came back"
     assert all(o[2] == "ok" for o in late[-50:]), late[-5:]
 
@@ -302,7 +304,7 @@ def test_wrong_password_fails_fast_without_retries_or_secrets(
 
     with caplog.at_level(logging.DEBUG, logger="pgwarden"):
         error, elapsed, stats = asyncio.run(main())
-    assert elapsed < 0.1 + 0.1  # auth round trip plus generous slack on a busy machine
+    assert elapsed < 0.1
     assert stats["counters"]["retries"]["total"] == 0
     assert "password authentication failed" in str(error) + str(error.__cause__)
     everything = str(error) + repr(error.__cause__) + caplog.text

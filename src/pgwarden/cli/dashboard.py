@@ -206,7 +206,8 @@ async def _worker(db: Any, stop: asyncio.Event, interval: float, seed: int) -> N
 
 
 async def _bursts(db: Any, stop: asyncio.Event) -> None:
-    """Every 15 s, briefly ask for more connections than the pool has: callers queue."""
+    """Every 15 s, ask for four connections more than the pool has for about 1.6 s: the pool
+    fills and callers queue."""
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), BURST_EVERY)

@@ -58,7 +58,7 @@ main { padding: 16px 20px 24px; }
   padding: 10px 12px 8px; min-width: 0; }
 .card h2 { font-size: 13px; margin: 0 0 4px; font-weight: 600; }
 .card h2 small { color: var(--muted); font-weight: 400; margin-left: 6px; }
-svg.chart { width: 100%; height: 190px; display: block; }
+svg.chart { width: 100%; height: 165px; display: block; }
 svg.chart text { fill: var(--muted); font-size: 10px;
   font-family: ui-monospace, "DejaVu Sans Mono", monospace; }
 svg.chart .gridline { stroke: var(--grid); stroke-width: 1; }
@@ -107,9 +107,9 @@ footer { color: var(--muted); font-size: 11px; padding: 0 20px 14px; }
       <div class="v" id="v-util">&ndash;</div><div class="s" id="v-limit">&nbsp;</div></div>
     <div class="tile"><div class="k">Queries / s</div>
       <div class="v" id="v-qps">&ndash;</div><div class="s" id="v-queries">&nbsp;</div></div>
-    <div class="tile"><div class="k">Query p99 (10 s)</div>
+    <div class="tile"><div class="k">Query p99</div>
       <div class="v" id="v-p99">&ndash;</div><div class="s" id="v-p50">&nbsp;</div></div>
-    <div class="tile"><div class="k">Acquire p99 (10 s)</div>
+    <div class="tile"><div class="k">Acquire wait p99</div>
       <div class="v" id="v-ap99">&ndash;</div><div class="s" id="v-ap50">&nbsp;</div></div>
     <div class="tile"><div class="k">Errors / s</div>
       <div class="v" id="v-eps">&ndash;</div><div class="s" id="v-errors">&nbsp;</div></div>
@@ -118,16 +118,16 @@ footer { color: var(--muted); font-size: 11px; padding: 0 20px 14px; }
   </section>
   <section class="charts">
     <div class="card"><h2>Pool connections<small>in use, idle, waiting, max</small></h2>
-      <svg class="chart" id="chart-pool" data-points="0" viewBox="0 0 600 190"
+      <svg class="chart" id="chart-pool" data-points="0" viewBox="0 0 600 165"
         preserveAspectRatio="none"></svg><div class="legend" id="legend-pool"></div></div>
     <div class="card"><h2>Latency<small>percentiles over the last 10 s</small></h2>
-      <svg class="chart" id="chart-latency" data-points="0" viewBox="0 0 600 190"
+      <svg class="chart" id="chart-latency" data-points="0" viewBox="0 0 600 165"
         preserveAspectRatio="none"></svg><div class="legend" id="legend-latency"></div></div>
     <div class="card"><h2>Throughput<small>successful operations per second</small></h2>
-      <svg class="chart" id="chart-throughput" data-points="0" viewBox="0 0 600 190"
+      <svg class="chart" id="chart-throughput" data-points="0" viewBox="0 0 600 165"
         preserveAspectRatio="none"></svg><div class="legend" id="legend-throughput"></div></div>
     <div class="card"><h2>Errors and retries<small>per second</small></h2>
-      <svg class="chart" id="chart-errors" data-points="0" viewBox="0 0 600 190"
+      <svg class="chart" id="chart-errors" data-points="0" viewBox="0 0 600 165"
         preserveAspectRatio="none"></svg><div class="legend" id="legend-errors"></div></div>
   </section>
   <section class="lower">
@@ -156,11 +156,20 @@ function total(o) {
 }
 function fmtDur(s) {
   if (s === null || s === undefined || !Number.isFinite(s)) return "\\u2013";
+  if (s === 0) return "0";
   const ms = s * 1000;
   if (ms < 1) return ms.toFixed(3) + " ms";
   if (ms < 10) return ms.toFixed(2) + " ms";
   if (ms < 1000) return ms.toFixed(1) + " ms";
   return s.toFixed(2) + " s";
+}
+// A percentile read from buckets is only known to lie inside its bucket; one that falls
+// in the first bucket is shown as "< bound" rather than as an interpolated guess.
+function fmtQ(s) {
+  if (S.firstBound && s !== null && s !== undefined && s > 0 && s <= S.firstBound) {
+    return "< " + fmtDur(S.firstBound);
+  }
+  return fmtDur(s);
 }
 function fmtRate(r) {
   if (r === null || !Number.isFinite(r)) return "\\u2013";
@@ -213,6 +222,12 @@ function record(payload) {
   const c = st.counters || {};
   const pool = st.pool || {};
   S.snaps.push({ ts: ts, buckets: st.buckets || null });
+  if (st.buckets && !S.firstBound) {
+    for (const key in st.buckets) {
+      const b = st.buckets[key];
+      if (Array.isArray(b) && b.length) { S.firstBound = Number(b[0][0]); break; }
+    }
+  }
   while (S.snaps.length && S.snaps[0].ts < ts - WINDOW - 5) S.snaps.shift();
   const cur = {
     queries: num(c.queries), errors: total(c.errors),
@@ -258,7 +273,7 @@ function niceMax(v) {
 // spanning the history held, at least 60 s and at most HISTORY seconds.
 function chart(id, series, fmt, minMax) {
   const svg = $(id);
-  const W = 600, H = 190, L = 58, R = 8, T = 8, B = 20;
+  const W = 600, H = 165, L = 58, R = 8, T = 8, B = 20;
   const pts = S.points;
   let top = minMax || 0;
   for (const s of series) {
@@ -394,10 +409,10 @@ function render(payload) {
   const c = st.counters || {};
   $("v-qps").textContent = fmtRate(last.qps);
   $("v-queries").textContent = fmtInt(c.queries) + " total";
-  $("v-p99").textContent = fmtDur(last.q99);
-  $("v-p50").textContent = "p50 " + fmtDur(last.q50) + ", p95 " + fmtDur(last.q95);
-  $("v-ap99").textContent = fmtDur(last.a99);
-  $("v-ap50").textContent = "p50 " + fmtDur(last.a50);
+  $("v-p99").textContent = fmtQ(last.q99);
+  $("v-p50").textContent = "p50 " + fmtQ(last.q50) + " \\u00b7 p95 " + fmtQ(last.q95);
+  $("v-ap99").textContent = fmtQ(last.a99);
+  $("v-ap50").textContent = "p50 " + fmtQ(last.a50) + " \\u00b7 last 10 s";
   $("v-eps").textContent = fmtRate(last.eps);
   $("v-errors").textContent = fmtInt(total(c.errors)) + " total";
   $("v-rps").textContent = fmtRate(last.rps);

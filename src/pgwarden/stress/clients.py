@@ -41,9 +41,9 @@ __all__ = [
 
 # The table name is a constant, never input: the f-strings below are not injectable.
 TABLE = "pgwarden_stress_writes"
-READ_SQL = f"SELECT count(*) FROM {TABLE} WHERE req_id = %s::uuid"  # noqa: S608
-READ_WORK_SQL = f"SELECT count(*) FROM {TABLE}, pg_sleep(%s) WHERE req_id = %s::uuid"  # noqa: S608
-WRITE_SQL = f"INSERT INTO {TABLE} (run, req_id, worker) VALUES (%s, %s::uuid, %s)"  # noqa: S608
+READ_SQL = f"SELECT count(*) FROM {TABLE} WHERE req_id = CAST(%s AS uuid)"  # noqa: S608
+READ_WORK_SQL = f"SELECT count(*) FROM {TABLE}, pg_sleep(%s) WHERE req_id = CAST(%s AS uuid)"  # noqa: S608
+WRITE_SQL = f"INSERT INTO {TABLE} (run, req_id, worker) VALUES (%s, CAST(%s AS uuid), %s)"  # noqa: S608
 
 #: Client names, in the order the harness runs them.
 CLIENTS = ("pgwarden", "psycopg_pool", "sqlalchemy", "naive")
