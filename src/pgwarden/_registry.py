@@ -14,7 +14,8 @@ import contextlib
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pgwarden.settings import Settings
 
@@ -23,6 +24,14 @@ if TYPE_CHECKING:
     from pgwarden._sync.database import Database
 
 __all__ = ["connect", "connect_async"]
+
+
+class _Handle(Protocol):
+    @property
+    def state(self) -> Any: ...
+
+
+H = TypeVar("H", bound=_Handle)
 
 _lock = threading.Lock()
 _async_handles: dict[Settings, AsyncDatabase] = {}
@@ -45,14 +54,7 @@ def connect_async(url: str | None = None, **settings: Any) -> AsyncDatabase:
     """
     from pgwarden._async.database import AsyncDatabase
 
-    prepared = settings.pop("settings", None)
-    key = prepared if isinstance(prepared, Settings) else _settings(url, settings)
-    with _lock:
-        handle = _async_handles.get(key)
-        if handle is None or handle.state.value in ("closing", "closed"):
-            handle = _async_handles[key] = AsyncDatabase(key)
-            _all_handles.add(handle)
-        return handle
+    return _handle(_async_handles, AsyncDatabase, url, settings)
 
 
 def connect(url: str | None = None, **settings: Any) -> Database:
@@ -62,12 +64,21 @@ def connect(url: str | None = None, **settings: Any) -> Database:
     """
     from pgwarden._sync.database import Database
 
-    prepared = settings.pop("settings", None)
-    key = prepared if isinstance(prepared, Settings) else _settings(url, settings)
+    return _handle(_sync_handles, Database, url, settings)
+
+
+def _handle(
+    handles: dict[Settings, H],
+    make: Callable[[Settings], H],
+    url: str | None,
+    given: dict[str, Any],
+) -> H:
+    prepared = given.pop("settings", None)
+    key = prepared if isinstance(prepared, Settings) else _settings(url, given)
     with _lock:
-        handle = _sync_handles.get(key)
+        handle = handles.get(key)
         if handle is None or handle.state.value in ("closing", "closed"):
-            handle = _sync_handles[key] = Database(key)
+            handle = handles[key] = make(key)
             _all_handles.add(handle)
         return handle
 

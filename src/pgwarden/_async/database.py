@@ -37,6 +37,7 @@ from pgwarden.core.deadline import statement_timeout_ms
 from pgwarden.core.hygiene import needs_validation
 from pgwarden.core.lifecycle import Event, State
 from pgwarden.core.metrics import MetricsTracker
+from pgwarden.core.retry import RetryPolicy
 from pgwarden.errors import AmbiguousCommitError, DatabaseUnavailable, HandleClosed
 from pgwarden.settings import Settings
 
@@ -297,15 +298,7 @@ class AsyncDatabase:
                     ctx = RetryContext(
                         is_write=_is_write(query), idempotent=idempotent, in_transaction=False
                     )
-                    plan = core.plan_retry(
-                        exc, kind, ctx, attempt=attempt, deadline=deadline, operation="query"
-                    )
-                    await self._after_failure(kind)
-                    if plan is None:
-                        raise
-                    if isinstance(plan, BaseException):
-                        raise plan from exc
-                    await sleep(plan)
+                    await self._back_off(exc, kind, ctx, attempt, deadline, "query")
                     attempt += 1
                     continue
                 finished = monotonic()
@@ -460,6 +453,28 @@ class AsyncDatabase:
             return
         await pool.putconn(conn)
 
+    async def _back_off(
+        self,
+        exc: Exception,
+        kind: FailureKind,
+        ctx: RetryContext,
+        attempt: int,
+        deadline: float | None,
+        operation: str,
+        policy: RetryPolicy | None = None,
+    ) -> None:
+        """After failed attempt *attempt*: housekeeping, then sleep before the next
+        one, or raise (*exc* itself, or `DeadlineExceeded` from it) when not retrying."""
+        plan = self._core.plan_retry(
+            exc, kind, ctx, attempt=attempt, deadline=deadline, operation=operation, policy=policy
+        )
+        await self._after_failure(kind)
+        if plan is None:
+            raise exc
+        if isinstance(plan, BaseException):
+            raise plan from exc
+        await sleep(plan)
+
     async def _after_failure(self, kind: FailureKind) -> None:
         """Housekeeping after a failed attempt, whether or not it is retried."""
         if kind in (FailureKind.STALE, FailureKind.LOST, FailureKind.LOST_COMMIT):
@@ -546,21 +561,7 @@ class AsyncDatabase:
             except Exception as exc:
                 kind = _tx_failure_kind(core, exc)
                 ctx = RetryContext(is_write=_is_write, idempotent=True, in_transaction=True)
-                plan = core.plan_retry(
-                    exc,
-                    kind,
-                    ctx,
-                    attempt=attempt,
-                    deadline=deadline,
-                    operation="transaction",
-                    policy=policy,
-                )
-                await self._after_failure(kind)
-                if plan is None:
-                    raise
-                if isinstance(plan, BaseException):
-                    raise plan from exc
-                await sleep(plan)
+                await self._back_off(exc, kind, ctx, attempt, deadline, "transaction", policy)
                 attempt += 1
 
     @asynccontextmanager
@@ -617,15 +618,7 @@ class AsyncDatabase:
                 await self._release(conn)
                 kind = core.classify_failure(exc, Phase.FIRST_USE, in_transaction=False)
                 ctx = RetryContext(is_write=False, idempotent=False, in_transaction=False)
-                plan = core.plan_retry(
-                    exc, kind, ctx, attempt=attempt, deadline=deadline, operation="BEGIN"
-                )
-                await self._after_failure(kind)
-                if plan is None:
-                    raise
-                if isinstance(plan, BaseException):
-                    raise plan from exc
-                await sleep(plan)
+                await self._back_off(exc, kind, ctx, attempt, deadline, "BEGIN")
                 attempt += 1
 
     async def _commit(self, conn: PgwAsyncConnection, *, readonly: bool) -> None:
