@@ -926,7 +926,7 @@ ROWS: list[Row] = [
         "reuse after loss",
         reused_after_loss,
         BROKEN_IDLE,
-        "the connection is lost",
+        "the connection is closed",  # psycopg closes a connection once it broke
         marks=PROXY,
     ),
     Row("use after close", used_after_close, BROKEN_IDLE, "the connection is closed"),

@@ -226,3 +226,20 @@ def test_direct_server_is_not_detected_as_pgbouncer(pg_server: Any) -> None:
             assert db.stats()["pgbouncer"] is False
 
     asyncio.run(main())
+
+
+def test_close_during_warmup_and_twice_is_safe(pg_server_factory: Any) -> None:
+    server = pg_server_factory()
+    url = server.url
+    server.stop()
+
+    async def main() -> None:
+        db = make(url, ready_timeout=5)
+        warming = asyncio.ensure_future(db.fetchval("SELECT 1"))
+        await asyncio.sleep(0.2)
+        await asyncio.gather(db.close(timeout=0.5), db.close(timeout=0.5))
+        assert db.state is State.CLOSED
+        with pytest.raises((HandleClosed, NotReady)):
+            await warming
+
+    asyncio.run(main())

@@ -128,7 +128,7 @@ class AsyncDatabase:
                 now = monotonic()
                 delay = core.retry_policy.backoff(min(attempt, 8), core.rng.random())
                 if kind is FailureKind.PERMANENT or now + delay >= give_up_at:
-                    core.fire(Event.WARMUP_FAILED)
+                    core.try_fire(Event.WARMUP_FAILED)  # lost a race with close()
                     core.tracker.warmup(now - started, False)
                     error = core.not_ready_error(exc, now - started)
                     logger.error("%s", error, extra={"event": "warmup", "ok": False})
@@ -143,8 +143,14 @@ class AsyncDatabase:
                     extra={"event": "warmup_retry", "attempt": attempt},
                 )
                 await sleep(delay)
+                core.check_accepting()  # close() stops a warmup that is still retrying
                 continue
             break
+        if core.state is not State.WARMING:
+            # close() arrived while we were connecting: do not open a pool now.
+            await conn.close()
+            core.check_accepting()
+            return
         pool = self._ensure_pool()
         await pool.open(wait=False)
         await pool.adopt(conn)
@@ -763,7 +769,7 @@ class AsyncDatabase:
         if pool is not None:
             await pool.close(timeout=max(0.0, give_up_at - monotonic()))
         self._watchdog.close()
-        core.fire(Event.CLOSED)
+        core.try_fire(Event.CLOSED)  # a concurrent close() may have finished first
         logger.info(
             "closed (%d operation(s) still in flight were cut off)",
             self._inflight,

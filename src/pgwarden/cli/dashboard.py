@@ -12,9 +12,9 @@ So that the charts have something to show, a light probe runs in the background:
 ``SELECT 1`` per second and a health check every five seconds.  ``--load`` replaces it with a
 bounded synthetic workload (``--load-rate`` statements per second over four workers, default
 40/s, at most 2000/s): short ``pg_sleep`` and ``generate_series`` reads with a long-tailed
-latency mix, a burst every 15 s that briefly exceeds the pool so callers queue, one statement
-in a hundred failing on purpose (division by zero, so the errors chart moves) and one in five
-hundred slower than the slow-query threshold.  Everything it sends is read-only.
+latency mix, a burst every 15 s that briefly asks for twice the pool so callers queue, one
+statement in a hundred failing on purpose (division by zero, so the errors chart moves) and
+one in five hundred slower than the slow-query threshold.  Everything it sends is read-only.
 
 With ``--stats-url URL`` (or an ``http(s)://`` URL as the argument) no database is opened:
 the dashboard polls that endpoint instead, e.g. ``/pgwarden/stats.json`` of an application
@@ -206,17 +206,19 @@ async def _worker(db: Any, stop: asyncio.Event, interval: float, seed: int) -> N
 
 
 async def _bursts(db: Any, stop: asyncio.Event) -> None:
-    """Every 15 s, ask for four connections more than the pool has for about 1.6 s: the pool
-    fills and callers queue."""
+    """Every 15 s (the first after 5 s), ask for twice as many connections as the pool has,
+    for about 1.8 s: the pool fills and as many callers queue."""
+    wait = 5.0  # the first burst comes early, so a fresh dashboard shows one soon
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), BURST_EVERY)
+            await asyncio.wait_for(stop.wait(), wait)
         if stop.is_set():
             return
-        size = int(getattr(db.settings, "max_size", 10)) + 4
+        wait = BURST_EVERY
+        size = 2 * int(getattr(db.settings, "max_size", 10))
         with contextlib.suppress(Exception):
             await asyncio.gather(
-                *(db.fetchval("SELECT pg_sleep(0.3)", timeout=5) for _ in range(size)),
+                *(db.fetchval("SELECT pg_sleep(0.9)", timeout=5) for _ in range(size)),
                 return_exceptions=True,
             )
 

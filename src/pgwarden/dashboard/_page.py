@@ -52,7 +52,8 @@ main { padding: 16px 20px 24px; }
   letter-spacing: .5px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 .tile .v { font-size: 21px; font-weight: 650; margin-top: 2px; white-space: nowrap;
   font-variant-numeric: tabular-nums; }
-.tile .s { color: var(--muted); font-size: 11px; white-space: nowrap; }
+.tile .s { color: var(--muted); font-size: 11px; white-space: nowrap; overflow: hidden;
+  text-overflow: ellipsis; }
 .charts { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; }
 .card { background: var(--panel); border: 1px solid var(--edge); border-radius: 8px;
   padding: 10px 12px 8px; min-width: 0; }
@@ -158,7 +159,7 @@ function fmtDur(s) {
   if (s === null || s === undefined || !Number.isFinite(s)) return "\\u2013";
   if (s === 0) return "0";
   const ms = s * 1000;
-  if (ms < 1) return ms.toFixed(3) + " ms";
+  if (ms < 1) return String(Number(ms.toPrecision(2))) + " ms";
   if (ms < 10) return ms.toFixed(2) + " ms";
   if (ms < 1000) return ms.toFixed(1) + " ms";
   return s.toFixed(2) + " s";
@@ -271,7 +272,7 @@ function niceMax(v) {
 
 // One chart: an SVG path per series, x by sample time (the newest at the right edge),
 // spanning the history held, at least 60 s and at most HISTORY seconds.
-function chart(id, series, fmt, minMax) {
+function chart(id, series, fmt, minMax, legendFmt) {
   const svg = $(id);
   const W = 600, H = 165, L = 58, R = 8, T = 8, B = 20;
   const pts = S.points;
@@ -324,7 +325,8 @@ function chart(id, series, fmt, minMax) {
   const lastP = pts[pts.length - 1] || {};
   $(id.replace("chart-", "legend-")).innerHTML = series.map((s) =>
     '<span><i style="background:' + s.color + '"></i>' + esc(s.label) + "<b>" +
-    esc(fmt(lastP[s.key] === undefined ? null : lastP[s.key])) + "</b></span>").join("");
+    esc((legendFmt || fmt)(lastP[s.key] === undefined ? null : lastP[s.key])) +
+    "</b></span>").join("");
 }
 
 function pill(id, text, cls) {
@@ -410,9 +412,9 @@ function render(payload) {
   $("v-qps").textContent = fmtRate(last.qps);
   $("v-queries").textContent = fmtInt(c.queries) + " total";
   $("v-p99").textContent = fmtQ(last.q99);
-  $("v-p50").textContent = "p50 " + fmtQ(last.q50) + " \\u00b7 p95 " + fmtQ(last.q95);
+  $("v-p50").textContent = "p50 " + fmtQ(last.q50) + ", p95 " + fmtQ(last.q95);
   $("v-ap99").textContent = fmtQ(last.a99);
-  $("v-ap50").textContent = "p50 " + fmtQ(last.a50) + " \\u00b7 last 10 s";
+  $("v-ap50").textContent = "p50 " + fmtQ(last.a50);
   $("v-eps").textContent = fmtRate(last.eps);
   $("v-errors").textContent = fmtInt(total(c.errors)) + " total";
   $("v-rps").textContent = fmtRate(last.rps);
@@ -429,7 +431,7 @@ function render(payload) {
     { key: "q95", label: "query p95", color: "var(--amber)" },
     { key: "q99", label: "query p99", color: "var(--red)" },
     { key: "a99", label: "acquire p99", color: "var(--violet)", dash: true },
-  ], fmtDur, 0.001);
+  ], fmtDur, 0.001, fmtQ);
   chart("chart-throughput", [
     { key: "qps", label: "queries/s", color: "var(--cyan)", area: true },
   ], fmtRate, 1);
