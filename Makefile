@@ -21,14 +21,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
-# System packages the integration tests need: PostgreSQL server binaries and
-# PgBouncer. Installed only when missing and only when we can (root); the
+# System packages the integration tests need: PostgreSQL server binaries,
+# PgBouncer, and Chromium for the dashboard's headless-browser test. Installed only when missing and only when we can (root); the
 # tests then say what is missing (skip locally, fail under CI=true).
 # No cluster is created on the standard port: the tests start their own.
 sysdeps:
 	@need=""; \
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need="$$need postgresql"; \
 	{ command -v pgbouncer || test -x /usr/sbin/pgbouncer; } >/dev/null 2>&1 || need="$$need pgbouncer"; \
+	test -x /usr/bin/chromium || need="$$need chromium fonts-dejavu-core"; \
 	if [ -n "$$need" ]; then \
 	  if [ "$$(id -u)" = "0" ]; then \
 	    echo "installing:$$need (apt-get)"; \
@@ -36,7 +37,7 @@ sysdeps:
 	    grep -qs '^create_main_cluster' /etc/postgresql-common/createcluster.conf || \
 	      echo 'create_main_cluster = false' >> /etc/postgresql-common/createcluster.conf; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need >/dev/null; \
 	  else \
 	    echo "missing:$$need and not root: those tests will skip (fail under CI=true)"; \
 	  fi; \

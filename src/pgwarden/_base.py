@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from time import monotonic
 from typing import Any
 
@@ -131,6 +131,24 @@ class HandleCore:
     def settle_budget(self, now: float) -> None:
         count, self.unbilled_requests = self.unbilled_requests, 0
         self.budget.on_requests(count, now)
+
+    def add_tracker(self, extra: MetricsTracker) -> Callable[[], None]:
+        """Report every metrics event to *extra* too; ``stats()`` keeps its shape.
+
+        Returns ``remove()``, which detaches *extra* again if nothing else was
+        attached after it.
+        """
+        from pgwarden.core.metrics import TeeTracker
+
+        current = self.tracker
+        tee = TeeTracker(current, extra)
+        self.tracker = tee
+
+        def remove() -> None:
+            if self.tracker is tee:
+                self.tracker = current
+
+        return remove
 
     # --- configuration for psycopg / psycopg_pool ----------------------------------------------
     @property

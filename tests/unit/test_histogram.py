@@ -126,6 +126,17 @@ def test_buckets_are_cumulative_and_exact_on_bounds() -> None:
     assert counts == sorted(counts)
 
 
+def test_sub_100us_export_buckets_resolve_acquire_waits() -> None:
+    # Acquire waits from a warm pool take 5-30 µs; they must not all land in one bucket.
+    assert PROMETHEUS_BOUNDS[:4] == (1e-05, 2.5e-05, 5e-05, 0.0001)
+    h = filled([0.000005, 0.00001, 0.000012, 0.00002, 0.000025, 0.00003, 0.00005, 0.00007])
+    got = dict(h.buckets())
+    assert got[1e-05] == 2  # 5 µs and exactly 10 µs
+    assert got[2.5e-05] == 5  # ... 12, 20 and exactly 25 µs
+    assert got[5e-05] == 7  # ... 30 and exactly 50 µs
+    assert got[0.0001] == 8
+
+
 def test_snapshot_is_json() -> None:
     h = filled([random.uniform(0, 1) for _ in range(100)])
     snap = h.snapshot()

@@ -15,10 +15,10 @@ from pgwarden.core.metrics import (
     OTEL_ATTRIBUTES,
     OTEL_NAMES,
     CloseReason,
-    CompositeTracker,
     MetricsTracker,
     NoopTracker,
     StatsTracker,
+    TeeTracker,
     pool_gauges,
 )
 
@@ -64,7 +64,7 @@ def roundtrip(value: object) -> Any:
 
 def test_protocol_is_implemented() -> None:
     assert len(TRACKER_METHODS) == 15
-    for tracker in (NoopTracker(), StatsTracker(), CompositeTracker([])):
+    for tracker in (NoopTracker(), StatsTracker(), TeeTracker(StatsTracker(), NoopTracker())):
         assert isinstance(tracker, MetricsTracker)
         for name in TRACKER_METHODS:
             assert callable(getattr(tracker, name))
@@ -195,29 +195,92 @@ class Recorder:
         return {"calls": len(self.calls)}
 
 
-def test_composite_fans_out() -> None:
-    a, b = Recorder(), Recorder()
-    stats = StatsTracker()
-    t = CompositeTracker([a, stats, b])
+class Boom:
+    """A broken exporter: every tracker method raises."""
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: object) -> None:
+            raise RuntimeError(f"exporter bug in {name}")
+
+        return fail
+
+    def snapshot(self) -> dict[str, object]:
+        raise RuntimeError("exporter bug in snapshot")
+
+
+def test_tee_fans_out_to_every_tracker_in_order() -> None:
+    order: list[str] = []
+
+    class Named(Recorder):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def query(self, duration: float) -> None:
+            order.append(self.name)
+
+    p, a, b = Recorder(), Recorder(), Recorder()
+    t = TeeTracker(p, a, b)
     drive(t)
-    assert a.calls == b.calls
-    assert {name for name, _ in a.calls} == set(TRACKER_METHODS)
-    assert ("breaker_transition", ("closed", "open")) in a.calls
+    assert p.calls == a.calls == b.calls
+    assert {name for name, _ in p.calls} == set(TRACKER_METHODS)
+    assert ("breaker_transition", ("closed", "open")) in p.calls
     assert ("warmup", (0.05, True)) in a.calls
-    snap: Any = t.snapshot()
-    assert snap["trackers"][0] == {"calls": len(a.calls)}
-    assert snap["trackers"][1] == stats.snapshot()
-    assert roundtrip(snap) == snap
-    assert t.trackers[1] is stats
+    TeeTracker(Named("primary"), Named("a"), Named("b"), Named("c")).query(0.1)
+    assert order == ["primary", "a", "b", "c"]
 
 
-def test_composite_of_nothing_and_nested() -> None:
-    CompositeTracker([]).query(0.1)
-    stats = StatsTracker()
-    nested = CompositeTracker([CompositeTracker([stats]), NoopTracker()])
-    nested.query(0.1)
+def test_tee_snapshot_and_histograms_are_the_primarys() -> None:
+    stats, extra = StatsTracker(), StatsTracker()
+    t = TeeTracker(stats, extra)
+    drive(t)
+    assert t.snapshot() == stats.snapshot() == extra.snapshot()
+    assert roundtrip(t.snapshot()) == t.snapshot()
+    assert t.histograms == stats.histograms
+    assert t.histograms["query_duration_seconds"] is stats.query_duration
+    assert TeeTracker(NoopTracker(), stats).snapshot() == {"enabled": False}
+    assert TeeTracker(NoopTracker(), stats).histograms == {}
+
+
+def test_tee_swallows_extra_errors_but_not_the_primarys() -> None:
+    stats, after = StatsTracker(), Recorder()
+    t = TeeTracker(stats, Boom(), after)
+    drive(t)  # every method of the extra raises; none escapes
+    assert {name for name, _ in after.calls} == set(TRACKER_METHODS)  # later extras still run
+    c: Any = t.snapshot()["counters"]
+    assert c["queries"] == 2
+    with pytest.raises(RuntimeError, match="query"):
+        TeeTracker(Boom(), after).query(0.1)
+
+    class Interrupting(NoopTracker):
+        def query(self, duration: float) -> None:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # only Exception is swallowed
+        TeeTracker(NoopTracker(), Interrupting()).query(0.1)
+
+
+def test_tee_nests_like_repeated_attachment() -> None:
+    stats, a, b = StatsTracker(), Recorder(), Recorder()
+    once = TeeTracker(stats, a, b)
+    twice = TeeTracker(TeeTracker(stats, a), b)  # what add_tracker() twice builds
+    for t in (once, twice):
+        assert t.primary is stats
+        assert t.extras == (a, b)
+        assert t.snapshot() == stats.snapshot()
+    assert repr(once) == "<TeeTracker StatsTracker, Recorder, Recorder>"
+    lonely = TeeTracker(stats)  # no extras: a pass-through
+    lonely.query(0.1)
+    assert lonely.extras == ()
     c: Any = stats.snapshot()["counters"]
     assert c["queries"] == 1
+
+
+def test_tee_rejects_what_is_not_a_tracker() -> None:
+    with pytest.raises(TypeError, match="MetricsTracker"):
+        TeeTracker(StatsTracker(), object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="MetricsTracker"):
+        TeeTracker(object(), StatsTracker())  # type: ignore[arg-type]
 
 
 def test_pool_gauges() -> None:

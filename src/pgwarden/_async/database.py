@@ -486,6 +486,12 @@ class AsyncDatabase:
         if kind in (FailureKind.STALE, FailureKind.LOST, FailureKind.LOST_COMMIT):
             # One broken connection usually means a restart or a failover:
             # check the idle ones now rather than fail on them one by one.
+            if not self._checker.running:
+                logger.info(
+                    "connection lost (%s): checking idle connections, reconnecting",
+                    kind.value,
+                    extra={"event": "reconnect", "reason": kind.value},
+                )
             await self._check_pool()
         elif kind is FailureKind.FAILOVER:
             await self._drain_for_failover()
@@ -783,9 +789,19 @@ class AsyncDatabase:
         handler that was installed before. Never exits the process by itself."""
         on_signals(signals, lambda: self.close(timeout))
 
+    def add_tracker(self, tracker: MetricsTracker) -> Callable[[], None]:
+        """Also report every metrics event to *tracker* (an exporter's); returns
+        ``remove()``. ``stats()`` is unchanged; a failing extra tracker never fails
+        a query."""
+        return self._core.add_tracker(tracker)
+
     def _forget_after_fork(self) -> None:
-        """In a forked child: drop the parent's pool without touching its sockets."""
-        self._core = HandleCore(self.settings)
+        """In a forked child: drop the parent's pool without touching its sockets.
+
+        The tracker (and any exporter attached to it) is kept; its counters
+        include the parent's history up to the fork.
+        """
+        self._core = HandleCore(self.settings, self._core.tracker)
         self._pool = None
         self._warmup = SingleFlight()
         self._checker = SingleFlight()

@@ -9,11 +9,11 @@ with a minimal standard-library HTTP server on ``127.0.0.1:8765`` (``--host``, `
 ``--port 0`` picks a free port).  The address is printed on stdout as soon as it listens.
 
 So that the charts have something to show, a light probe runs in the background: one
-``SELECT 1`` per second and a health check every five seconds.  ``--load`` replaces it with a
+``SELECT 1`` per second and a health check every five seconds.  ``--load`` adds to it a
 bounded synthetic workload (``--load-rate`` statements per second over four workers, default
 40/s, at most 2000/s): short ``pg_sleep`` and ``generate_series`` reads with a long-tailed
-latency mix, a burst every 15 s that briefly asks for twice the pool so callers queue, one
-statement in a hundred failing on purpose (division by zero, so the errors chart moves) and
+latency mix, a burst every 15 s that briefly asks for 1.5 times the pool so callers queue,
+one statement in a hundred failing on purpose (division by zero, so the errors chart moves) and
 one in five hundred slower than the slow-query threshold.  Everything it sends is read-only.
 
 With ``--stats-url URL`` (or an ``http(s)://`` URL as the argument) no database is opened:
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import math
 import os
 import random
@@ -206,8 +207,9 @@ async def _worker(db: Any, stop: asyncio.Event, interval: float, seed: int) -> N
 
 
 async def _bursts(db: Any, stop: asyncio.Event) -> None:
-    """Every 15 s (the first after 5 s), ask for twice as many connections as the pool has,
-    for about 1.8 s: the pool fills and as many callers queue."""
+    """Every 15 s (the first after 5 s), ask for half again as many connections as the pool
+    has, for about 0.9 s: the pool fills and callers queue, yet no statement crosses the
+    default 1 s slow-query threshold."""
     wait = 5.0  # the first burst comes early, so a fresh dashboard shows one soon
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
@@ -215,10 +217,10 @@ async def _bursts(db: Any, stop: asyncio.Event) -> None:
         if stop.is_set():
             return
         wait = BURST_EVERY
-        size = 2 * int(getattr(db.settings, "max_size", 10))
+        pool = int(getattr(db.settings, "max_size", 10))
         with contextlib.suppress(Exception):
             await asyncio.gather(
-                *(db.fetchval("SELECT pg_sleep(0.9)", timeout=5) for _ in range(size)),
+                *(db.fetchval("SELECT pg_sleep(0.45)", timeout=5) for _ in range(pool + pool // 2)),
                 return_exceptions=True,
             )
 
@@ -235,6 +237,15 @@ def _activity(db: Any, args: argparse.Namespace, stop: asyncio.Event) -> list[as
 
 # --------------------------------------------------------------------------------------------
 # Serving
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def _serve(source: object, args: argparse.Namespace, label: str, db: Any) -> int:
@@ -259,6 +270,11 @@ async def _serve(source: object, args: argparse.Namespace, label: str, db: Any) 
                 loop.add_signal_handler(sig, stop.set)
                 installed.append(sig)
     print(f"pgwarden dashboard: serving {server.url} for {label} (Ctrl-C to stop)", flush=True)
+    if not _is_loopback(str(args.host)):
+        _err(
+            "pgwarden dashboard: warning: listening beyond loopback; the dashboard has no "
+            "authentication, so anyone who can reach this address can read it"
+        )
     tasks: list[asyncio.Task[None]] = []
     try:
         if db is not None:

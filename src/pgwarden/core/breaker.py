@@ -170,10 +170,7 @@ class CircuitBreaker:
             self._failures += 1
             if self._failures == 1:
                 self._first_failure_at = now
-            if (
-                self._failures >= self.threshold
-                and now - self._first_failure_at >= self.min_outage
-            ):
+            if self._failures >= self.threshold and now - self._first_failure_at >= self.min_outage:
                 self._opened_at = now
                 self._cooldown = self.base_cooldown
                 return self._move(BreakerState.OPEN)

@@ -50,9 +50,17 @@ MAX_TRACKED = 120.0
 
 _PER_DECADE = 48
 
-#: Export bounds (seconds) for Prometheus ``le`` buckets; ``+Inf`` is implied.  Sub-millisecond
-#: bounds resolve fast local queries; 30 s and 60 s resolve acquire timeouts and slow connects.
+#: Export bounds (seconds) for Prometheus ``le`` buckets; ``+Inf`` is implied.  The 10, 25 and
+#: 50 µs bounds resolve acquire waits from a warm pool (typically 5-30 µs, which a 100 µs first
+#: bucket would hide entirely); the other sub-millisecond bounds resolve fast local queries;
+#: 30 s and 60 s resolve acquire timeouts and slow connects.  Every bound is also a bound of
+#: :data:`BOUNDS`, so exported counts are exact: 10 µs is the grid's first bound, and the
+#: others that are not on the 48-per-decade grid (2.5e-05, 5e-05, 0.00025, ... 30.0, 60.0) are
+#: inserted into it by :func:`_make_bounds`, keeping round ``le`` labels.
 PROMETHEUS_BOUNDS: tuple[float, ...] = (
+    0.00001,
+    0.000025,
+    0.00005,
     0.0001,
     0.00025,
     0.0005,

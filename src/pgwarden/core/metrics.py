@@ -7,7 +7,8 @@ Theory of operation
     one method call.  :class:`StatsTracker` keeps counters and :class:`Histogram` s in memory and
     renders them as a plain dict for ``db.stats()``; exporters (Prometheus, OpenTelemetry) live at
     the edges and either read a :class:`StatsTracker` or implement :class:`MetricsTracker`
-    themselves, combined with the stats through :class:`CompositeTracker`.
+    themselves, attached beside the stats with ``db.add_tracker(...)``, which wraps both in a
+    :class:`TeeTracker` (``stats()`` keeps its shape; an exporter's exception is swallowed).
 
 Contracts for every tracker method
     * Cheap: no I/O, no locks, no allocation beyond a dict slot for a new label value.
@@ -29,7 +30,7 @@ Threads
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Protocol, TypeVar, runtime_checkable
 
 from pgwarden.core.histogram import Histogram
@@ -38,10 +39,10 @@ __all__ = [
     "OTEL_ATTRIBUTES",
     "OTEL_NAMES",
     "CloseReason",
-    "CompositeTracker",
     "MetricsTracker",
     "NoopTracker",
     "StatsTracker",
+    "TeeTracker",
     "pool_gauges",
 ]
 
@@ -390,85 +391,179 @@ class StatsTracker:
         self._init_counters()
 
 
-class CompositeTracker:
-    """Fans every call out to several trackers, in order (e.g. stats plus a user exporter).
+_NOOP = NoopTracker()  # the extra of a tee built without one
 
-    A child that raises is a bug in that child; the exception propagates (the shells treat a
-    tracker as infallible).  :meth:`snapshot` returns ``{"trackers": [child snapshots]}``.
+
+class TeeTracker:
+    """Reports every event to a *primary* tracker, then to each *extra* one (an exporter's).
+
+    ``TeeTracker(StatsTracker(), OTelTracker(meter, "orders"))`` is what
+    ``db.add_tracker(OTelTracker(meter, "orders"))`` installs.
+
+    * :meth:`snapshot` and :attr:`histograms` are the primary's, so ``db.stats()`` keeps its
+      shape whatever is attached.
+    * An exception from the primary propagates (it is pgwarden's own tracker; a failure there
+      is a bug to see).  An exception from an extra is swallowed: an exporter must never fail a
+      query, and the remaining extras are still called.
+    * Construction checks that every argument implements :class:`MetricsTracker`, so a
+      tracker missing a method fails here rather than silently on every event.
+
+    Cost: the single-extra case is two method calls and a zero-cost ``try`` per event, with no
+    loop (``bench/metrics_overhead.py``).  More extras are folded to the left,
+    ``TeeTracker(p, a, b)`` being ``TeeTracker(TeeTracker(p, a), b)``: one more nested call per
+    extra, each extra guarded on its own.  Attaching to a handle twice builds the same shape.
     """
 
-    __slots__ = ("_children",)
+    __slots__ = ("_extra", "_primary")
 
-    def __init__(self, trackers: Iterable[MetricsTracker]) -> None:
-        self._children: tuple[MetricsTracker, ...] = tuple(trackers)
+    def __init__(self, primary: MetricsTracker, *extras: MetricsTracker) -> None:
+        for tracker in (primary, *extras):
+            if not isinstance(tracker, MetricsTracker):
+                raise TypeError(f"{type(tracker).__name__} does not implement MetricsTracker")
+        if len(extras) > 1:
+            primary = TeeTracker(primary, *extras[:-1])
+        self._primary: MetricsTracker = primary
+        self._extra: MetricsTracker = extras[-1] if extras else _NOOP
 
     @property
-    def trackers(self) -> tuple[MetricsTracker, ...]:
-        """The child trackers, in call order."""
-        return self._children
+    def primary(self) -> MetricsTracker:
+        """The tracker whose :meth:`snapshot` this tee returns (never a tee itself)."""
+        tracker = self._primary
+        while isinstance(tracker, TeeTracker):
+            tracker = tracker._primary
+        return tracker
 
+    @property
+    def extras(self) -> tuple[MetricsTracker, ...]:
+        """The extra trackers, in call order."""
+        found: list[MetricsTracker] = []
+        tracker: MetricsTracker = self
+        while isinstance(tracker, TeeTracker):
+            if tracker._extra is not _NOOP:
+                found.append(tracker._extra)
+            tracker = tracker._primary
+        return tuple(reversed(found))
+
+    @property
+    def histograms(self) -> Mapping[str, Histogram]:
+        """The primary's histograms (``{}`` if it has none), for exporters."""
+        found = getattr(self.primary, "histograms", None)
+        return found if isinstance(found, Mapping) else {}
+
+    # Every method: the primary unguarded, then the extra under a try (free in CPython 3.11+
+    # when nothing is raised; contextlib.suppress would cost a context manager per event).
     def query(self, duration: float) -> None:
-        for t in self._children:
-            t.query(duration)
+        self._primary.query(duration)
+        try:  # noqa: SIM105
+            self._extra.query(duration)
+        except Exception:  # noqa: S110 - an exporter must not fail a query
+            pass
 
     def query_error(self, kind: str) -> None:
-        for t in self._children:
-            t.query_error(kind)
+        self._primary.query_error(kind)
+        try:  # noqa: SIM105
+            self._extra.query_error(kind)
+        except Exception:  # noqa: S110
+            pass
 
     def acquire(self, wait: float) -> None:
-        for t in self._children:
-            t.acquire(wait)
+        self._primary.acquire(wait)
+        try:  # noqa: SIM105
+            self._extra.acquire(wait)
+        except Exception:  # noqa: S110
+            pass
 
     def connection_opened(self, setup: float) -> None:
-        for t in self._children:
-            t.connection_opened(setup)
+        self._primary.connection_opened(setup)
+        try:  # noqa: SIM105
+            self._extra.connection_opened(setup)
+        except Exception:  # noqa: S110
+            pass
 
     def connection_closed(self, reason: str) -> None:
-        for t in self._children:
-            t.connection_closed(reason)
+        self._primary.connection_closed(reason)
+        try:  # noqa: SIM105
+            self._extra.connection_closed(reason)
+        except Exception:  # noqa: S110
+            pass
 
     def connect_failed(self, kind: str) -> None:
-        for t in self._children:
-            t.connect_failed(kind)
+        self._primary.connect_failed(kind)
+        try:  # noqa: SIM105
+            self._extra.connect_failed(kind)
+        except Exception:  # noqa: S110
+            pass
 
     def warmup(self, duration: float, ok: bool) -> None:
-        for t in self._children:
-            t.warmup(duration, ok)
+        self._primary.warmup(duration, ok)
+        try:  # noqa: SIM105
+            self._extra.warmup(duration, ok)
+        except Exception:  # noqa: S110
+            pass
 
     def retry(self, reason: str, attempt: int) -> None:
-        for t in self._children:
-            t.retry(reason, attempt)
+        self._primary.retry(reason, attempt)
+        try:  # noqa: SIM105
+            self._extra.retry(reason, attempt)
+        except Exception:  # noqa: S110
+            pass
 
     def overload(self) -> None:
-        for t in self._children:
-            t.overload()
+        self._primary.overload()
+        try:  # noqa: SIM105
+            self._extra.overload()
+        except Exception:  # noqa: S110
+            pass
 
     def breaker_transition(self, from_state: str, to_state: str) -> None:
-        for t in self._children:
-            t.breaker_transition(from_state, to_state)
+        self._primary.breaker_transition(from_state, to_state)
+        try:  # noqa: SIM105
+            self._extra.breaker_transition(from_state, to_state)
+        except Exception:  # noqa: S110
+            pass
 
     def ambiguous_commit(self, outcome: str) -> None:
-        for t in self._children:
-            t.ambiguous_commit(outcome)
+        self._primary.ambiguous_commit(outcome)
+        try:  # noqa: SIM105
+            self._extra.ambiguous_commit(outcome)
+        except Exception:  # noqa: S110
+            pass
 
     def health_check(self, ok: bool) -> None:
-        for t in self._children:
-            t.health_check(ok)
+        self._primary.health_check(ok)
+        try:  # noqa: SIM105
+            self._extra.health_check(ok)
+        except Exception:  # noqa: S110
+            pass
 
     def slow_query(self) -> None:
-        for t in self._children:
-            t.slow_query()
+        self._primary.slow_query()
+        try:  # noqa: SIM105
+            self._extra.slow_query()
+        except Exception:  # noqa: S110
+            pass
 
     def leaked_connection(self) -> None:
-        for t in self._children:
-            t.leaked_connection()
+        self._primary.leaked_connection()
+        try:  # noqa: SIM105
+            self._extra.leaked_connection()
+        except Exception:  # noqa: S110
+            pass
 
     def limit_changed(self, new_limit: int) -> None:
-        for t in self._children:
-            t.limit_changed(new_limit)
+        self._primary.limit_changed(new_limit)
+        try:  # noqa: SIM105
+            self._extra.limit_changed(new_limit)
+        except Exception:  # noqa: S110
+            pass
 
     def snapshot(self) -> dict[str, object]:
-        return {"trackers": [t.snapshot() for t in self._children]}
+        """The primary's snapshot, unchanged."""
+        return self._primary.snapshot()
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(t).__name__ for t in (self.primary, *self.extras))
+        return f"<TeeTracker {names}>"
 
 
 def pool_gauges(size: int, idle: int, in_use: int, waiting: int, max_size: int) -> dict[str, float]:

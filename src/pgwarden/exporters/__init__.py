@@ -47,7 +47,6 @@ __all__ = [
     "OTHER",
     "STATES",
     "StatsHandle",
-    "TeeTracker",
     "attach_tracker",
     "attempt_label",
     "bounded",
@@ -141,7 +140,8 @@ def pool_name(handle: object, name: str | None = None) -> str:
 def histograms_of(handle: object) -> Mapping[str, Histogram]:
     """The live :class:`Histogram` objects behind a handle's ``stats()``, by key.
 
-    Looks at the handle's tracker (a ``StatsTracker``, or a composite/tee that holds one).
+    Looks at the handle's tracker (a ``StatsTracker``, or a
+    :class:`~pgwarden.core.metrics.TeeTracker` whose primary is one).
     Returns ``{}`` when there is none (metrics off, or a source that is not a handle).
     """
     core = getattr(handle, "_core", None)
@@ -159,12 +159,6 @@ def _histograms_of_tracker(tracker: object, depth: int) -> Mapping[str, Histogra
         inner = getattr(tracker, attr, None)
         if inner is not None:
             got = _histograms_of_tracker(inner, depth + 1)
-            if got:
-                return got
-    children = getattr(tracker, "_children", None)
-    if isinstance(children, (list, tuple)):
-        for child in children:
-            got = _histograms_of_tracker(child, depth + 1)
             if got:
                 return got
     return {}
@@ -254,151 +248,19 @@ def parse_buckets(raw: object) -> list[tuple[float, int]] | None:
 BUCKET_BOUNDS: tuple[float, ...] = PROMETHEUS_BOUNDS
 
 
-class TeeTracker:
-    """A tracker that reports to a *primary* tracker and to one *extra* tracker.
-
-    Unlike :class:`~pgwarden.core.metrics.CompositeTracker`, ``snapshot()`` and
-    ``histograms`` are the primary's, so ``db.stats()`` keeps its shape when an exporter
-    (OpenTelemetry histograms) is attached.  An exception from the extra tracker is swallowed:
-    an exporter must never fail a query.
-    """
-
-    __slots__ = ("extra", "primary")
-
-    def __init__(self, primary: MetricsTracker, extra: MetricsTracker) -> None:
-        self.primary = primary
-        self.extra = extra
-
-    @property
-    def histograms(self) -> Mapping[str, Histogram]:
-        return _histograms_of_tracker(self.primary, depth=0)
-
-    def query(self, duration: float) -> None:
-        self.primary.query(duration)
-        try:  # noqa: SIM105 - zero-cost try, unlike contextlib.suppress
-            self.extra.query(duration)
-        except Exception:  # noqa: S110 - an exporter must not fail a query
-            pass
-
-    def query_error(self, kind: str) -> None:
-        self.primary.query_error(kind)
-        try:  # noqa: SIM105
-            self.extra.query_error(kind)
-        except Exception:  # noqa: S110
-            pass
-
-    def acquire(self, wait: float) -> None:
-        self.primary.acquire(wait)
-        try:  # noqa: SIM105
-            self.extra.acquire(wait)
-        except Exception:  # noqa: S110
-            pass
-
-    def connection_opened(self, setup: float) -> None:
-        self.primary.connection_opened(setup)
-        try:  # noqa: SIM105
-            self.extra.connection_opened(setup)
-        except Exception:  # noqa: S110
-            pass
-
-    def connection_closed(self, reason: str) -> None:
-        self.primary.connection_closed(reason)
-        try:  # noqa: SIM105
-            self.extra.connection_closed(reason)
-        except Exception:  # noqa: S110
-            pass
-
-    def connect_failed(self, kind: str) -> None:
-        self.primary.connect_failed(kind)
-        try:  # noqa: SIM105
-            self.extra.connect_failed(kind)
-        except Exception:  # noqa: S110
-            pass
-
-    def warmup(self, duration: float, ok: bool) -> None:
-        self.primary.warmup(duration, ok)
-        try:  # noqa: SIM105
-            self.extra.warmup(duration, ok)
-        except Exception:  # noqa: S110
-            pass
-
-    def retry(self, reason: str, attempt: int) -> None:
-        self.primary.retry(reason, attempt)
-        try:  # noqa: SIM105
-            self.extra.retry(reason, attempt)
-        except Exception:  # noqa: S110
-            pass
-
-    def overload(self) -> None:
-        self.primary.overload()
-        try:  # noqa: SIM105
-            self.extra.overload()
-        except Exception:  # noqa: S110
-            pass
-
-    def breaker_transition(self, from_state: str, to_state: str) -> None:
-        self.primary.breaker_transition(from_state, to_state)
-        try:  # noqa: SIM105
-            self.extra.breaker_transition(from_state, to_state)
-        except Exception:  # noqa: S110
-            pass
-
-    def ambiguous_commit(self, outcome: str) -> None:
-        self.primary.ambiguous_commit(outcome)
-        try:  # noqa: SIM105
-            self.extra.ambiguous_commit(outcome)
-        except Exception:  # noqa: S110
-            pass
-
-    def health_check(self, ok: bool) -> None:
-        self.primary.health_check(ok)
-        try:  # noqa: SIM105
-            self.extra.health_check(ok)
-        except Exception:  # noqa: S110
-            pass
-
-    def slow_query(self) -> None:
-        self.primary.slow_query()
-        try:  # noqa: SIM105
-            self.extra.slow_query()
-        except Exception:  # noqa: S110
-            pass
-
-    def leaked_connection(self) -> None:
-        self.primary.leaked_connection()
-        try:  # noqa: SIM105
-            self.extra.leaked_connection()
-        except Exception:  # noqa: S110
-            pass
-
-    def limit_changed(self, new_limit: int) -> None:
-        self.primary.limit_changed(new_limit)
-        try:  # noqa: SIM105
-            self.extra.limit_changed(new_limit)
-        except Exception:  # noqa: S110
-            pass
-
-    def snapshot(self) -> dict[str, object]:
-        return self.primary.snapshot()
-
-
 def attach_tracker(handle: object, extra: MetricsTracker) -> Callable[[], None]:
     """Make *handle* report every metrics event to *extra* as well; return ``detach()``.
 
-    The handle keeps its own tracker as the primary (``stats()`` is unchanged).  This reaches
-    into the handle's private ``_core.tracker``: it is the one place the exporters do so, until
-    the handle offers a public hook.  ``detach()`` restores the previous tracker if nothing
-    else replaced it meanwhile.
+    Calls the handle's public ``add_tracker(extra)`` (see
+    :class:`~pgwarden.core.metrics.TeeTracker`): ``stats()`` is unchanged and an exception
+    from *extra* never fails a query.  ``detach()`` removes *extra* again if nothing else was
+    attached after it.  Raises :class:`TypeError` for an object without ``add_tracker``.
     """
-    core = getattr(handle, "_core", None)
-    current = getattr(core, "tracker", None)
-    if core is None or not isinstance(current, MetricsTracker):
-        raise TypeError(f"{type(handle).__name__} has no metrics tracker to attach to")
-    tee = TeeTracker(current, extra)
-    core.tracker = tee
-
-    def detach() -> None:
-        if getattr(core, "tracker", None) is tee:
-            core.tracker = current
-
+    add = getattr(handle, "add_tracker", None)
+    if not callable(add):
+        raise TypeError(
+            f"{type(handle).__name__} has no add_tracker(); "
+            "attach exporters to a pgwarden Database or AsyncDatabase"
+        )
+    detach: Callable[[], None] = add(extra)
     return detach

@@ -11,38 +11,31 @@ Metrics (meter ``pgwarden``)
     Observable instruments read ``db.stats()`` when the reader collects (one snapshot per
     collection, shared by every callback):
 
-    ==========================================  ====================  ===========================
-    name                                        kind                  attributes
-    ==========================================  ====================  ===========================
-    ``db.client.connection.count``              UpDownCounter         ``db.client.connection.state``
-                                                                      = ``idle`` | ``used``
-    ``db.client.connection.max``                UpDownCounter
-    ``db.client.connection.idle.max``           UpDownCounter
-    ``db.client.connection.pending_requests``   UpDownCounter
-    ``pgwarden.pool.utilization``               Gauge
-    ``pgwarden.pool.limit``                     UpDownCounter         adaptive connection limit
-    ``pgwarden.state`` / ``pgwarden.breaker``   Gauge (1 current)     ``pgwarden.state``
-    ``pgwarden.operations``                     Counter               (successes)
-    ``pgwarden.errors``                         Counter               ``error.type`` = kind
-    ``pgwarden.retries``                        Counter               ``pgwarden.retry.reason``
-    ``pgwarden.retry.attempts``                 Counter               ``pgwarden.retry.attempt``
-    ``pgwarden.connections.opened``             Counter
-    ``pgwarden.connections.closed``             Counter               ``pgwarden.close.reason``
-    ``pgwarden.connect_failures``               Counter               ``error.type``
-    ``pgwarden.overload_events``, ``pgwarden.slow_queries``, ``pgwarden.leaked_connections``
-    ``pgwarden.breaker.transitions``            Counter               ``pgwarden.breaker.from/to``
-    ``pgwarden.ambiguous_commits``              Counter               ``pgwarden.commit.outcome``
-    ``pgwarden.health_checks``, ``pgwarden.warmups``  Counter         ``pgwarden.result``
-    ==========================================  ====================  ===========================
+    * ``db.client.connection.count`` (``db.client.connection.state`` = ``idle`` | ``used``),
+      ``db.client.connection.max``, ``db.client.connection.idle.max``,
+      ``db.client.connection.pending_requests``, ``pgwarden.pool.limit``,
+      ``pgwarden.in_flight``: UpDownCounters;
+    * ``pgwarden.pool.utilization``, ``pgwarden.state`` (``pgwarden.state``) and
+      ``pgwarden.breaker`` (``pgwarden.breaker.state``): Gauges, the states one-hot;
+    * ``pgwarden.operations``, ``pgwarden.errors`` (``error.type`` = failure kind),
+      ``pgwarden.retries`` (``pgwarden.retry.reason``), ``pgwarden.retry.attempts``
+      (``pgwarden.retry.attempt``, ``5+`` caps it), ``pgwarden.connections.opened``,
+      ``pgwarden.connections.closed`` (``pgwarden.close.reason``),
+      ``pgwarden.connect_failures`` (``error.type``), ``pgwarden.overload_events``,
+      ``pgwarden.breaker.transitions`` (``pgwarden.breaker.from``/``to``),
+      ``pgwarden.ambiguous_commits`` (``pgwarden.commit.outcome``), ``pgwarden.health_checks``
+      and ``pgwarden.warmups`` (``pgwarden.result``), ``pgwarden.slow_queries``,
+      ``pgwarden.leaked_connections``: monotonic Counters.
 
+    docs/observability.md has the full table with units.
     Every observation carries ``db.client.connection.pool.name`` (the handle's
     ``application_name`` or the *name* given) and ``db.system.name`` = ``postgresql``.
 
     OpenTelemetry has no asynchronous histogram, so the histograms are recorded as events
-    happen, by an :class:`OTelTracker` attached to the handle's metrics tracker:
+    happen, by an :class:`OTelTracker` attached with ``db.add_tracker()``:
     ``db.client.connection.create_time``, ``db.client.connection.wait_time``,
     ``db.client.operation.duration`` and ``pgwarden.warmup.duration`` (seconds, with bucket
-    boundaries advised at 100 µs .. 60 s).  They record from the moment of :func:`instrument`.
+    boundaries advised at 10 µs .. 60 s).  They record from the moment of :func:`instrument`.
     (``db.client.connection.use_time`` and ``db.client.connection.timeouts`` need hooks the
     handle does not offer yet.)
 
@@ -159,8 +152,8 @@ def _histogram(meter: Meter, name: str, description: str) -> Any:
 class OTelTracker:
     """A ``MetricsTracker`` that records pgwarden's latencies into OpenTelemetry histograms.
 
-    Attach it next to the handle's own tracker with :func:`instrument` (which does so), or
-    build a handle with ``tracker=TeeTracker(StatsTracker(), OTelTracker(meter, "app"))``.
+    :func:`instrument` attaches one next to the handle's own tracker; to do it yourself,
+    ``remove = db.add_tracker(OTelTracker(meter, "app"))`` (``stats()`` is unchanged).
     Only the histograms are recorded here; counters and gauges are observed from
     ``stats()`` by :func:`instrument`.
     """
@@ -323,13 +316,15 @@ class _Observer:
             _num(pool.get("in_use")), self.attrs(**{"db.client.connection.state": "used"})
         )
 
-    def one_hot(self, key: str, states: tuple[str, ...]) -> Callable[..., Iterator[Observation]]:
+    def one_hot(
+        self, key: str, attr: str, states: tuple[str, ...]
+    ) -> Callable[..., Iterator[Observation]]:
         def callback(options: CallbackOptions) -> Iterator[Observation]:
             if not self.active:
                 return
             current = str(self.snap().get(key, ""))
             for s in states:
-                yield Observation(1.0 if s == current else 0.0, self.attrs(**{"pgwarden.state": s}))
+                yield Observation(1.0 if s == current else 0.0, self.attrs(**{attr: s}))
 
         return callback
 
@@ -398,13 +393,13 @@ def _register_observables(meter: Meter, obs: _Observer) -> None:
     )
     meter.create_observable_gauge(
         "pgwarden.state",
-        callbacks=[obs.one_hot("state", STATES)],
+        callbacks=[obs.one_hot("state", "pgwarden.state", STATES)],
         unit="1",
         description="Lifecycle state: 1 for the current state.",
     )
     meter.create_observable_gauge(
         "pgwarden.breaker",
-        callbacks=[obs.one_hot("breaker", BREAKER_STATES)],
+        callbacks=[obs.one_hot("breaker", "pgwarden.breaker.state", BREAKER_STATES)],
         unit="1",
         description="Circuit breaker state: 1 for the current state.",
     )
@@ -670,7 +665,7 @@ class Instrumentation:
         self,
         handle: Any,
         observer: _Observer,
-        tracker: OTelTracker,
+        tracker: OTelTracker | None,
         detach: Callable[[], None] | None,
         patched: list[str],
     ) -> None:
@@ -704,6 +699,7 @@ def instrument(
     tracer_provider: TracerProvider | None = None,
     *,
     spans: bool = False,
+    histograms: bool = True,
     name: str | None = None,
 ) -> Instrumentation:
     """Export *handle*'s metrics through OpenTelemetry (and, with *spans*, trace its queries).
@@ -712,6 +708,11 @@ def instrument(
     ``db.client.connection.pool.name`` (default: the handle's ``application_name``).  With
     ``spans=True`` the handle's query methods are wrapped in place (reversibly); use
     :func:`traced` for a wrapper that leaves the handle untouched.  Call it once per handle.
+
+    With *histograms* (the default) an :class:`OTelTracker` records every query, acquire and
+    connect into OTel histograms as it happens.  That costs what the SDK's
+    ``Histogram.record`` costs, a few microseconds per operation; ``histograms=False`` keeps
+    only the observable instruments, which cost nothing between collections.
     """
     if not isinstance(handle, StatsHandle):
         raise TypeError(f"instrument() needs a pgwarden handle, got {type(handle).__name__}")
@@ -719,11 +720,13 @@ def instrument(
     meter = _meter(meter_provider)
     observer = _Observer(handle, pool)
     _register_observables(meter, observer)
-    tracker = OTelTracker(meter, pool)
-    try:
-        detach: Callable[[], None] | None = attach_tracker(handle, tracker)
-    except TypeError:
-        detach = None  # not a pgwarden handle with a tracker: observables only
+    tracker = OTelTracker(meter, pool) if histograms else None
+    detach: Callable[[], None] | None = None
+    if tracker is not None:
+        try:
+            detach = attach_tracker(handle, tracker)
+        except TypeError:
+            detach = None  # no add_tracker() (not a pgwarden handle): observables only
     patched: list[str] = []
     if spans:
         wrapper = _Traced(handle, _tracer(tracer_provider))

@@ -9,7 +9,7 @@ Theory of operation
     scrape it calls each source's ``stats()`` (a plain-dict snapshot that costs microseconds
     and does no I/O) and turns it into metric families.  Histograms are exported with real
     cumulative buckets read from the handle's own histograms
-    (:data:`~pgwarden.core.histogram.PROMETHEUS_BOUNDS`, 100 µs to 60 s), so
+    (:data:`~pgwarden.core.histogram.PROMETHEUS_BOUNDS`, 10 µs to 60 s), so
     ``histogram_quantile()`` works across a fleet.  A scrape from another thread is fine: the
     snapshot is lock-free and at worst one sample behind.
 
@@ -32,7 +32,15 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+)
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -526,7 +534,7 @@ def metrics_handler(
 
 def asgi_app(
     registry: CollectorRegistry | None = None,
-) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+) -> Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]]:
     """A raw ASGI app serving the metrics on every path it is mounted at (GET and HEAD).
 
     Answers the ``lifespan`` protocol too, so it can run as a top-level app.
