@@ -349,8 +349,36 @@ def render(results: dict[str, dict[str, Any]], machine_text: str, version: str) 
     ]
     for name, result in results.items():
         lines.append(f"| {name} | {format_result(result)} | {TARGETS.get(name, '')} |")
-    lines.append("")
+    lines += ["", *NOTES, ""]
     return "\n".join(lines)
+
+
+NOTES = [
+    "## What each row measures",
+    "",
+    "- **fetchval latency**: one `SELECT 1` per call, one caller, pool already warm.",
+    "  psycopg_pool's side is its best equivalent:",
+    "  `with pool.connection() as conn: conn.execute(...).fetchone()`.",
+    "  pgwarden's side includes readiness guard, breaker check, retry bookkeeping, idle validation",
+    "  decision, the default stats tracker (counters and histograms) and the gap detector.",
+    "- **throughput, 16 tasks**: 16 asyncio tasks sharing a pool of 16, queries per second.",
+    "- **cold start**: a fresh interpreter imports, connects and runs one query; bare psycopg",
+    "  (`psycopg.connect`) against `pgwarden.connect().fetchval`. `import_pgwarden_ms` is",
+    "  `import pgwarden` alone (it loads no driver); `handle_import_over_psycopg_ms` is what a",
+    "  first query additionally imports (psycopg_pool and the handle) over `import psycopg`.",
+    "  Bytecode is compiled first for both sides.",
+    "- **readiness, 200 cold callers**: 200 concurrent `ready()` on a new handle, against one",
+    "  bare connect plus `SELECT 1`; `max_connections_opened` counts the connections",
+    "  the warmup opened.",
+    "- **costs**: pgwarden against itself. `resolve_ratio` is a one-insert `run_transaction` with",
+    "  commit resolution (one extra `txid_current_if_assigned()` round trip) against without.",
+    "  `deadline_ratio` is `fetchval` with a per-call timeout (pipelined BEGIN, SET LOCAL",
+    "  statement_timeout, statement, COMMIT) against without.",
+    "",
+    "Shared machines are noisy: single runs of the latency rows have varied by about 5-10%.",
+    "The fault behaviour (restarts, kills, overload, blackholes) is proven by the test suite,",
+    "not here; `pgwarden stress` compares clients under those faults (docs/stress.md).",
+]
 
 
 if __name__ == "__main__":
