@@ -13,6 +13,7 @@ harness could not start a server; 130 interrupted (the finished scenarios are wr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ def build_parser(prog: str = "pgwarden stress") -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"the flagship: {' and '.join(QUICK)} at size small (about 2 minutes)",
+        help=f"the flagship: {' and '.join(QUICK)} at size small (under 2 minutes)",
     )
     parser.add_argument(
         "--size",
@@ -98,6 +99,11 @@ def build_parser(prog: str = "pgwarden stress") -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="per-request deadline for every client (default: %(default)g)",
     )
+    parser.add_argument(
+        "--markdown",
+        metavar="FILE",
+        help="also write the tables and the machine as Markdown (for docs/benchmarks.md)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="no live progress lines (tables still print)"
@@ -125,6 +131,7 @@ def run(argv: Sequence[str], prog: str = "pgwarden stress") -> int:
         invariant_failures,
         write_html,
         write_json,
+        write_markdown,
     )
     from pgwarden.stress.scenarios import QUICK, Size, resolve
 
@@ -144,6 +151,15 @@ def run(argv: Sequence[str], prog: str = "pgwarden stress") -> int:
             f"unknown client(s): {', '.join(bad) or '(none)'}; choose from {', '.join(CLIENTS)}"
         )
     clients = list(dict.fromkeys(clients))
+    if "sqlalchemy" in clients and importlib.util.find_spec("sqlalchemy") is None:
+        clients.remove("sqlalchemy")
+        print(
+            f"{prog}: SQLAlchemy is not installed, so the sqlalchemy client is left out "
+            "(pip install 'pgwarden[stress]')",
+            file=sys.stderr,
+        )
+        if not clients:
+            return 2
     url: str | None = args.url
     if url is not None:
         problem = loopback_problem(url)
@@ -197,6 +213,8 @@ def run(argv: Sequence[str], prog: str = "pgwarden stress") -> int:
         code = 2
     write_json(report, json_path)
     write_html(report, html_path)
+    if args.markdown:
+        write_markdown(report, Path(args.markdown))
     print(format_summary(report, json_path, html_path), flush=True)
     if code == 0 and invariant_failures(report):
         code = 1

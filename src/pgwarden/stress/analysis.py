@@ -22,6 +22,7 @@ Definitions (they are also in ``docs/stress.md``):
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,8 +58,6 @@ def recoveries(
     """For each fault with ``recover``: seconds from its ``end`` to the first success."""
     completions = sorted(float(r[0]) + float(r[1]) for r in records if r[3] == "ok")
     out: list[dict[str, Any]] = []
-    import bisect
-
     for fault in faults:
         if not fault.get("recover"):
             continue
@@ -85,7 +84,7 @@ def _downsample(records: Sequence[Record], limit: int) -> list[list[Any]]:
         step = len(good) / max(1, room)
         good = [good[int(i * step)] for i in range(room)]
     points = sorted([*bad, *good], key=lambda r: float(r[0]))
-    return [[round(float(r[0]), 3), round(float(r[1]) * 1000, 2), r[3]] for r in points]
+    return [[round(float(r[0]), 3), round(float(r[1]) * 1000, 2), r[3], r[2]] for r in points]
 
 
 def summarize(

@@ -342,6 +342,6 @@ def describe(exc: BaseException) -> str:
     inner = _unwrap(exc)
     first = (str(inner).strip().splitlines() or [""])[0]
     text = f"{type(inner).__name__}: {first}" if first else type(inner).__name__
-    from pgwarden._redact import redact
+    from pgwarden._redact import redact  # standard library only
 
     return redact(text)[:240]

@@ -949,7 +949,15 @@ def machine_info() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "packages": versions,
+        "loadavg": _loadavg(),
     }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _now_iso() -> str:
@@ -1019,4 +1027,5 @@ def run_stress(options: Options, report: dict[str, Any] | None = None) -> dict[s
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         report["finished_at"] = _now_iso()
+        report["machine"]["loadavg_end"] = _loadavg()
     return report

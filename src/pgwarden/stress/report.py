@@ -18,8 +18,10 @@ __all__ = [
     "format_summary",
     "invariant_failures",
     "render_html",
+    "render_markdown",
     "write_html",
     "write_json",
+    "write_markdown",
 ]
 
 COLUMNS = (
@@ -81,13 +83,21 @@ def fmt_errors(errors: dict[str, int], limit: int = 4) -> str:
     return text
 
 
+def fmt_success(r: dict[str, Any]) -> str:
+    """``100%`` only when nothing failed; otherwise rounded down, so 9995/10000 is 99.95%."""
+    if not r["requests"]:
+        return "-"
+    if r["ok"] == r["requests"]:
+        return "100%"
+    return f"{math.floor(10000 * r['ok'] / r['requests']) / 100:.2f}%"
+
+
 def _row(client: str, r: dict[str, Any]) -> list[str]:
     lat = r["latency_ms"]
-    pct = r["success_pct"]
     return [
         client,
         str(r["requests"]),
-        "-" if pct is None else f"{pct:.1f}%",
+        fmt_success(r),
         str(r["failed_with_deadline_left"]),
         fmt_ms(lat["p50"]),
         fmt_ms(lat["p95"]),
@@ -203,6 +213,56 @@ def format_summary(report: dict[str, Any], json_path: Path, html_path: Path) -> 
     return "\n".join(lines)
 
 
+def render_markdown(report: dict[str, Any]) -> str:
+    """The tables as a Markdown document (for ``docs/benchmarks.md``), with the machine."""
+    m = report["machine"]
+    opts = report["options"]
+    packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)
+    versions = sorted(
+        {
+            f"PostgreSQL {e['server_version']}"
+            for e in report["scenarios"]
+            if e.get("server_version")
+        }
+        | {
+            f"PgBouncer {e['pgbouncer_version']}"
+            for e in report["scenarios"]
+            if e.get("pgbouncer_version")
+        }
+    )
+    lines = [
+        "## Stress scenarios (`pgwarden stress`)",
+        "",
+        f"Run {report['started_at']} to {report['finished_at']}"
+        + (" (interrupted)" if report.get("interrupted") else "")
+        + f", size `{opts['size']}`, deadline {opts['deadline_s']:g} s, target {opts['target']}.",
+        "",
+        f"Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}; {packages}"
+        + (f"; {', '.join(versions)}" if versions else "")
+        + (f"; load average at start {m['loadavg']}" if m.get("loadavg") else "")
+        + ".",
+        "",
+    ]
+    failures = invariant_failures(report)
+    lines.append(
+        "pgwarden invariants (no duplicates, no lost acknowledged writes): "
+        + ("held." if not failures else "**FAILED**: " + "; ".join(failures) + ".")
+    )
+    lines.append("")
+    for entry in report["scenarios"]:
+        lines += [f"### {entry['name']}: {entry['title']}", ""]
+        if entry.get("skipped"):
+            lines += [f"Skipped: {entry['skipped']}", ""]
+            continue
+        lines += ["```", format_scenario(entry), "```", ""]
+    return "\n".join(lines)
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_markdown(report), encoding="utf-8")
+
+
 def write_json(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -255,7 +315,7 @@ class _Frame:
             frac = (v - self.y_min) / (self.y_max - self.y_min)
         return self.top + span * (1 - max(0.0, min(frac, 1.0)))
 
-    def axes(self, y_ticks: Sequence[tuple[float, str]], y_label: str) -> list[str]:
+    def axes(self, y_ticks: Sequence[tuple[float, str]]) -> list[str]:
         out = [
             f'<rect x="{self.left}" y="{self.top}" width="{self.w - self.left - self.right}" '
             f'height="{self.h - self.top - self.bottom}" fill="#fff" stroke="#cbd5e1"/>'
@@ -278,7 +338,6 @@ class _Frame:
                 f"{t:g}s</text>"
             )
             t += step
-        out.append(f'<text x="12" y="{self.top + 8}" class="axis">{_esc(y_label)}</text>')
         return out
 
     def faults(self, faults: Sequence[dict[str, Any]]) -> list[str]:
@@ -322,15 +381,16 @@ def latency_chart(result: dict[str, Any], deadline_s: float, x_max: float, clien
     points = result["series"]["requests"]
     top = max([deadline_s * 1000 * 1.5, *(float(p[1]) for p in points)])
     frame = _Frame(width, height, x_max, 0.1, 10 ** math.ceil(math.log10(max(top, 1.0))), log=True)
-    ticks = [(v, fmt_ms(v)) for v in (0.1, 1, 10, 100, 1000, 10000, 100000) if v <= frame.y_max]
-    body = frame.axes(ticks, "latency")
+    labels = {0.1: "0.1ms", 1: "1ms", 10: "10ms", 100: "100ms", 1000: "1s", 10000: "10s"}
+    ticks = [(float(v), text) for v, text in labels.items() if v <= frame.y_max]
+    body = frame.axes(ticks)
     body += frame.faults(result.get("faults", []))
     dl = frame.y(deadline_s * 1000)
     body.append(
         f'<line x1="{frame.left}" x2="{width - frame.right}" y1="{dl:.1f}" y2="{dl:.1f}" '
         'stroke="#64748b" stroke-dasharray="2 3"><title>deadline</title></line>'
     )
-    for t, ms, kind in points:
+    for t, ms, kind, *_ in points:
         color = _KIND_COLORS.get(kind, _FAIL)
         r = 1.4 if kind == "ok" else 2.2
         body.append(
@@ -352,7 +412,7 @@ def connections_chart(
     frame = _Frame(width, height, x_max, 0.0, y_max, log=False)
     step = max(1, int(_nice_step(y_max)))
     ticks = [(float(v), str(v)) for v in range(0, int(y_max) + 1, step)]
-    body = frame.axes(ticks, "server connections")
+    body = frame.axes(ticks)
     if max_connections:
         y = frame.y(max_connections)
         body.append(
@@ -384,7 +444,7 @@ h3{font-size:14px;margin:12px 0 4px}
 th,td{border:1px solid #e2e8f0;padding:3px 8px;text-align:right;white-space:nowrap}
 th{background:#f1f5f9} td.l,th.l{text-align:left} td.bad{background:#fee2e2;color:#991b1b}
 td.good{background:#dcfce7} .charts{display:flex;flex-wrap:wrap;gap:12px}
-.chart{background:#fff;border:1px solid #e2e8f0;padding:6px}
+.chart{background:#fff;border:1px solid #e2e8f0;padding:6px;max-width:580px}
 svg text{font-size:10px;fill:#475569} svg text.axis{font-weight:600}
 .legend span{display:inline-block;margin-right:12px}
 .dot{display:inline-block;width:10px;height:10px;border-radius:50%;margin-right:4px;

@@ -35,6 +35,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+# Cheap: clients.py imports only the standard library; the client libraries themselves are
+# imported by make_client, after the start signal.
+from pgwarden.stress.clients import classify, describe, make_client
+
 __all__ = ["Phase", "WorkerConfig", "main"]
 
 
@@ -132,8 +136,6 @@ class _Worker:
         return not self.stop.is_set()
 
     def one_request(self, index: int, rng: random.Random) -> None:
-        from pgwarden.stress.clients import classify, describe
-
         cfg = self.cfg
         is_write = rng.random() < cfg.write_ratio
         rid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
@@ -270,13 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     for target in (worker.watch_stdin, worker.hard_stop, worker.progress):
         threading.Thread(target=target, daemon=True).start()
     try:
-        from pgwarden.stress.clients import make_client
-
         worker.client = make_client(cfg.client, _ClientSettings(cfg))
         worker.t_client = time.monotonic()
     except Exception as exc:  # an import or configuration error: report it, serve nothing
-        from pgwarden.stress.clients import describe
-
         worker.client_error = describe(exc)
     if worker.client is not None:
         threads = [

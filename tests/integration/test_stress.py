@@ -1,0 +1,601 @@
+"""``pgwarden stress``: every scenario at size ``tiny``, plus the pure parts without a server.
+
+The scenario tests assert the report's structure (the table printed, the JSON keys, an HTML
+file that loads nothing from the network) and pgwarden's invariants: no duplicate writes
+and no lost acknowledged writes. They assert no timings; timings are what the report is
+for. Each scenario test starts its own throwaway servers, as ``pgwarden stress`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pgwarden.cli.main import main
+from pgwarden.stress import analysis, clients, harness, report, scenarios
+from pgwarden.testing.plugin import unavailable
+
+RESULT_KEYS = {
+    "requests",
+    "ok",
+    "success_pct",
+    "failed",
+    "failed_with_deadline_left",
+    "errors",
+    "latency_ms",
+    "peak_server_connections",
+    "recovery_s",
+    "recoveries",
+    "duplicates",
+    "lost_writes",
+    "writes_acked",
+    "faults",
+    "series",
+    "workers",
+}
+HEADER = re.compile(
+    r"^client\s+reqs\s+success\s+fail-left\s+p50\s+p95\s+p99\s+max\s+conns\s+", re.M
+)
+
+
+@pytest.fixture
+def postgres_binaries() -> None:
+    from pgwarden.testing import ServerUnavailable, find_postgres_bindir
+
+    try:
+        find_postgres_bindir()
+    except ServerUnavailable as exc:
+        unavailable(str(exc))
+
+
+@pytest.fixture
+def pgbouncer_binary(postgres_binaries: None) -> None:
+    from pgwarden.testing import ServerUnavailable, find_pgbouncer
+
+    try:
+        find_pgbouncer()
+    except ServerUnavailable as exc:
+        unavailable(str(exc))
+
+
+def run_cli(
+    capsys: pytest.CaptureFixture[str], out: Path, *args: str
+) -> tuple[int, str, str, dict[str, Any]]:
+    code = main(["stress", "--size", "tiny", "--out", str(out), *args])
+    captured = capsys.readouterr()
+    data = json.loads((out / "results.json").read_text())
+    return code, captured.out, captured.err, data
+
+
+def check_html(path: Path) -> None:
+    text = path.read_text()
+    assert text.startswith("<!doctype html>")
+    assert "<svg" in text
+    for needle in ("http://", "https://", "<script", "<link", " src=", "url("):
+        assert needle not in text, f"the report must load nothing: found {needle!r}"
+
+
+def check_report(
+    data: dict[str, Any], names: list[str], client_names: list[str], stdout: str
+) -> None:
+    """Structure of the JSON and the printed tables, and pgwarden's invariants."""
+    assert data["format"] == harness.FORMAT
+    assert data["finished_at"]
+    assert not data["interrupted"]
+    assert {"platform", "cpus", "python", "packages"} <= set(data["machine"])
+    assert [e["name"] for e in data["scenarios"]] == names
+    assert len(HEADER.findall(stdout)) == sum(1 for e in data["scenarios"] if not e["skipped"])
+    for entry in data["scenarios"]:
+        assert {"name", "title", "description", "params", "skipped", "results"} <= set(entry)
+        if entry["skipped"]:
+            continue
+        assert f"== {entry['name']}: {entry['title']}" in stdout
+        assert list(entry["results"]) == client_names
+        for client, r in entry["results"].items():
+            assert set(r) >= RESULT_KEYS, f"{entry['name']}/{client}: missing keys"
+            assert r["requests"] > 0, f"{entry['name']}/{client}: no requests ran"
+            assert r["workers"]["reported"] == entry["params"]["processes"], r["worker_errors"]
+            assert set(r["latency_ms"]) == {"p50", "p95", "p99", "max"}
+            assert r["series"]["connections"], "the sampler recorded nothing"
+            assert re.search(rf"^{client}\s+{r['requests']}\s", stdout, re.M)
+        pgw = entry["results"].get("pgwarden")
+        if pgw is not None:
+            assert pgw["duplicates"] == 0, f"{entry['name']}: pgwarden wrote duplicates"
+            assert pgw["lost_writes"] == 0, f"{entry['name']}: pgwarden lost acked writes"
+            assert pgw["harness_errors"] == [], pgw["harness_errors"]
+    assert "pgwarden invariants" in stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Scenarios (each at size tiny, each with its own servers)
+
+
+@pytest.mark.slow
+def test_flagship_all_clients(
+    postgres_binaries: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--quick`` (storm + restart) with all four clients: what ``make demo`` runs."""
+    markdown = tmp_path / "bench.md"
+    code, out, err, data = run_cli(capsys, tmp_path, "--quick", "--markdown", str(markdown))
+    check_report(data, ["storm", "restart"], list(clients.CLIENTS), out)
+    assert code == 0
+    assert re.search(r"restart\s+pgwarden\s+\d+\.\ds\s+ok\s+\d+", err), "no progress lines"
+    restart = data["scenarios"][1]
+    for r in restart["results"].values():
+        assert [f["action"] for f in r["faults"]] == ["restart_fast", "restart_immediate"]
+        assert all(f["end"] >= f["start"] for f in r["faults"])
+        assert len(r["recoveries"]) == 2
+    storm = data["scenarios"][0]
+    assert storm["max_connections"] == 20
+    assert "first success per process" in out
+    check_html(tmp_path / "report.html")
+    assert str(tmp_path / "report.html") in out
+    text = markdown.read_text()
+    assert "### storm: cold-start storm" in text
+    assert "### restart: restart under load" in text
+    assert len(HEADER.findall(text)) == 2
+
+
+OTHER_SCENARIOS = [
+    pytest.param("kills", marks=pytest.mark.slow),
+    pytest.param("overload", marks=pytest.mark.slow),
+    pytest.param("flaky", marks=[pytest.mark.slow, pytest.mark.proxy]),
+    pytest.param("idle", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name", OTHER_SCENARIOS)
+def test_scenario(
+    name: str, postgres_binaries: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _, data = run_cli(
+        capsys, tmp_path, "--scenario", name, "--clients", "pgwarden,psycopg_pool", "-q"
+    )
+    check_report(data, [name], ["pgwarden", "psycopg_pool"], out)
+    assert code == 0
+    entry = data["scenarios"][0]
+    planned = [f["action"] for f in entry["params"]["faults"]]
+    for r in entry["results"].values():
+        assert [f["action"] for f in r["faults"]] == planned
+    check_html(tmp_path / "report.html")
+
+
+@pytest.mark.slow
+@pytest.mark.pgbouncer
+def test_pgbouncer_scenarios(
+    pgbouncer_binary: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _, data = run_cli(
+        capsys, tmp_path, "--scenario", "pgbouncer", "--clients", "pgwarden,naive", "-q"
+    )
+    check_report(data, ["pgbouncer-storm", "pgbouncer-restart"], ["pgwarden", "naive"], out)
+    assert code == 0
+    for entry in data["scenarios"]:
+        assert "PgBouncer" in entry["target"]
+        assert entry["params"]["pgbouncer"]["pool_mode"] == "transaction"
+    check_html(tmp_path / "report.html")
+
+
+@pytest.mark.slow
+def test_given_url_skips_what_needs_control(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err, data = run_cli(
+        capsys,
+        tmp_path,
+        "--url",
+        pg_url,
+        "--scenario",
+        "storm,restart,overload",
+        "--clients",
+        "pgwarden,naive",
+    )
+    assert code == 0
+    check_report(data, ["storm", "restart", "overload"], ["pgwarden", "naive"], out)
+    storm, restart, overload = data["scenarios"]
+    assert storm["skipped"] is None
+    assert "restart the server" in restart["skipped"]
+    assert "max_connections=20" in overload["skipped"]
+    assert "restart: restart under load: SKIPPED" in out
+    assert "need their own server are skipped" in err
+    assert "***" in data["options"]["target"]  # the password is masked
+    assert str(pg_url) not in json.dumps(data)
+    check_html(tmp_path / "report.html")
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, start time) for every process, from /proc."""
+    table: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            data = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2 :].split()
+        table[int(entry.name)] = (int(fields[1]), fields[19])
+    return table
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> start time of every process below ``root``."""
+    table = _process_table()
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, started) in table.items():
+            if ppid == parent and pid not in found:
+                found[pid] = started
+                frontier.append(pid)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_ctrl_c_stops_everything(postgres_binaries: None, tmp_path: Path) -> None:
+    """SIGINT mid-run: exit 130, partial report written, no worker or server left."""
+    import signal
+
+    out = tmp_path / "out"
+    argv = ["stress", "--scenario", "restart", "--size", "tiny", "--clients", "pgwarden"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgwarden.cli.main", *argv, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            line = proc.stderr.readline()
+            if not line or re.search(r"restart\s+pgwarden\s+\d", line):
+                break
+        children = _descendants(proc.pid)
+        assert len(children) >= 4, "expected the server and the workers to be running"
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    assert "report:" in stdout
+    data = json.loads((out / "results.json").read_text())
+    assert data["interrupted"] is True
+    left: dict[int, str] = {}
+    for _ in range(50):  # a server's last children exit a moment after it returns
+        table = _process_table()
+        left = {pid: st for pid, st in children.items() if table.get(pid, (0, ""))[1] == st}
+        if not left:
+            break
+        time.sleep(0.1)
+    assert left == {}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line errors (no server needed)
+
+
+def test_unknown_scenario_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["stress", "--scenario", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown scenario(s): nope" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_unknown_client_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stress", "--clients", "pgwarden,asyncpg"]) == 2
+    assert "unknown client(s): asyncpg" in capsys.readouterr().err
+
+
+def test_remote_url_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = "postgresql://u:secret@db.example.com:5432/app"
+    assert main(["stress", "--url", url, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a loopback address" in err
+    assert "secret" not in err
+
+
+def test_help_lists_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stress", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name in scenarios.SCENARIOS:
+        assert name in out
+    assert "--quick" in out
+
+
+def test_help_subprocess_lists_stress() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgwarden.cli.main", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    assert "stress" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Pure parts
+
+
+def test_resolve_aliases() -> None:
+    assert scenarios.resolve(["all"]) == list(scenarios.SCENARIOS)
+    assert scenarios.resolve(["pgbouncer", "storm"]) == [
+        "storm",
+        "pgbouncer-storm",
+        "pgbouncer-restart",
+    ]
+    assert scenarios.resolve(["restart-under-load", "restart"]) == ["restart"]
+    with pytest.raises(ValueError, match="unknown scenario"):
+        scenarios.resolve(["storm", "bogus"])
+
+
+@pytest.mark.parametrize("size", scenarios.SIZES)
+@pytest.mark.parametrize("name", list(scenarios.SCENARIOS))
+def test_plans_are_bounded(name: str, size: scenarios.Size) -> None:
+    plan = scenarios.SCENARIOS[name].build(size, 5.0)
+    wl = plan.workload
+    assert 1 <= wl.processes <= 64
+    assert 1 <= wl.threads <= 8
+    assert plan.hard_limit < 120
+    for phase in wl.phases:
+        assert phase.requests is not None or phase.duration is not None
+    for fault in plan.faults:
+        assert 0 < fault.at < plan.hard_limit
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("postgresql://u:p@127.0.0.1:5432/db", True),
+        ("postgresql://u:p@localhost/db", True),
+        ("postgresql://u:p@[::1]:5432/db", True),
+        ("host=/var/run/postgresql dbname=x", True),
+        ("postgresql://u:p@10.0.0.5/db", False),
+        ("postgresql://u:p@db.internal/db", False),
+    ],
+)
+def test_loopback_problem(url: str, ok: bool) -> None:
+    assert (harness.loopback_problem(url) is None) is ok
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert analysis.percentile(values, 50) == 50
+    assert analysis.percentile(values, 99) == 99
+    assert analysis.percentile(values, 100) == 100
+    assert analysis.percentile([], 50) is None
+
+
+def test_summarize_counts_duplicates_lost_and_deadline_left() -> None:
+    records = [
+        [0.0, 0.010, "w", "ok"],  # a
+        [0.1, 0.020, "w", "ok"],  # b: acked but missing -> lost
+        [0.2, 0.030, "w", "conn_lost"],  # c: failed fast -> deadline left
+        [0.3, 4.900, "r", "deadline"],  # used the deadline
+        [0.4, 6.000, "r", "late"],  # returned after the deadline
+        [2.5, 0.005, "r", "ok"],  # first success after the fault ended at 2.0
+    ]
+    result = analysis.summarize(
+        records,
+        deadline=5.0,
+        faults=[{"label": "restart", "start": 1.0, "end": 2.0, "recover": True}],
+        samples=[(0.0, 3), (0.1, None), (0.2, 7)],
+        acked=["a", "b"],
+        unacked=["c"],
+        rows={"a": 2, "c": 1},
+        first_ok=[0.01, None],
+    )
+    assert result["requests"] == 6
+    assert result["ok"] == 3
+    assert result["failed_with_deadline_left"] == 1
+    assert result["errors"] == {"conn_lost": 1, "deadline": 1, "late": 1}
+    assert result["duplicates"] == 1
+    assert result["lost_writes"] == 1
+    assert result["unacked_writes_committed"] == 1
+    assert result["peak_server_connections"] == 7
+    assert result["recovery_s"] == pytest.approx(0.505)
+    assert result["processes_without_success"] == 1
+    assert result["latency_ms"]["max"] == 6000.0
+
+
+def test_summarize_never_recovered() -> None:
+    result = analysis.summarize(
+        [[0.0, 0.01, "r", "ok"], [3.0, 0.01, "r", "refused"]],
+        deadline=5.0,
+        faults=[{"label": "blackhole", "start": 1.0, "end": 2.0, "recover": True}],
+        samples=[],
+        acked=[],
+        unacked=[],
+        rows={},
+    )
+    assert result["recovery_s"] is None
+    assert result["unrecovered_faults"] == 1
+    assert report.fmt_recovery(result) == "never"
+
+
+def test_classify_common_errors() -> None:
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    import pgwarden
+
+    def op(message: str) -> psycopg.OperationalError:
+        return psycopg.OperationalError(message)
+
+    assert clients.classify(pgwarden.DeadlineExceeded("x")) == "deadline"
+    assert clients.classify(pgwarden.DatabaseUnavailable("x")) == "breaker_open"
+    assert clients.classify(PoolTimeout("x")) == "pool_timeout"
+    assert clients.classify(op("FATAL:  sorry, too many clients already")) == "too_many_clients"
+    assert clients.classify(op("connection failed: Connection refused")) == "refused"
+    assert clients.classify(op("server closed the connection unexpectedly")) == "conn_lost"
+    assert clients.classify(op("the database system is shutting down")) == "server_starting"
+    assert (
+        clients.classify(op("server login has been failing, try again later"))
+        == "pooler_login_failing"
+    )
+    assert clients.classify(ValueError("x")) == "other"
+
+
+def test_classify_unwraps_sqlalchemy() -> None:
+    import psycopg
+    import sqlalchemy.exc
+
+    inner = psycopg.OperationalError("FATAL: remaining connection slots are reserved")
+    wrapped = sqlalchemy.exc.OperationalError("SELECT 1", {}, inner)
+    assert clients.classify(wrapped) == "too_many_clients"
+    assert clients.classify(sqlalchemy.exc.TimeoutError("QueuePool limit")) == "pool_timeout"
+
+
+def test_describe_masks_passwords() -> None:
+    import psycopg
+
+    exc = psycopg.OperationalError("cannot connect to postgresql://u:hunter2@127.0.0.1/db")
+    assert "hunter2" not in clients.describe(exc)
+
+
+def _fake_report() -> dict[str, Any]:
+    records = [[i * 0.1, 0.002 + (i % 7) * 0.001, "r", "ok"] for i in range(50)]
+    records.append([2.2, 0.030, "w", "conn_lost"])
+    result = analysis.summarize(
+        records,
+        deadline=5.0,
+        faults=[{"label": "restart <fast>", "start": 2.0, "end": 2.4, "recover": True}],
+        samples=[(t / 10, 5) for t in range(50)],
+        acked=[],
+        unacked=[],
+        rows={},
+        first_ok=[0.05],
+    )
+    result.update({"faults": [{"label": "restart <fast>", "start": 2.0, "end": 2.4}]})
+    entry = {
+        "name": "restart",
+        "title": "restart under load",
+        "description": "d & d",
+        "params": {
+            "processes": 1,
+            "threads": 1,
+            "pool_size": 1,
+            "deadline_s": 5.0,
+            "server_settings": {"max_connections": 20},
+            "faults": [{"label": "restart <fast>", "at": 2.0}],
+        },
+        "skipped": None,
+        "target": "embedded",
+        "max_connections": 20,
+        "results": {"pgwarden": result},
+    }
+    skipped = dict(entry, name="idle", skipped="needs its own server", results={})
+    return {
+        "format": harness.FORMAT,
+        "started_at": "2025-01-01T00:00:00+00:00",
+        "finished_at": "2025-01-01T00:01:00+00:00",
+        "interrupted": False,
+        "machine": harness.machine_info(),
+        "options": {"size": "tiny", "deadline_s": 5.0, "target": "embedded"},
+        "scenarios": [entry, skipped],
+    }
+
+
+def test_html_is_self_contained_and_escaped(tmp_path: Path) -> None:
+    data = _fake_report()
+    path = tmp_path / "r" / "report.html"
+    report.write_html(data, path)
+    check_html(path)
+    text = path.read_text()
+    assert "restart &lt;fast&gt;" in text
+    assert "restart <fast>" not in text
+    assert "Skipped:" in text
+
+
+def test_markdown_has_machine_tables_and_skips() -> None:
+    text = report.render_markdown(_fake_report())
+    assert text.startswith("## Stress scenarios")
+    assert "CPUs, Python" in text
+    assert "pgwarden invariants (no duplicates, no lost acknowledged writes): held." in text
+    assert HEADER.search(text)
+    assert "Skipped: needs its own server" in text
+
+
+def test_table_format() -> None:
+    text = report.format_scenario(_fake_report()["scenarios"][0])
+    assert HEADER.search(text)
+    assert re.search(r"^pgwarden\s+51\s+98\.03%\s+1\s", text, re.M)
+    assert "conn_lost 1" in text
+    skipped = report.format_scenario(_fake_report()["scenarios"][1])
+    assert "SKIPPED: needs its own server" in skipped
+
+
+# --------------------------------------------------------------------------------------------
+# The worker on its own: bounded even when the server never answers
+
+
+def test_worker_stops_at_its_hard_limit(tmp_path: Path) -> None:
+    """A worker whose server never answers still reports and exits at its hard limit."""
+    import socket
+
+    from pgwarden.stress.worker import Phase, WorkerConfig
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # accepts connections (kernel backlog) and never answers
+    port = listener.getsockname()[1]
+    try:
+        cfg = WorkerConfig(
+            client="naive",
+            url=f"postgresql://u:p@127.0.0.1:{port}/db",
+            worker=0,
+            run="test",
+            out=str(tmp_path / "out.json"),
+            threads=2,
+            pool_size=1,
+            deadline=30.0,
+            write_ratio=0.5,
+            read_work=0.0,
+            phases=(Phase(start=0.0, interval=0.01, duration=60.0),),
+            max_requests=100,
+            hard_limit=1.5,
+            seed=1,
+            application_name="pgwstress-test",
+        )
+        cfg_path = tmp_path / "cfg.json"
+        cfg_path.write_text(json.dumps(cfg.to_dict()))
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pgwarden.stress.worker", str(cfg_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=harness._worker_env(),
+        )
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"ready"
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        try:
+            proc.wait(20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdin.close()
+            proc.stdout.close()
+        assert time.monotonic() - started < 15
+        data = json.loads((tmp_path / "out.json").read_text())
+        assert data["reason"] == "hard_limit"
+        assert [r[3] for r in data["records"]] == ["hung", "hung"]
+        assert data["acked"] == []
+    finally:
+        listener.close()
