@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed
 # Extras that the test suite needs; kept in one place so demo and test agree.
 EXTRAS := dev,cli,prometheus,otel,stress
 
-.PHONY: demo test lint types unit check-sync sysdeps bench clean help
+.PHONY: demo test lint types check-sync sysdeps bench clean help
 
 help:
 	@echo "make demo   - set up and run pgwarden's main job on an embedded PostgreSQL"
 	@echo "make test   - set up and run lint, types and the whole test suite (what CI runs)"
-	@echo "make bench  - micro-benchmarks against psycopg_pool (writes docs/benchmarks.md)"
+	@echo "make bench  - micro-benchmarks and full-size stress scenarios (about 20 minutes;"
+	@echo "              writes docs/benchmarks.md)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,8 +44,10 @@ sysdeps:
 	  fi; \
 	fi
 
-demo: $(STAMP)
-	$(BIN)/pgwarden check
+# The flagship: a cold-start storm and a restart under load, pgwarden against
+# psycopg_pool, SQLAlchemy and a naive client, on servers it starts itself.
+demo: $(STAMP) sysdeps
+	$(BIN)/pgwarden stress --quick --out pgwarden-report
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
@@ -59,8 +62,14 @@ check-sync: $(STAMP)
 test: $(STAMP) sysdeps lint types check-sync
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+# Micro-benchmarks rewrite docs/benchmarks.md; the full-size stress tables are
+# appended to it (the reading of who wins where is kept in docs/stress.md).
+bench: $(STAMP) sysdeps
 	$(BIN)/python bench/micro.py --write docs/benchmarks.md
+	$(BIN)/pgwarden stress --size full --out pgwarden-report/bench \
+	  --markdown pgwarden-report/bench/stress.md; status=$$?; \
+	  printf '\n' >> docs/benchmarks.md; cat pgwarden-report/bench/stress.md >> docs/benchmarks.md; \
+	  exit $$status
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .mypy_cache .ruff_cache .hypothesis

@@ -18,6 +18,7 @@ Theory of operation of one call::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -59,7 +60,12 @@ SERVER_ABORTED_SQLSTATES = frozenset({"57P01", "57P02"})
 # set to the time left, normally ends the statement first and cleanly.
 SEVER_GRACE = 0.05
 
-RETRYABLE_BEFORE_SEND = (FailureKind.NOTHING_RAN, FailureKind.STALE, FailureKind.OVERLOAD)
+# Below this much time left, another attempt cannot succeed; report the deadline.
+MIN_ATTEMPT_SECONDS = 0.02
+
+# With a deadline, the deadline bounds retries (and the budget bounds their
+# rate); this cap only guards against a pathological loop.
+DEADLINE_ATTEMPTS_CAP = 100
 
 
 class HandleCore:
@@ -85,6 +91,11 @@ class HandleCore:
             attempts=settings.retry_attempts,
             base_delay=settings.retry_base_delay,
             max_delay=settings.retry_max_delay,
+        )
+        # A caller with a deadline has said how long it will wait: retries run
+        # until the deadline (at the budget's rate), not to a fixed count.
+        self.deadline_policy = dataclasses.replace(
+            self.retry_policy, attempts=DEADLINE_ATTEMPTS_CAP
         )
         self.budget = RetryBudget(
             ratio=settings.retry_budget_ratio, min_per_second=settings.retry_budget_floor
@@ -364,12 +375,17 @@ class HandleCore:
             if deadline is not None and now >= deadline:
                 return self.deadline_error(exc, operation)
             return None
-        policy = policy or self.retry_policy
-        delay = policy.next_delay(attempt, now=now, deadline=deadline, rand=self.rng.random())
-        if delay is None:
-            if deadline is not None and attempt < policy.attempts:
-                return self.deadline_error(exc, operation)
+        if policy is None:
+            policy = self.retry_policy if deadline is None else self.deadline_policy
+        if attempt >= policy.attempts:
             return None
+        delay = policy.backoff(attempt, self.rng.random())
+        if deadline is not None:
+            left = deadline - now
+            if left < MIN_ATTEMPT_SECONDS:
+                return self.deadline_error(exc, operation)
+            # Never sleep past the deadline: keep half of what is left for the attempt.
+            delay = min(delay, left / 2)
         self.settle_budget(now)
         if not self.budget.try_spend(now):
             logger.warning(

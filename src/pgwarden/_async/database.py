@@ -30,9 +30,10 @@ from pgwarden._async._compat import (
     spawn,
 )
 from pgwarden._async.pool import PgwAsyncConnection, PgwAsyncPool
-from pgwarden._base import SEVER_GRACE, HandleCore, call_site
+from pgwarden._base import MIN_ATTEMPT_SECONDS, SEVER_GRACE, HandleCore, call_site
+from pgwarden._pool_base import has_pending_input
 from pgwarden.core.breaker import BreakerState
-from pgwarden.core.classify import FailureKind, Phase, RetryContext, is_write_sql
+from pgwarden.core.classify import FailureKind, Phase, RetryContext, is_write_sql, sqlstate_of
 from pgwarden.core.deadline import statement_timeout_ms
 from pgwarden.core.hygiene import needs_validation
 from pgwarden.core.lifecycle import Event, State
@@ -126,8 +127,13 @@ class AsyncDatabase:
                 last_error = exc
                 kind = core.on_connect_failed(exc, feed_breaker=False)
                 now = monotonic()
-                delay = core.retry_policy.backoff(min(attempt, 8), core.rng.random())
-                if kind is FailureKind.PERMANENT or now + delay >= give_up_at:
+                # Back off, but never past ready_timeout: the last sleep is
+                # shortened so one more attempt fits.
+                delay = min(
+                    core.retry_policy.backoff(min(attempt, 8), core.rng.random()),
+                    (give_up_at - now) / 2,
+                )
+                if kind is FailureKind.PERMANENT or give_up_at - now < MIN_ATTEMPT_SECONDS:
                     core.try_fire(Event.WARMUP_FAILED)  # lost a race with close()
                     core.tracker.warmup(now - started, False)
                     error = core.not_ready_error(exc, now - started)
@@ -339,11 +345,21 @@ class AsyncDatabase:
             # One pipelined round trip: a transaction-local timeout leaves no
             # session state behind (safe behind PgBouncer). If the statement
             # fails the COMMIT is skipped and the pool rolls the connection back.
-            async with conn.pipeline():
-                await conn.execute(b"BEGIN")
-                await conn.execute(_SET_TIMEOUT, (str(ms),))
-                await cur.execute(query, params)
-                await conn.execute(b"COMMIT")
+            try:
+                async with conn.pipeline():
+                    await conn.execute(b"BEGIN")
+                    await conn.execute(_SET_TIMEOUT, (str(ms),))
+                    await cur.execute(query, params)
+                    await conn.execute(b"COMMIT")
+            except psycopg.Error as exc:
+                if (conn.broken or conn.closed) and sqlstate_of(exc) is None:
+                    # Leaving pipeline mode on a dead connection raises its own
+                    # errors ("cannot exit pipeline mode while busy"); what
+                    # happened is that the connection was lost mid-statement.
+                    raise psycopg.OperationalError(
+                        f"connection is lost during a pipelined statement ({exc})"
+                    ) from exc
+                raise
             return await _result(cur, mode)
         finally:
             self._watchdog.disarm(token)
@@ -387,8 +403,11 @@ class AsyncDatabase:
         for _ in range(self.settings.max_size + 2):
             conn = await self._getconn(pool, deadline, now)
             last_used = conn.last_used
-            if last_used == 0.0 or not needs_validation(monotonic() - last_used, window):
+            fresh = last_used == 0.0 or not needs_validation(monotonic() - last_used, window)
+            if fresh and not has_pending_input(conn):
                 return conn
+            # Idle past the window, or the server already said something (it
+            # ended the session): a cheap round trip tells before any SQL is sent.
             try:
                 await conn.execute("")
             except psycopg.Error:

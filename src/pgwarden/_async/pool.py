@@ -31,6 +31,7 @@ class PgwAsyncConnection(AsyncConnection[DictRow]):
     """A psycopg connection that remembers when it was last used by pgwarden."""
 
     last_used: float = 0.0
+    poller: Any = None  # see has_pending_input()
 
 
 class PgwAsyncPool(AsyncConnectionPool[PgwAsyncConnection]):

@@ -33,6 +33,7 @@ class PgwConnection(Connection[DictRow]):
     """A psycopg connection that remembers when it was last used by pgwarden."""
 
     last_used: float = 0.0
+    poller: Any = None  # see has_pending_input()
 
 
 class PgwPool(ConnectionPool[PgwConnection]):
