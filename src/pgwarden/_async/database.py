@@ -306,7 +306,7 @@ class AsyncDatabase:
                     result = await self._statement(conn, mode, query, params, deadline)
                 except Exception as exc:
                     await self._release(conn)
-                    kind = core.classify_failure(exc, Phase.STATEMENT, in_transaction=False)
+                    kind = _failure_kind(core, exc)
                     ctx = RetryContext(
                         is_write=_is_write(query), idempotent=idempotent, in_transaction=False
                     )
@@ -339,6 +339,11 @@ class AsyncDatabase:
         # time left runs out, and the watchdog severs the socket shortly after
         # in case the server cannot answer at all (a blackholed network).
         token = self._watchdog.arm(deadline + SEVER_GRACE, sever, conn.fileno())
+        if _is_write(query):
+            try:
+                return await self._write_in_transaction(conn, mode, query, params, deadline)
+            finally:
+                self._watchdog.disarm(token)
         try:
             ms = statement_timeout_ms(deadline - monotonic())
             cur = conn.cursor(row_factory=tuple_row) if mode == _VALUE else conn.cursor()
@@ -363,6 +368,39 @@ class AsyncDatabase:
             return await _result(cur, mode)
         finally:
             self._watchdog.disarm(token)
+
+    async def _write_in_transaction(
+        self,
+        conn: PgwAsyncConnection,
+        mode: int,
+        query: Query,
+        params: Params,
+        deadline: float,
+    ) -> Any:
+        """A write under a deadline, in an explicit transaction whose fate is knowable.
+
+        A lost connection before COMMIT means nothing committed (safe to re-run);
+        a lost COMMIT is resolved by txid. Costs three round trips instead of the
+        read path's one pipelined trip; a blind retry of a write costs more.
+        """
+        ms = statement_timeout_ms(deadline - monotonic())
+        begin = f"BEGIN; SET LOCAL statement_timeout = {ms}; {_MARKER_QUERY}".encode()
+        cur = await conn.execute(begin)
+        while cur.nextset():
+            pass  # the last result set holds the marker
+        marker = _marker(await cur.fetchone())
+        try:
+            stmt = conn.cursor(row_factory=tuple_row) if mode == _VALUE else conn.cursor()
+            await stmt.execute(query, params)
+            result = await _result(stmt, mode)
+        except psycopg.OperationalError as exc:
+            if (conn.broken or conn.closed) and sqlstate_of(exc) is None:
+                raise _NotCommitted(
+                    f"connection lost before COMMIT; nothing was committed ({exc})"
+                ) from exc
+            raise
+        await self._commit(conn, readonly=False, marker=marker)
+        return result
 
     # --- connections ---------------------------------------------------------------------------
     async def _wait_until_usable(self, deadline: float | None) -> None:
@@ -590,7 +628,7 @@ class AsyncDatabase:
                     result = await fn(tx)
                 return result
             except Exception as exc:
-                kind = _tx_failure_kind(core, exc)
+                kind = _failure_kind(core, exc)
                 ctx = RetryContext(is_write=_is_write, idempotent=True, in_transaction=True)
                 await self._back_off(exc, kind, ctx, attempt, deadline, "transaction", policy)
                 attempt += 1
@@ -652,15 +690,19 @@ class AsyncDatabase:
                 await self._back_off(exc, kind, ctx, attempt, deadline, "BEGIN")
                 attempt += 1
 
-    async def _commit(self, conn: PgwAsyncConnection, *, readonly: bool) -> None:
-        """COMMIT; if the connection is lost meanwhile, resolve the outcome by txid."""
+    async def _commit(
+        self, conn: PgwAsyncConnection, *, readonly: bool, marker: _TxMarker | None = None
+    ) -> None:
+        """COMMIT; if the connection is lost meanwhile, resolve the outcome by txid.
+
+        *marker* is the transaction's id and server start time when the caller
+        already fetched them.
+        """
         resolve = self.settings.resolve_commits and not readonly
-        txid: int | None = None
-        if resolve:
-            # NULL when the transaction wrote nothing: then there is nothing to resolve.
-            cur = await conn.execute(b"SELECT txid_current_if_assigned()")
-            row = await cur.fetchone()
-            txid = None if row is None else next(iter(row.values()))
+        if resolve and marker is None:
+            # txid NULL when the transaction wrote nothing: nothing to resolve then.
+            cur = await conn.execute(_MARKER_IF_ASSIGNED)
+            marker = _marker(await cur.fetchone())
         try:
             await conn.execute(b"COMMIT")
         except psycopg.OperationalError as exc:
@@ -668,10 +710,10 @@ class AsyncDatabase:
                 raise  # a server-side commit failure (e.g. deferred constraint): not ambiguous
             if readonly:
                 return  # a read-only transaction changed nothing; its fate does not matter
-            await self._resolve_commit(exc, txid, resolve=resolve)
+            await self._resolve_commit(exc, marker, resolve=resolve)
 
     async def _resolve_commit(
-        self, exc: psycopg.OperationalError, txid: int | None, *, resolve: bool
+        self, exc: psycopg.OperationalError, marker: _TxMarker | None, *, resolve: bool
     ) -> None:
         core = self._core
         if not resolve:
@@ -680,19 +722,26 @@ class AsyncDatabase:
                 "connection lost during COMMIT and commit resolution is off; "
                 f"the outcome is unknown ({core.describe_error(exc)})"
             ) from exc
-        if txid is None:
+        if marker is None or marker[0] is None:
             # Nothing was written, so there is nothing whose fate is unknown.
             core.tracker.ambiguous_commit("committed")
             return
+        txid, started = marker
         status = None
         give_up_at = monotonic() + max(self.settings.connect_timeout, 2.0)
         while monotonic() < give_up_at:
             try:
-                status = await self.fetchval(
-                    "SELECT txid_status(%s)", (txid,), timeout=give_up_at - monotonic()
-                )
+                row = await self.fetchrow(_RESOLVE, (txid,), timeout=give_up_at - monotonic())
             except Exception:
-                status = None
+                row = None
+            status = None if row is None else row["status"]
+            if status == "committed" and row is not None and row["started"] != started:
+                # The server restarted since the txid was assigned. After a
+                # crash, an id whose transaction never reached the WAL is handed
+                # out again, so "committed" may describe someone else's work.
+                # "aborted" stays trustworthy: a durable commit keeps its id.
+                status = "unknown"
+                break
             if status in ("committed", "aborted"):
                 break
             # 'in progress': the old backend has not finished; ask again shortly.
@@ -710,7 +759,7 @@ class AsyncDatabase:
                 "connection lost during COMMIT; resolved by txid: aborted",
                 extra={"event": "ambiguous_commit", "outcome": "aborted"},
             )
-            raise _CommitAborted(
+            raise _NotCommitted(
                 f"connection lost during COMMIT; the transaction was rolled back "
                 f"({core.describe_error(exc)})"
             ) from exc
@@ -869,11 +918,25 @@ class AsyncTransaction:
         return cur.rowcount
 
 
-class _CommitAborted(psycopg.OperationalError):
-    """COMMIT was lost and txid_status() says the transaction aborted."""
+class _NotCommitted(psycopg.OperationalError):
+    """The connection was lost, and the work certainly did not commit: COMMIT was
+    never sent, or txid_status() says the transaction aborted. Safe to re-run."""
 
 
 _SET_TIMEOUT = b"SELECT set_config('statement_timeout', %s, true)"
+
+# What identifies a transaction for commit resolution: its id, and the server's
+# start time (an id seen before a crash restart may be handed out again).
+_TxMarker = tuple[int | None, Any]
+_MARKER_QUERY = "SELECT txid_current() AS txid, pg_postmaster_start_time() AS started"
+_MARKER_IF_ASSIGNED = (
+    b"SELECT txid_current_if_assigned() AS txid, pg_postmaster_start_time() AS started"
+)
+_RESOLVE = "SELECT txid_status(%s) AS status, pg_postmaster_start_time() AS started"
+
+
+def _marker(row: dict[str, Any] | None) -> _TxMarker | None:
+    return None if row is None else (row["txid"], row["started"])
 
 
 async def _result(cur: Any, mode: int) -> Any:
@@ -916,8 +979,8 @@ def _is_write(query: Query) -> bool:
     return True  # a composed query: assume the worst
 
 
-def _tx_failure_kind(core: HandleCore, exc: BaseException) -> FailureKind:
-    if isinstance(exc, _CommitAborted):
+def _failure_kind(core: HandleCore, exc: BaseException) -> FailureKind:
+    if isinstance(exc, _NotCommitted):
         return FailureKind.NOTHING_RAN
     return core.classify_failure(exc, Phase.STATEMENT, in_transaction=False)
 
