@@ -22,8 +22,10 @@ WORKER = textwrap.dedent(
     url, seconds, tail = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 
     async def main():
+        # max_idle is short so that, once the storm is over, idle connections
+        # go back to the server and the shrunken pools have room to grow again.
         db = AsyncDatabase(Settings(url=url, max_size=10, sizing_quiet_period=0.5,
-                                    acquire_timeout=20))
+                                    max_idle=0.5, acquire_timeout=20))
         failures, ok, limits = [], 0, []
         stop_at = time.monotonic() + seconds
 
@@ -44,7 +46,7 @@ WORKER = textwrap.dedent(
                 await asyncio.sleep(0.1)
 
         async def tail_load():
-            # After the storm, keep one caller going so the limit can grow back.
+            # During and after the storm, one light caller, so the limit can grow back.
             while time.monotonic() < stop_at + tail:
                 await db.fetchval("SELECT 1", timeout=15)
                 await asyncio.sleep(0.05)
@@ -66,7 +68,7 @@ def test_fleet_over_max_connections_shrinks_then_recovers(pg_server_factory: Any
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGWARDEN_")}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, server.url, "4", "5" if i == 0 else "0"],
+            [sys.executable, "-c", WORKER, server.url, "4", "5"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -84,8 +86,8 @@ def test_fleet_over_max_connections_shrinks_then_recovers(pg_server_factory: Any
     assert with_deadline_left == []
     assert sum(r["ok"] for r in results) > 200
     assert sum(r["overload"] for r in results) >= 1, "no overload was counted"
-    shrunk = [r for r in results if min(r["limits"]) < 10]
+    shrunk = [r["limits"] for r in results if min(r["limits"]) < 10]
     assert shrunk, "no pool lowered its limit"
-    # The process that kept running after the storm grew its limit back.
-    survivor = results[0]["limits"]
-    assert min(survivor) < max(survivor[-5:]), survivor
+    # After the storm every process kept a light load: each pool that shrank grew back.
+    for limits in shrunk:
+        assert min(limits) < max(limits[-5:]), limits

@@ -8,7 +8,8 @@ pyproject.toml and covered by integration tests; see docs/decisions.md):
 - ``_connect``: report each attempt's outcome and duration to the handle, so
   the breaker, overload sizing and metrics see real connect errors;
 - ``_add_connection``: use a faster, capped backoff so the pool reconnects
-  within tens of milliseconds of a restarted server accepting again;
+  within tens of milliseconds of a restarted server accepting again, and drop
+  attempts left over after the adaptive limit lowered ``max_size``;
 - ``_close_connection``: count closes by reason.
 """
 
@@ -59,6 +60,17 @@ class PgwAsyncPool(AsyncConnectionPool[PgwAsyncConnection]):
     async def _add_connection(
         self, attempt: AttemptWithBackoff | None, growing: bool = False
     ) -> None:
+        # After the adaptive limit lowered max_size, connection attempts queued
+        # before it would keep knocking on a full server (and keep reporting
+        # overload, so the limit could never grow back): drop them instead.
+        async with self._lock:
+            surplus = self._nconns > self._max_size
+            if surplus:
+                self._nconns -= 1
+                if growing:
+                    self._growing = False
+        if surplus:
+            return
         if attempt is None:
             attempt = FastReconnect(timeout=self.reconnect_timeout)
         await super()._add_connection(attempt, growing)
