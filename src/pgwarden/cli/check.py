@@ -71,6 +71,7 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 
 from pgwarden._redact import redact
+from pgwarden.cli._args import positive_float
 
 __all__ = [
     "Finding",
@@ -823,16 +824,6 @@ def format_report(report: Report, width: int = 100) -> str:
 # Command
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
-    return value
-
-
 def _pings(text: str) -> int:
     try:
         value = int(text)
@@ -869,7 +860,7 @@ def build_parser(
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=policy.connect_timeout,
         metavar="SECONDS",
         help="connect timeout per address; libpq rounds it up to whole seconds, at least 2 "

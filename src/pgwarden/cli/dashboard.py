@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pgwarden._redact import redact
+from pgwarden.cli._args import port, positive_float
 
 __all__ = ["build_parser", "run"]
 
@@ -53,28 +54,8 @@ BURST_EVERY = 15.0
 APPLICATION_NAME = "pgwarden-dashboard"
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 65535: {text!r}")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
-    return value
-
-
 def _rate(text: str) -> float:
-    value = _positive(text)
+    value = positive_float(text)
     if value > MAX_LOAD_RATE:
         raise argparse.ArgumentTypeError(f"at most {MAX_LOAD_RATE:g} statements per second")
     return value
@@ -107,7 +88,7 @@ def build_parser(prog: str = "pgwarden dashboard") -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
     parser.add_argument(
         "--port",
-        type=_port,
+        type=port,
         default=DEFAULT_PORT,
         help="port to listen on; 0 picks a free one (default: %(default)s)",
     )
@@ -125,7 +106,7 @@ def build_parser(prog: str = "pgwarden dashboard") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--duration",
-        type=_positive,
+        type=positive_float,
         metavar="SECONDS",
         help="stop after this many seconds (default: run until Ctrl-C)",
     )

@@ -64,6 +64,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observa
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from pgwarden._redact import sanitize_sql
+from pgwarden.core.metrics import NoopTracker
 from pgwarden.exporters import (
     AMBIGUOUS_OUTCOMES,
     BREAKER_STATES,
@@ -149,7 +150,7 @@ def _histogram(meter: Meter, name: str, description: str) -> Any:
         return meter.create_histogram(name, unit="s", description=description)
 
 
-class OTelTracker:
+class OTelTracker(NoopTracker):
     """A ``MetricsTracker`` that records pgwarden's latencies into OpenTelemetry histograms.
 
     :func:`instrument` attaches one next to the handle's own tracker; to do it yourself,
@@ -194,39 +195,8 @@ class OTelTracker:
     def warmup(self, duration: float, ok: bool) -> None:
         self._warmup.record(duration, {**self._attrs, "pgwarden.result": "ok" if ok else "failed"})
 
-    # Counted from stats() by the observable instruments instead.
-    def query_error(self, kind: str) -> None:
-        pass
-
-    def connection_closed(self, reason: str) -> None:
-        pass
-
-    def connect_failed(self, kind: str) -> None:
-        pass
-
-    def retry(self, reason: str, attempt: int) -> None:
-        pass
-
-    def overload(self) -> None:
-        pass
-
-    def breaker_transition(self, from_state: str, to_state: str) -> None:
-        pass
-
-    def ambiguous_commit(self, outcome: str) -> None:
-        pass
-
-    def health_check(self, ok: bool) -> None:
-        pass
-
-    def slow_query(self) -> None:
-        pass
-
-    def leaked_connection(self) -> None:
-        pass
-
-    def limit_changed(self, new_limit: int) -> None:
-        pass
+    # Every other event is a no-op inherited from NoopTracker: counters and
+    # gauges are observed from stats() by the observable instruments instead.
 
     def snapshot(self) -> dict[str, object]:
         return {"otel": True}
