@@ -9,17 +9,20 @@ for. Each scenario test starts its own throwaway servers, as ``pgwarden stress``
 from __future__ import annotations
 
 import json
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pgwarden.cli.main import main
-from pgwarden.stress import analysis, clients, harness, report, scenarios
+from pgwarden.stress import analysis, clients, harness, live, report, scenarios
 from pgwarden.testing.plugin import unavailable
 
 RESULT_KEYS = {
@@ -282,6 +285,163 @@ def test_ctrl_c_stops_everything(postgres_binaries: None, tmp_path: Path) -> Non
     assert left == {}
 
 
+def _get(url: str, timeout: float = 5.0) -> tuple[str, str]:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback
+        return response.headers.get("content-type", ""), response.read().decode()
+
+
+@pytest.mark.slow
+def test_dashboard_shows_merged_worker_stats(postgres_binaries: None, tmp_path: Path) -> None:
+    """``--dashboard 0``: the printed URL serves the page and the workers' merged stats while
+    the scenario runs, and nothing listens once the run is over."""
+    argv = ["stress", "--scenario", "kills", "--size", "tiny", "--clients", "pgwarden", "-q"]
+    argv += ["--dashboard", "0", "--out", str(tmp_path / "out")]
+    with open(tmp_path / "stdout.txt", "w") as stdout:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pgwarden.cli.main", *argv],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert proc.stderr is not None
+    stderr = proc.stderr
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read_stderr() -> None:
+        for line in iter(stderr.readline, ""):
+            lines.put(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    url = ""
+    stats: dict[str, Any] = {}
+    page = ("", "")
+    try:
+        end = time.monotonic() + 60
+        while not url and time.monotonic() < end and proc.poll() is None:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            found = re.search(r"dashboard at (http://127\.0\.0\.1:\d+/)", line)
+            url = found.group(1) if found else ""
+        assert url, "the dashboard URL was never printed"
+        page = _get(url)
+        end = time.monotonic() + 60
+        while time.monotonic() < end and proc.poll() is None:
+            _, body = _get(url + "stats.json")
+            got = json.loads(body)
+            assert got["error"] is None, got["error"]
+            stats = got["stats"]
+            if stats["counters"].get("queries", 0) > 0 and stats["stress"]["reporting"] > 0:
+                break
+            time.sleep(0.2)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(5)
+        stderr.close()
+    assert proc.returncode == 0
+    assert stats["counters"]["queries"] > 0, stats
+    assert stats["stress"]["scenario"] == "kills"
+    assert stats["stress"]["client"] == "pgwarden"
+    assert stats["pool"]["max_size"] > 0
+    assert stats["state"] in live.STATE_ORDER
+    assert stats["breaker"] in live.BREAKER_ORDER
+    assert stats["buckets"]["query_duration_seconds"][-1][0] == "+Inf"
+    content_type, html = page
+    assert content_type.startswith("text/html")
+    assert html.lstrip().lower().startswith("<!doctype html>")
+    for needle in ("http://", "https://", "<link", " src=", "url("):
+        assert needle not in html, f"the page must load nothing: found {needle!r}"
+    with pytest.raises(OSError):
+        _get(url, timeout=2)  # stopped with the run
+
+
+def test_dashboard_server_serves_live_stats() -> None:
+    """In-process, no database: LiveStats behind DashboardServer, through a run's life."""
+    snaps: list[dict[str, Any] | None] = [None, None]
+    source = live.LiveStats()
+    with live.DashboardServer(source, 0) as server:
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", server.url)
+        got = json.loads(_get(server.url + "stats.json")[1])
+        assert got["error"] is None
+        assert got["stats"]["stress"]["status"] == "waiting"
+        source.attach(lambda: snaps, scenario="restart", client="pgwarden", processes=2)
+        snaps[0] = _snap(queries=5, in_use=1, state="ready")
+        got = json.loads(_get(server.url + "stats.json")[1])["stats"]
+        assert got["counters"]["queries"] == 5
+        assert got["stress"]["reporting"] == 1
+        snaps[1] = _snap(queries=7, in_use=2, state="degraded")
+        got = json.loads(_get(server.url + "stats.json")[1])["stats"]
+        assert got["counters"]["queries"] == 12
+        assert got["state"] == "degraded"
+        source.finish()
+        got = json.loads(_get(server.url + "stats.json")[1])["stats"]
+        assert got["counters"]["queries"] == 12  # carried over: counters never go back
+        assert got["pool"] == {}
+        assert got["stress"]["runs_finished"] == 1
+        url = server.url
+    with pytest.raises(OSError):
+        _get(url, timeout=2)
+
+
+def _snap(*, queries: int, in_use: int, state: str) -> dict[str, Any]:
+    return {
+        "counters": {"queries": queries, "errors": {"conn_lost": 1}, "retries": {"total": 1}},
+        "histograms": {
+            "query_duration_seconds": {
+                "count": queries,
+                "sum": 0.01 * queries,
+                "min": 0.001,
+                "max": 0.05 * queries,
+                "p50": 0.01,
+                "p95": 0.02,
+                "p99": 0.01 * queries,
+            }
+        },
+        "buckets": {"query_duration_seconds": [[0.01, queries - 1], ["+Inf", queries]]},
+        "pool": {"size": 4, "idle": 4 - in_use, "in_use": in_use, "max_size": 4, "utilization": 1},
+        "state": state,
+        "breaker": "closed",
+        "in_flight": in_use,
+        "pgbouncer": False,
+    }
+
+
+def test_merge_live_sums_counters_buckets_and_takes_the_worst_state() -> None:
+    a = _snap(queries=10, in_use=1, state="ready")
+    b = _snap(queries=30, in_use=3, state="open")
+    b["breaker"] = "half_open"
+    merged = live.merge_live([a, None, b])
+    assert merged["counters"] == {
+        "queries": 40,
+        "errors": {"conn_lost": 2},
+        "retries": {"total": 2},
+    }
+    assert merged["buckets"]["query_duration_seconds"] == [[0.01, 38], ["+Inf", 40]]
+    h = merged["histograms"]["query_duration_seconds"]
+    assert h["count"] == 40
+    assert h["min"] == 0.001
+    assert h["max"] == pytest.approx(1.5)
+    assert h["p50"] == pytest.approx(0.01)
+    assert h["p99"] == pytest.approx((10 * 0.1 + 30 * 0.3) / 40)  # count-weighted
+    assert merged["pool"]["in_use"] == 4
+    assert merged["pool"]["max_size"] == 8
+    assert merged["pool"]["utilization"] == pytest.approx(0.5)
+    assert merged["state"] == "open"
+    assert merged["states"] == {"ready": 1, "open": 1}
+    assert merged["breaker"] == "half_open"
+    assert merged["in_flight"] == 4
+    base = {k: merged[k] for k in ("counters", "histograms", "buckets")}
+    again = live.merge_live([], base)
+    assert again["counters"]["queries"] == 40
+    assert again["pool"] == {}
+    assert again["state"] == "new"
+
+
 # --------------------------------------------------------------------------------------------
 # Command line errors (no server needed)
 
@@ -297,6 +457,26 @@ def test_unknown_scenario_is_a_usage_error(
 def test_unknown_client_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["stress", "--clients", "pgwarden,asyncpg"]) == 2
     assert "unknown client(s): asyncpg" in capsys.readouterr().err
+
+
+def test_dashboard_needs_the_pgwarden_client(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stress", "--clients", "naive", "--dashboard"]) == 2
+    assert "--dashboard shows the pgwarden client" in capsys.readouterr().err
+
+
+def test_dashboard_port_in_use_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code = main(["stress", "--dashboard", str(port), "--out", str(tmp_path)])
+    assert code == 2
+    assert f"cannot serve the dashboard on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_remote_url_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,6 +5,11 @@ Runs the named scenarios (default: all) with each client in turn, prints live pr
 ``report.html`` to ``--out``. Without ``--url`` each scenario starts its own throwaway
 PostgreSQL (and PgBouncer or a fault proxy when it needs one); see ``docs/stress.md``.
 
+``--dashboard [PORT]`` also serves the live dashboard (:func:`pgwarden.dashboard.app`) on
+``127.0.0.1:PORT`` (default 8765, 0 picks a free port) while the scenarios run, showing the
+pgwarden client's stats merged across its worker processes (:mod:`pgwarden.stress.live`);
+its URL is printed on stderr, and it stops when the run ends or is interrupted.
+
 Exit status: 0 the run finished and pgwarden had no duplicate and no lost acknowledged
 write; 1 it finished and pgwarden broke one of those invariants; 2 bad arguments or the
 harness could not start a server; 130 interrupted (the finished scenarios are written).
@@ -23,6 +28,17 @@ from typing import Any
 __all__ = ["build_parser", "run"]
 
 DEFAULT_OUT = "pgwarden-report"
+DEFAULT_DASHBOARD_PORT = 8765
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535: {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -106,6 +122,17 @@ def build_parser(prog: str = "pgwarden stress") -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument(
+        "--dashboard",
+        nargs="?",
+        type=_port,
+        const=DEFAULT_DASHBOARD_PORT,
+        default=None,
+        metavar="PORT",
+        help="while the scenarios run, serve the live dashboard of the pgwarden client "
+        f"(merged across its workers) on 127.0.0.1:PORT (default {DEFAULT_DASHBOARD_PORT}; "
+        "0 picks a free port)",
+    )
+    parser.add_argument(
         "-q", "--quiet", action="store_true", help="no live progress lines (tables still print)"
     )
     return parser
@@ -170,6 +197,8 @@ def run(argv: Sequence[str], prog: str = "pgwarden stress") -> int:
                 file=sys.stderr,
             )
             return 2
+    if args.dashboard is not None and "pgwarden" not in clients:
+        parser.error("--dashboard shows the pgwarden client: include it in --clients")
     size: Size = args.size or "small"
     out = Path(args.out)
     json_path = out / "results.json"
@@ -199,6 +228,26 @@ def run(argv: Sequence[str], prog: str = "pgwarden stress") -> int:
         say(f"target: {redact(url)} (scenarios that need their own server are skipped)")
     else:
         say("target: throwaway PostgreSQL servers started per scenario (embedded default)")
+    dashboard = None
+    if args.dashboard is not None:
+        from pgwarden.stress.live import DashboardServer, LiveStats
+
+        options.live = LiveStats()
+        try:
+            dashboard = DashboardServer(options.live, int(args.dashboard)).start()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            print(
+                f"{prog}: cannot serve the dashboard on 127.0.0.1:{args.dashboard}: {reason}",
+                file=sys.stderr,
+            )
+            return 2
+        print(
+            f"{prog}: dashboard at {dashboard.url} (the pgwarden client, merged across its "
+            "worker processes; stops with the run)",
+            file=sys.stderr,
+            flush=True,
+        )
     report = new_report(options)
     code = 0
     try:
@@ -211,6 +260,9 @@ def run(argv: Sequence[str], prog: str = "pgwarden stress") -> int:
         report["error"] = str(exc)
         print(f"{prog}: {exc}", file=sys.stderr)
         code = 2
+    finally:
+        if dashboard is not None:
+            dashboard.close()
     write_json(report, json_path)
     write_html(report, html_path)
     if args.markdown:

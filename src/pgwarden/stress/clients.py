@@ -109,6 +109,12 @@ class PgwardenClient:
     def stats(self) -> dict[str, Any]:
         return self.db.stats()
 
+    def live_stats(self) -> dict[str, Any]:
+        """``stats()`` plus histogram buckets, for ``pgwarden stress --dashboard``."""
+        from pgwarden.exporters import snapshot
+
+        return snapshot(self.db)
+
     def close(self) -> None:
         self.db.close(timeout=2)
 

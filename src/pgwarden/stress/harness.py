@@ -25,6 +25,10 @@ Then, for each client in turn, it runs the same *plan* (see :mod:`.scenarios`):
    acknowledged writes that are missing;
 5. put the target back as it was (server running, proxy healed, backends closed).
 
+With ``Options.live`` (``pgwarden stress --dashboard``) the pgwarden workers also send a
+snapshot of their handle's ``stats()`` about once a second; the reader thread keeps the latest
+per worker and :class:`~pgwarden.stress.live.LiveStats` merges them for the dashboard.
+
 Everything is bounded: each worker stops itself at the hard limit, the harness kills
 whatever outlives it, every wait has a timeout, and every server, proxy and process is
 stopped in ``finally`` blocks, also on Ctrl-C and SIGTERM. Only loopback addresses are
@@ -62,6 +66,7 @@ from psycopg.conninfo import conninfo_to_dict
 from pgwarden._redact import redact
 from pgwarden.stress.analysis import summarize
 from pgwarden.stress.clients import CLIENTS, TABLE
+from pgwarden.stress.live import LIVE_STATS_INTERVAL, MAX_STATS_LINE, LiveStats
 from pgwarden.stress.scenarios import SCENARIOS, FaultStep, Plan, Scenario, Size
 from pgwarden.stress.worker import WorkerConfig
 
@@ -98,6 +103,8 @@ class Options:
     seed: int = 0
     say: Say = field(default=lambda line: print(line, file=sys.stderr, flush=True))
     on_scenario: Callable[[dict[str, Any]], None] | None = None
+    #: With ``--dashboard``: pgwarden workers send their live stats, merged here.
+    live: LiveStats | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,6 +501,7 @@ class _Proc:
     ok: int = 0
     failed: int = 0
     buffer: bytes = b""
+    stats: dict[str, Any] | None = None  # the latest ``s`` line (live dashboard)
 
 
 def _worker_env() -> dict[str, str]:
@@ -567,6 +575,8 @@ class WorkerGroup:
                     continue
                 proc.buffer += chunk
                 *lines, proc.buffer = proc.buffer.split(b"\n")
+                if len(proc.buffer) > MAX_STATS_LINE:
+                    proc.buffer = b""  # no line is that long: drop it, resync at the next
                 for line in lines:
                     self._line(proc, line.decode("ascii", "replace").strip())
 
@@ -580,6 +590,13 @@ class WorkerGroup:
             parts = line.split()
             if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
                 proc.ok, proc.failed = int(parts[1]), int(parts[2])
+        elif line.startswith("s {"):
+            try:
+                stats = json.loads(line[2:])
+            except ValueError:
+                return
+            if isinstance(stats, dict):
+                proc.stats = stats
 
     def wait_ready(self, timeout: float) -> int:
         end = time.monotonic() + timeout
@@ -667,6 +684,7 @@ def _run_client(
     say = options.say
     wl = plan.workload
     rundir = workdir / client
+    live = options.live if client == "pgwarden" else None
     rundir.mkdir()
     configs = [
         WorkerConfig(
@@ -685,12 +703,21 @@ def _run_client(
             hard_limit=plan.hard_limit,
             seed=options.seed + i,
             application_name=APP_PREFIX + client,
+            stats_interval=LIVE_STATS_INTERVAL if live is not None else 0.0,
         )
         for i in range(wl.processes)
     ]
     group = WorkerGroup(configs, rundir)
     sampler: Sampler | None = None
     injector: Injector | None = None
+    if live is not None:
+        procs = list(group.procs)
+        live.attach(
+            lambda: [p.stats for p in procs],
+            scenario=scenario.name,
+            client=client,
+            processes=len(procs),
+        )
     try:
         ready = group.wait_ready(30.0 + 0.5 * wl.processes)
         t_go = time.monotonic()
@@ -722,6 +749,8 @@ def _run_client(
         group.wait(3.0)
     finally:
         group.kill()
+        if live is not None:
+            live.finish()
         if injector is not None:
             injector.abort.set()
             injector.join(60)

@@ -16,7 +16,11 @@ a fresh uuid. A request is recorded as ``[start, latency, op, kind]`` (start in
 every write's id goes into ``acked`` (the call returned) or ``unacked`` (it raised).
 
 stdout carries ``ready``, then ``p <ok> <failed>`` every half second (live progress), then
-``done``. Another stdin line, or end of input (the harness is gone), stops the threads.
+``done``. With ``stats_interval`` set (``pgwarden stress --dashboard``) and a client that has
+``live_stats()`` (pgwarden), it also carries ``s <json>``: a compact snapshot of the client's
+``stats()`` every ``stats_interval`` seconds and once more when the requests are done (see
+:mod:`pgwarden.stress.live`). Another stdin line, or end of input (the harness is gone), stops
+the threads.
 
 Bounds: each thread stops after ``max_requests``, and ``hard_limit`` seconds after ``go`` a
 timer writes whatever was recorded (requests still running become ``hung``) and exits the
@@ -38,6 +42,7 @@ from typing import Any
 # Cheap: clients.py imports only the standard library; the client libraries themselves are
 # imported by make_client, after the start signal.
 from pgwarden.stress.clients import classify, describe, make_client
+from pgwarden.stress.live import MAX_STATS_LINE
 
 __all__ = ["Phase", "WorkerConfig", "main"]
 
@@ -67,6 +72,7 @@ class WorkerConfig:
     hard_limit: float
     seed: int
     application_name: str
+    stats_interval: float = 0.0  # > 0: send the client's live stats this often (pgwarden)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerConfig:
@@ -210,9 +216,25 @@ class _Worker:
         os.replace(tmp, self.cfg.out)
 
     def progress(self) -> None:
+        next_stats = time.monotonic()
         while not self.stop.wait(0.5):
             rec = self.rec
             _say(f"p {rec.ok} {rec.failed}")
+            if self.cfg.stats_interval > 0 and time.monotonic() >= next_stats:
+                self.send_stats()
+                next_stats = time.monotonic() + self.cfg.stats_interval - 0.05
+
+    def send_stats(self) -> None:
+        """One ``s <json>`` line with the client's live stats, if it has any (bounded)."""
+        live = getattr(self.client, "live_stats", None)
+        if not callable(live):
+            return
+        try:
+            line = json.dumps(live(), separators=(",", ":"), default=str)
+        except Exception:  # stats are informative only
+            return
+        if len(line) < MAX_STATS_LINE:
+            _say("s " + line)
 
     def watch_stdin(self) -> None:
         sys.stdin.readline()  # "stop", or "" at end of input
@@ -226,12 +248,17 @@ class _Worker:
         os._exit(0)
 
 
+_say_lock = threading.Lock()
+
+
 def _say(line: str) -> None:
-    try:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-    except (OSError, ValueError):
-        pass
+    """One whole line on stdout (threads share it: a long stats line must not interleave)."""
+    with _say_lock:
+        try:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _join_all(threads: list[threading.Thread], stop: threading.Event, hard_end: float) -> None:
@@ -285,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             t.start()
         _join_all(threads, worker.stop, worker.t_go + cfg.hard_limit)
         client = worker.client
+        if cfg.stats_interval > 0:
+            worker.send_stats()  # the final figures, for the live dashboard
         try:
             worker.stats = _jsonable(client.stats())
         except Exception as exc:  # stats are informative only
