@@ -710,15 +710,15 @@ def _run_client(
     group = WorkerGroup(configs, rundir)
     sampler: Sampler | None = None
     injector: Injector | None = None
-    if live is not None:
-        procs = list(group.procs)
-        live.attach(
-            lambda: [p.stats for p in procs],
-            scenario=scenario.name,
-            client=client,
-            processes=len(procs),
-        )
     try:
+        if live is not None:
+            procs = list(group.procs)
+            live.attach(
+                lambda: [p.stats for p in procs],
+                scenario=scenario.name,
+                client=client,
+                processes=len(procs),
+            )
         ready = group.wait_ready(30.0 + 0.5 * wl.processes)
         t_go = time.monotonic()
         sampler = Sampler(target, t_go)
