@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from pgwarden.cli._args import port, positive_float
 
 __all__ = ["build_parser", "run"]
 
@@ -31,22 +32,9 @@ DEFAULT_OUT = "pgwarden-report"
 DEFAULT_DASHBOARD_PORT = 8765
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 65535: {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 600 or math.isnan(value):
+def _deadline_seconds(text: str) -> float:
+    value = positive_float(text)
+    if value > 600:
         raise argparse.ArgumentTypeError(f"must be between 0 and 600 seconds: {text!r}")
     return value
 
@@ -110,7 +98,7 @@ def build_parser(prog: str = "pgwarden stress") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--deadline",
-        type=_positive_float,
+        type=_deadline_seconds,
         default=5.0,
         metavar="SECONDS",
         help="per-request deadline for every client (default: %(default)g)",
@@ -124,7 +112,7 @@ def build_parser(prog: str = "pgwarden stress") -> argparse.ArgumentParser:
     parser.add_argument(
         "--dashboard",
         nargs="?",
-        type=_port,
+        type=port,
         const=DEFAULT_DASHBOARD_PORT,
         default=None,
         metavar="PORT",
