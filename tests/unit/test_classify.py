@@ -748,3 +748,9 @@ def test_core_module_imports_only_light_stdlib(module: str) -> None:
         top = name.partition(".")[0]
         assert name.startswith("pgwarden.core.") or top in sys.stdlib_module_names, name
         assert top not in {"asyncio", "threading", "psycopg", "psycopg_pool"}, name
+
+
+def test_pipeline_exit_on_a_dead_connection_is_broken() -> None:
+    exc = psycopg.OperationalError("cannot exit pipeline mode while busy")
+    assert classify(exc, Phase.STATEMENT) is FailureKind.LOST
+    assert classify(exc, Phase.FIRST_USE) is FailureKind.STALE

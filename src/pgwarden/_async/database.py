@@ -385,11 +385,11 @@ class AsyncDatabase:
         """
         ms = statement_timeout_ms(deadline - monotonic())
         begin = f"BEGIN; SET LOCAL statement_timeout = {ms}; {_MARKER_QUERY}".encode()
-        cur = await conn.execute(begin)
-        while cur.nextset():
-            pass  # the last result set holds the marker
-        marker = _marker(await cur.fetchone())
         try:
+            cur = await conn.execute(begin)
+            while cur.nextset():
+                pass  # the last result set holds the marker
+            marker = _marker(await cur.fetchone())
             stmt = conn.cursor(row_factory=tuple_row) if mode == _VALUE else conn.cursor()
             await stmt.execute(query, params)
             result = await _result(stmt, mode)

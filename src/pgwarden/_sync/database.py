@@ -387,11 +387,11 @@ class Database:
         """
         ms = statement_timeout_ms(deadline - monotonic())
         begin = f"BEGIN; SET LOCAL statement_timeout = {ms}; {_MARKER_QUERY}".encode()
-        cur = conn.execute(begin)
-        while cur.nextset():
-            pass  # the last result set holds the marker
-        marker = _marker(cur.fetchone())
         try:
+            cur = conn.execute(begin)
+            while cur.nextset():
+                pass  # the last result set holds the marker
+            marker = _marker(cur.fetchone())
             stmt = conn.cursor(row_factory=tuple_row) if mode == _VALUE else conn.cursor()
             stmt.execute(query, params)
             result = _result(stmt, mode)

@@ -129,6 +129,7 @@ connection is bad                                  broken       psycopg
 could not receive / send data (to/from) server     broken       libpq
 no connection to the server                        broken       libpq
 lost synchronization with server                   broken       libpq
+cannot exit pipeline mode while busy               broken       psycopg (dead pipeline)
 Connection reset by peer / Broken pipe /           broken       kernel, via libpq
 Connection timed out
 terminating connection                             broken       server FATAL texts
@@ -323,6 +324,8 @@ _BY_TEXT: Final[tuple[tuple[str, _Verdict], ...]] = (
     ("could not send data to server", _BROKEN),
     ("no connection to the server", _BROKEN),
     ("lost synchronization with server", _BROKEN),
+    # psycopg, leaving pipeline mode on a connection that died mid-pipeline.
+    ("cannot exit pipeline mode while busy", _BROKEN),
     ("connection reset by peer", _BROKEN),
     ("broken pipe", _BROKEN),
     ("connection timed out", _BROKEN),
