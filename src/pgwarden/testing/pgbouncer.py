@@ -10,25 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Literal
 from urllib.parse import quote
 
 import psycopg
 
 from . import _lifecycle
-from ._binaries import find_pgbouncer, free_port, pgbouncer_version, scratch_dir, user_kwargs
+from ._binaries import find_pgbouncer, free_port, pgbouncer_version, user_kwargs
 from ._binaries import run_as_user as _run_as_user
 from ._errors import ServerStartError, ServerUnavailable
+from ._scratch import ScratchServer
 from .postgres import PostgresServer
 
 __all__ = ["PgBouncerServer", "PoolMode"]
@@ -47,7 +44,7 @@ def _conf_value(value: object) -> str:
     return text
 
 
-class PgBouncerServer:
+class PgBouncerServer(ScratchServer):
     """A PgBouncer process listening on ``127.0.0.1`` and a free (or given) port.
 
     Every database name is forwarded to ``postgres`` over TCP; clients log in as
@@ -86,14 +83,10 @@ class PgBouncerServer:
             "server_login_retry": 1,
         }
         self._settings.update(extra or {})
+        super().__init__()
         self._port = free_port(self.host) if port is None else int(port)
-        self._lock = threading.RLock()
-        self._root: Path | None = None
-        self._root_key: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._proc_key: str | None = None
-        self._closed = False
-        self._owner_pid = os.getpid()  # a forked child must not stop our processes
         self._version: str | None = None
 
     @property
@@ -234,68 +227,13 @@ class PgBouncerServer:
             self.stop(timeout)
             self.start(timeout)
 
-    def close(self) -> None:
-        """Stop PgBouncer and remove its files. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if os.getpid() != self._owner_pid:
-                # Inherited through fork: the process is the parent's child, not ours, to
-                # stop and wait for (marking it finished also silences Popen.__del__).
-                if self._proc is not None:
-                    self._proc.returncode = 0
-                return
-            try:
-                self.stop(timeout=10)
-            except Exception:
-                self._reap(kill=True)
-            finally:
-                if self._root is not None:
-                    shutil.rmtree(self._root, ignore_errors=True)
-                if self._root_key is not None:
-                    _lifecycle.forget(self._root_key)
-                _lifecycle.unregister(self)
-
-    def log_tail(self, n: int = 50) -> str:
-        """The last ``n`` lines of PgBouncer's log ("" if there is none yet)."""
-        if self._root is None:
-            return ""
-        try:
-            lines = self.log_path.read_bytes()[-256 * 1024 :].decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join(lines.splitlines()[-n:]) if n > 0 else ""
-
-    def __enter__(self) -> PgBouncerServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "running" if self.is_running() else ("closed" if self._closed else "stopped")
-        return f"<PgBouncerServer {self.host}:{self._port} -> :{self.postgres.port} {state}>"
+    def _stop_for_close(self) -> None:
+        self.stop(timeout=10)
 
     # -- internals ---------------------------------------------------------------------
 
     def _prepare(self) -> None:
-        root = Path(tempfile.mkdtemp(prefix="pgwarden-bouncer-", dir=scratch_dir()))
-        self._root = root
-        self._root_key = _lifecycle.new_key()
-        _lifecycle.register(self)
-        _lifecycle.watch_path(self._root_key, root)
-        if self._run_as is not None:
-            self._run_as.chown(root)
+        self._make_root("pgwarden-bouncer-")
 
     def _write_file(self, name: str, text: str) -> Path:
         path = self.base_dir / name

@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -40,11 +39,11 @@ from ._binaries import (
     free_port,
     is_linux,
     postgres_version,
-    scratch_dir,
     user_kwargs,
 )
 from ._binaries import run_as_user as _run_as_user
 from ._errors import ServerStartError, ServerUnavailable
+from ._scratch import ScratchServer
 
 __all__ = ["DEFAULT_SETTINGS", "PostgresServer", "StopMode"]
 
@@ -232,7 +231,7 @@ def _copy_tree(src: Path, dst: Path, run_as: RunAs | None) -> None:
 # -- the server ----------------------------------------------------------------------------
 
 
-class PostgresServer:
+class PostgresServer(ScratchServer):
     """A throwaway PostgreSQL server on ``127.0.0.1`` and a free (or given) port.
 
     Nothing runs until :meth:`start` (or ``with``). :meth:`close` stops the server and
@@ -263,16 +262,12 @@ class PostgresServer:
         for name, value in (settings or {}).items():
             self._settings[_check_name(name)] = value
         self._auto_port = port is None
+        super().__init__()
         self._port = free_port(self.host) if port is None else int(port)
         self._password = secrets.token_urlsafe(18)
-        self._lock = threading.RLock()
-        self._root: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._proc_key: str | None = None
-        self._root_key: str | None = None
         self._password_set = False
-        self._closed = False
-        self._owner_pid = os.getpid()  # a forked child must not stop our processes
         self._version: str | None = None
         #: Seconds spent in the phases of the last start: ``initdb`` (0.0 when the template
         #: was cached), ``copy`` (template to data directory), ``start`` (spawn until ready).
@@ -457,44 +452,6 @@ class PostgresServer:
             self.stop(mode, timeout)
             self.start(timeout)
 
-    def close(self) -> None:
-        """Stop the server (fast, escalating if needed) and remove its files. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if os.getpid() != self._owner_pid:
-                # Inherited through fork: the process is the parent's child, not ours, to
-                # stop and wait for (marking it finished also silences Popen.__del__).
-                if self._proc is not None:
-                    self._proc.returncode = 0
-                return
-            try:
-                self.stop("fast", timeout=10)
-            except Exception:
-                self._reap(kill=True)
-            finally:
-                if self._root is not None:
-                    shutil.rmtree(self._root, ignore_errors=True)
-                if self._root_key is not None:
-                    _lifecycle.forget(self._root_key)
-                _lifecycle.unregister(self)
-
-    def __enter__(self) -> PostgresServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "running" if self.is_running() else ("closed" if self._closed else "stopped")
         return f"<PostgresServer {self.host}:{self._port} {state}>"
@@ -568,18 +525,8 @@ class PostgresServer:
         )
         return sorted(str(r[0]) for r in rows)
 
-    def log_tail(self, n: int = 50) -> str:
-        """The last ``n`` lines of the server log ("" if there is none yet)."""
-        if self._root is None:
-            return ""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 512 * 1024))
-                lines = f.read().decode("utf-8", "replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:]) if n > 0 else ""
+    def _stop_for_close(self) -> None:
+        self.stop("fast", timeout=10)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -597,13 +544,7 @@ class PostgresServer:
     def _prepare(self) -> None:
         """Make the directories, copy the template and write the settings."""
         template, initdb_seconds = _template_for(self._bindir, self.version, self._run_as)
-        root = Path(tempfile.mkdtemp(prefix="pgwarden-pg-", dir=scratch_dir()))
-        self._root = root
-        self._root_key = _lifecycle.new_key()
-        _lifecycle.register(self)
-        _lifecycle.watch_path(self._root_key, root)
-        if self._run_as is not None:
-            self._run_as.chown(root)
+        root = self._make_root("pgwarden-pg-")
         (root / "sock").mkdir(mode=0o700)
         if self._run_as is not None:
             self._run_as.chown(root / "sock")
