@@ -72,6 +72,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from pgwarden._redact import redact
 from pgwarden.cli._args import positive_float
+from pgwarden.cli._embedded import with_embedded
 
 __all__ = [
     "Finding",
@@ -950,27 +951,10 @@ def _check(
 
 
 def _run_embedded(args: argparse.Namespace, policy: PoolPolicy, prog: str) -> int:
-    try:
-        from pgwarden.embedded import start_embedded
-    except ImportError as exc:
-        _err(
-            f"{prog}: no URL given, DATABASE_URL is not set, and the embedded server is "
-            f"unavailable: {exc}"
-        )
-        return 2
-    _err("starting embedded PostgreSQL...")
     with _sigterm_as_interrupt():
-        try:
-            server = start_embedded()
-        except Exception as exc:
-            _err(f"{prog}: cannot start the embedded PostgreSQL: {redact(str(exc))}")
-            return 2
-        try:
-            _err(f"using embedded default: {server.description}")
-            return _check(server.url, args, policy, prog, embedded=server.description)
-        finally:
-            server.close()
-            _err("embedded PostgreSQL stopped and removed")
+        return with_embedded(
+            prog, lambda url, description: _check(url, args, policy, prog, embedded=description)
+        )
 
 
 def run(argv: Sequence[str], prog: str = "pgwarden check") -> int:

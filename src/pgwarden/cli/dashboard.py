@@ -43,6 +43,7 @@ from typing import Any
 
 from pgwarden._redact import redact
 from pgwarden.cli._args import port, positive_float
+from pgwarden.cli._embedded import with_embedded
 
 __all__ = ["build_parser", "run"]
 
@@ -305,26 +306,7 @@ def _run_loop(coro: Any) -> int:
 
 
 def _run_embedded(args: argparse.Namespace, prog: str) -> int:
-    try:
-        from pgwarden.embedded import start_embedded
-    except ImportError as exc:
-        _err(
-            f"{prog}: no URL given, DATABASE_URL is not set, and the embedded server is "
-            f"unavailable: {exc}"
-        )
-        return 2
-    _err("starting embedded PostgreSQL...")
-    try:
-        server = start_embedded()
-    except Exception as exc:
-        _err(f"{prog}: cannot start the embedded PostgreSQL: {redact(str(exc))}")
-        return 2
-    try:
-        _err(f"using embedded default: {server.description}")
-        return _run_loop(_serve_database(server.url, args))
-    finally:
-        server.close()
-        _err("embedded PostgreSQL stopped and removed")
+    return with_embedded(prog, lambda url, _: _run_loop(_serve_database(url, args)))
 
 
 def run(argv: Sequence[str], prog: str = "pgwarden dashboard") -> int:

@@ -38,6 +38,19 @@ class ScratchServer:
         self._owner_pid = os.getpid()  # a forked child must not stop our processes
 
     @property
+    def base_dir(self) -> Path:
+        """The scratch directory (config, data, socket, log); exists after start()."""
+        if self._root is None:
+            raise RuntimeError(f"{type(self).__name__} has not been started yet")
+        return self._root
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the server process while it runs, else None."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    @property
     def log_path(self) -> Path:
         raise NotImplementedError
 

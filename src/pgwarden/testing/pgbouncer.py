@@ -127,22 +127,9 @@ class PgBouncerServer(ScratchServer):
         return dict(self._settings)
 
     @property
-    def base_dir(self) -> Path:
-        """The temporary directory holding config, auth file and log (after start)."""
-        if self._root is None:
-            raise RuntimeError("PgBouncer has not been started yet")
-        return self._root
-
-    @property
     def log_path(self) -> Path:
         """PgBouncer's log file."""
         return self.base_dir / "pgbouncer.log"
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the pgbouncer process while it runs, else None."""
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
 
     def url_for(self, dbname: str | None = None) -> str:
         """Return a URL for ``dbname`` (default ``postgres``) through PgBouncer."""

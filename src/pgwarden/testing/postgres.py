@@ -303,13 +303,6 @@ class PostgresServer(ScratchServer):
         return self._version
 
     @property
-    def base_dir(self) -> Path:
-        """The temporary directory holding data, socket and log (exists after start)."""
-        if self._root is None:
-            raise RuntimeError("the server has not been started yet")
-        return self._root
-
-    @property
     def data_dir(self) -> Path:
         """The data directory (``PGDATA``)."""
         return self.base_dir / "data"
@@ -323,12 +316,6 @@ class PostgresServer(ScratchServer):
     def log_path(self) -> Path:
         """The server log file."""
         return self.base_dir / "postgres.log"
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the postmaster while it runs, else None."""
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
 
     @property
     def settings(self) -> Mapping[str, object]:
