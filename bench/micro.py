@@ -5,7 +5,13 @@ alternately in the same process, because these machines are shared and noisy.
 It starts its own throwaway PostgreSQL (pgwarden.testing) unless --url is given.
 
     python bench/micro.py                       # print the table
+    python bench/micro.py --quick               # fewer rounds and queries: a smoke run
     python bench/micro.py --write docs/benchmarks.md
+
+Next to the steady hot path (`fetchval("SELECT 1")`, no deadline, sync and async) it
+reports what the handle's lock costs per call: a `threading.Lock` round trip
+(acquire + release) measured uncontended and contended by 2 threads, times
+LOCK_ROUND_TRIPS_PER_CALL.
 """
 
 from __future__ import annotations
@@ -17,17 +23,30 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
 import psycopg
+import psycopg_pool
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from pgwarden import AsyncDatabase, Database, Settings
 
+# Rounds of each alternating measurement; --quick lowers it (main() sets it once).
 ROUNDS = 7
+QUICK_ROUNDS = 3
+
+# How many times one steady hot-path call (fetchval, no deadline, the fast path)
+# takes the handle's lock (HandleState._lock): enter() and leave(). TO BE
+# CONFIRMED BY THE LEAD against the rebuilt handle; the lock figures multiply by it.
+LOCK_ROUND_TRIPS_PER_CALL = 2
+
+# Acquire/release pairs per lock-cost round (per thread when contended).
+LOCK_PAIRS = 1_000_000
+QUICK_LOCK_PAIRS = 100_000
 
 
 def best_ratio(
@@ -43,9 +62,93 @@ def best_ratio(
     return ma, mb, ma / mb
 
 
-def sync_latency(url: str, n: int) -> dict[str, float]:
+def _empty_loop(n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        pass
+    return time.perf_counter() - t0
+
+
+def _lock_pairs(lock: threading.Lock, n: int) -> None:
+    for _ in range(n):
+        with lock:  # what HandleState does: `with self._lock:`
+            pass
+
+
+def _uncontended(n: int) -> float:
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+    _lock_pairs(lock, n)
+    return time.perf_counter() - t0
+
+
+def _contended(n: int, threads: int = 2) -> float:
+    """Wall time for *threads* threads doing *n* pairs each on one shared lock."""
+    lock = threading.Lock()
+    start = threading.Barrier(threads + 1)
+
+    def worker() -> None:
+        start.wait()
+        _lock_pairs(lock, n)
+
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - t0
+
+
+def lock_costs(pairs: int) -> dict[str, float]:
+    """What one `threading.Lock` round trip costs, uncontended and with 2 threads.
+
+    Both are per acquire/release pair with the bare loop's cost subtracted. The
+    contended figure is the whole run's wall time over all pairs of both threads
+    (under the GIL they run one at a time, so that is the cost per pair including
+    the contention: blocking, GIL hand-offs); it is a worst case, both threads doing
+    nothing but taking the lock, where a real call holds it for a few bookkeeping
+    steps between long waits on the socket.
+    """
+    alone: list[float] = []
+    shared: list[float] = []
+    for _ in range(ROUNDS):
+        alone.append(max(0.0, _uncontended(pairs) - _empty_loop(pairs)) / pairs)
+        shared.append(max(0.0, _contended(pairs) - _empty_loop(2 * pairs)) / (2 * pairs))
+    a, c = statistics.median(alone), statistics.median(shared)
+    return {
+        "uncontended_us": a * 1e6,
+        "contended_2_threads_us": c * 1e6,
+        "contended_ratio": c / a if a else float("nan"),
+        "round_trips_per_call": LOCK_ROUND_TRIPS_PER_CALL,
+    }
+
+
+def _lock_per_call(
+    lock: dict[str, float], ours_us: float, theirs_us: float, *, contended: bool
+) -> dict[str, float]:
+    """The lock's cost in one hot-path call: absolute, as a share of the whole call
+    (*ours_us*) and as a share of what pgwarden adds over psycopg_pool (nan when it
+    adds nothing measurable)."""
+    per_call = LOCK_ROUND_TRIPS_PER_CALL * lock["uncontended_us"]
+    overhead = ours_us - theirs_us
+    out = {
+        "lock_us_per_call": per_call,
+        "lock_pct_of_call": 100 * per_call / ours_us,
+        "lock_pct_of_overhead": 100 * per_call / overhead if overhead > 0 else float("nan"),
+    }
+    if contended:
+        out["lock_contended_us_per_call"] = (
+            LOCK_ROUND_TRIPS_PER_CALL * lock["contended_2_threads_us"]
+        )
+    return out
+
+
+def sync_latency(url: str, n: int, lock: dict[str, float]) -> dict[str, float]:
     pool = ConnectionPool(url, min_size=1, max_size=4, open=True, kwargs={"autocommit": True})
-    db = Database(Settings(url=url, max_size=4))
+    # default_timeout=None, explicitly: the steady hot path is a call without a deadline.
+    db = Database(Settings(url=url, max_size=4, default_timeout=None))
     db.fetchval("SELECT 1")
     pool.wait()
 
@@ -67,16 +170,19 @@ def sync_latency(url: str, n: int) -> dict[str, float]:
     finally:
         db.close()
         pool.close()
-    return {"pgwarden_us": a * 1e6, "psycopg_pool_us": b * 1e6, "ratio": r}
+    result = {"pgwarden_us": a * 1e6, "psycopg_pool_us": b * 1e6, "ratio": r}
+    # The sync shell shares its lock with psycopg_pool's worker threads and with
+    # the application's other threads, so it can be contended.
+    return result | _lock_per_call(lock, a * 1e6, b * 1e6, contended=True)
 
 
-def async_latency(url: str, n: int) -> dict[str, float]:
+def async_latency(url: str, n: int, lock: dict[str, float]) -> dict[str, float]:
     async def main() -> dict[str, float]:
         pool = AsyncConnectionPool(
             url, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
         )
         await pool.open(wait=True)
-        db = AsyncDatabase(Settings(url=url, max_size=4))
+        db = AsyncDatabase(Settings(url=url, max_size=4, default_timeout=None))
         await db.fetchval("SELECT 1")
         a: list[float] = []
         b: list[float] = []
@@ -94,7 +200,10 @@ def async_latency(url: str, n: int) -> dict[str, float]:
         await db.close()
         await pool.close()
         ma, mb = statistics.median(a), statistics.median(b)
-        return {"pgwarden_us": ma * 1e6, "psycopg_pool_us": mb * 1e6, "ratio": ma / mb}
+        result = {"pgwarden_us": ma * 1e6, "psycopg_pool_us": mb * 1e6, "ratio": ma / mb}
+        # Under asyncio the lock is taken on the loop's thread and never held
+        # across an await: uncontended.
+        return result | _lock_per_call(lock, ma * 1e6, mb * 1e6, contended=False)
 
     return asyncio.run(main())
 
@@ -207,7 +316,8 @@ def cold_start(url: str, runs: int) -> dict[str, float]:
         imp_none.append(_run_python("pass", env))
         imp_pg.append(_run_python("import psycopg", env))
         imp_pgw.append(_run_python("import pgwarden", env))
-        imp_full.append(_run_python("import pgwarden._sync.database", env))
+        # The lazy attribute loads whichever modules the sync handle lives in.
+        imp_full.append(_run_python("import pgwarden\npgwarden.Database", env))
     return {
         "pgwarden_ms": ma * 1e3,
         "psycopg_ms": mb * 1e3,
@@ -271,16 +381,31 @@ def machine() -> str:
         pass
     return (
         f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"psycopg {psycopg.__version__}, {platform.system()} {platform.release()}"
+        f"psycopg {psycopg.__version__}, psycopg_pool {psycopg_pool.__version__}, "
+        f"{platform.system()} {platform.release()}"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
+    global ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="PostgreSQL URL (default: a throwaway server)")
-    parser.add_argument("--n", type=int, default=2000, help="queries per latency round")
+    parser.add_argument(
+        "--n", type=int, default=None, help="queries per latency round (default 2000; quick 200)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK_ROUNDS} rounds, 200 queries a round, fewer cold starts; "
+        "noisier, and marked as such in the output",
+    )
     parser.add_argument("--write", metavar="FILE", help="write the results as Markdown")
     args = parser.parse_args(argv)
+    if args.quick:
+        ROUNDS = QUICK_ROUNDS
+    n: int = args.n if args.n is not None else (200 if args.quick else 2000)
+    pairs = QUICK_LOCK_PAIRS if args.quick else LOCK_PAIRS
+    cold_runs = 3 if args.quick else 9
 
     with ExitStack() as stack:
         url = args.url
@@ -294,20 +419,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             version = "given by --url"
         results: dict[str, dict[str, Any]] = {}
+        # The lock row runs first: the hot-path rows add its per-call figures.
         steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-            ("sync fetchval latency", lambda: sync_latency(url, args.n)),
-            ("async fetchval latency", lambda: async_latency(url, args.n)),
-            ("async throughput, 16 tasks", lambda: async_throughput(url, 16, args.n // 4)),
-            ("cold start (fresh interpreter)", lambda: cold_start(url, 9)),
+            (LOCK_ROW, lambda: lock_costs(pairs)),
+            ("sync fetchval latency", lambda: sync_latency(url, n, results[LOCK_ROW])),
+            ("async fetchval latency", lambda: async_latency(url, n, results[LOCK_ROW])),
+            ("async throughput, 16 tasks", lambda: async_throughput(url, 16, n // 4)),
+            ("cold start (fresh interpreter)", lambda: cold_start(url, cold_runs)),
             ("readiness, 200 cold callers", lambda: readiness_200(url, 10)),
-            ("costs: commit resolution, deadlines", lambda: transaction_costs(url, args.n // 4)),
+            ("costs: commit resolution, deadlines", lambda: transaction_costs(url, n // 4)),
         ]
         for name, step in steps:
             print(f"running: {name}...", file=sys.stderr, flush=True)
             results[name] = step()
             print(f"  {format_result(results[name])}", file=sys.stderr, flush=True)
 
-    text = render(results, machine(), version)
+    text = render(results, machine(), version, quick=args.quick, n=n)
     print(text)
     if args.write:
         with open(args.write, "w") as f:
@@ -322,7 +449,10 @@ def format_result(result: dict[str, Any]) -> str:
     )
 
 
+LOCK_ROW = "lock round trip (threading.Lock)"
+
 TARGETS = {
+    LOCK_ROW: "measured (no target); x round_trips_per_call in the rows below",
     "sync fetchval latency": "ratio <= 1.10",
     "async fetchval latency": "ratio <= 1.10",
     "async throughput, 16 tasks": "ratio >= 0.95",
@@ -332,7 +462,14 @@ TARGETS = {
 }
 
 
-def render(results: dict[str, dict[str, Any]], machine_text: str, version: str) -> str:
+def render(
+    results: dict[str, dict[str, Any]],
+    machine_text: str,
+    version: str,
+    *,
+    quick: bool = False,
+    n: int = 2000,
+) -> str:
     lines = [
         "# Benchmarks",
         "",
@@ -340,6 +477,14 @@ def render(results: dict[str, dict[str, Any]], machine_text: str, version: str) 
         "psycopg_pool (or bare psycopg for cold start) measured alternately in the same run,",
         f"median of {ROUNDS} rounds, `SELECT 1` over loopback.",
         "",
+    ]
+    if quick:
+        lines += [
+            f"**Quick run** (`--quick`: {ROUNDS} rounds of {n} queries): a smoke test,",
+            "noisier than `make bench`; do not quote these figures.",
+            "",
+        ]
+    lines += [
         f"- machine: {machine_text}",
         f"- server: PostgreSQL {version} (throwaway, fsync off)",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -356,6 +501,15 @@ def render(results: dict[str, dict[str, Any]], machine_text: str, version: str) 
 NOTES = [
     "## What each row measures",
     "",
+    "- **lock round trip**: one `with threading.Lock():` (acquire and release), bare loop",
+    "  subtracted; `uncontended_us` with one thread, `contended_2_threads_us` with two threads",
+    "  doing nothing but taking the same lock (the whole run's wall time over all their pairs:",
+    "  a worst case). `round_trips_per_call` is how often one steady `fetchval` takes the",
+    "  handle's lock (`LOCK_ROUND_TRIPS_PER_CALL` in `bench/micro.py`). The fetchval rows",
+    "  multiply the two: `lock_us_per_call` (and, sync, `lock_contended_us_per_call`);",
+    "  `lock_pct_of_call` is its uncontended share of pgwarden's whole call, and",
+    "  `lock_pct_of_overhead` its share of what pgwarden adds over psycopg_pool (`nan` when",
+    "  pgwarden was not slower).",
     "- **fetchval latency**: one `SELECT 1` per call, one caller, pool already warm.",
     "  psycopg_pool's side is its best equivalent:",
     "  `with pool.connection() as conn: conn.execute(...).fetchone()`.",

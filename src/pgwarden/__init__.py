@@ -13,10 +13,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pgwarden.errors import (
+    AcquireTimeout,
     AmbiguousCommitError,
     DatabaseUnavailable,
     DeadlineExceeded,
     HandleClosed,
+    NotCommitted,
     NotReady,
     PgwardenError,
     SettingsError,
@@ -24,14 +26,17 @@ from pgwarden.errors import (
 from pgwarden.settings import Settings
 
 if TYPE_CHECKING:
-    from pgwarden._async.database import AsyncDatabase, AsyncTransaction
+    from pgwarden._async.database import AsyncDatabase
+    from pgwarden._async.transaction import AsyncTransaction
     from pgwarden._registry import connect, connect_async
-    from pgwarden._sync.database import Database, Transaction
+    from pgwarden._sync.database import Database
+    from pgwarden._sync.transaction import Transaction
     from pgwarden.core.deadline import deadline
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AcquireTimeout",
     "AmbiguousCommitError",
     "AsyncDatabase",
     "AsyncTransaction",
@@ -39,6 +44,7 @@ __all__ = [
     "DatabaseUnavailable",
     "DeadlineExceeded",
     "HandleClosed",
+    "NotCommitted",
     "NotReady",
     "PgwardenError",
     "Settings",
@@ -53,9 +59,9 @@ __all__ = [
 # `import pgwarden` does not pay for psycopg until a handle is used.
 _LAZY = {
     "AsyncDatabase": "pgwarden._async.database",
-    "AsyncTransaction": "pgwarden._async.database",
+    "AsyncTransaction": "pgwarden._async.transaction",
     "Database": "pgwarden._sync.database",
-    "Transaction": "pgwarden._sync.database",
+    "Transaction": "pgwarden._sync.transaction",
     "connect": "pgwarden._registry",
     "connect_async": "pgwarden._registry",
     "deadline": "pgwarden.core.deadline",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["redact", "redact_url", "sanitize_sql"]
+__all__ = ["redact", "sanitize_sql"]
 
 MASK = "***"
 
@@ -21,11 +21,6 @@ _KV_PASSWORD = re.compile(
     r"(?P<key>(?<![?&])\bpassword\s*=\s*)(?P<val>'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE
 )
 _QUERY_PASSWORD = re.compile(r"(?P<key>[?&]password=)(?P<val>[^&\s]+)", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """Return *url* with its password replaced by ``***`` (also in ``?password=``)."""
-    return redact(url)
 
 
 def redact(text: str, *secrets: str | None) -> str:

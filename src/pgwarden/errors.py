@@ -10,10 +10,12 @@ unknown, and a handle that is closing.
 from __future__ import annotations
 
 __all__ = [
+    "AcquireTimeout",
     "AmbiguousCommitError",
     "DatabaseUnavailable",
     "DeadlineExceeded",
     "HandleClosed",
+    "NotCommitted",
     "NotReady",
     "PgwardenError",
     "SettingsError",
@@ -52,6 +54,18 @@ class DeadlineExceeded(PgwardenError, TimeoutError):
     def __init__(self, message: str, *, last_error: BaseException | None = None) -> None:
         super().__init__(message)
         self.last_error = last_error
+
+
+class AcquireTimeout(DeadlineExceeded):
+    """No pooled connection became free in time: within ``acquire_timeout``, or
+    before the caller's deadline. Nothing was sent to the server. A subclass of
+    `DeadlineExceeded` (and so of ``TimeoutError``) whichever bound ran out."""
+
+
+class NotCommitted(PgwardenError):
+    """The connection was lost and the work certainly did not commit: it was lost
+    before COMMIT was sent, or ``txid_status()`` on a new connection said the
+    transaction aborted. Safe to re-run; ``run_transaction`` does so itself."""
 
 
 class AmbiguousCommitError(PgwardenError):

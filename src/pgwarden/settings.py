@@ -78,9 +78,12 @@ class Settings:
         "(a deploy racing a database restart) before every waiter gets the same error.",
     )
     default_timeout: float | None = _doc(
-        None,
-        "Deadline for a call that sets none. None means: bounded by retry attempts and "
-        "acquire_timeout only. Set it to your request budget to bound everything.",
+        30.0,
+        "Client-side backstop for a call that sets no deadline: nothing it does (acquire, "
+        "validation, statements, COMMIT, the pool's reset) waits longer; the socket is shut "
+        "down when it passes. 30 s outlasts ordinary OLTP statements and matches common request "
+        "timeouts. Unlike an explicit deadline it is not sent to the server as "
+        "statement_timeout (that costs a pipelined BEGIN). None removes the bound.",
     )
 
     # --- TCP liveness ----------------------------------------------------------------------
@@ -171,12 +174,15 @@ class Settings:
         "every pooled connection fail at once, and callers with time left should wait it out.",
     )
     breaker_cooldown: float = _doc(
-        0.5, "Wait before the single half-open probe; doubles per failed probe."
+        0.25,
+        "Wait before the single half-open probe (jittered to 50-100% of it); doubles per "
+        "failed probe up to breaker_max_cooldown.",
     )
     breaker_max_cooldown: float = _doc(
-        5.0,
-        "Cap on the probe interval during a long outage: one connection attempt per 5 s costs "
-        "the server nothing and bounds how late recovery is noticed.",
+        0.4,
+        "Cap on the probe interval during a long outage, so the first request succeeds within "
+        "about 0.5 s of the server accepting again. One probe per process per 0.2-0.4 s, each "
+        "bounded by a connect time learnt from this server, costs a down server nothing.",
     )
 
     # --- adaptive sizing -------------------------------------------------------------------

@@ -212,3 +212,120 @@ def test_close_is_idempotent_and_final(pg_server: PostgresServer) -> None:
         proxy.set_latency(1)
     with pytest.raises(RuntimeError):
         proxy.start()
+
+
+class Query(threading.Thread):
+    """Run one statement on *conn* in a daemon thread; ``outcome`` holds its result or error."""
+
+    def __init__(self, conn: psycopg.Connection[tuple[Any, ...]], sql: str) -> None:
+        super().__init__(daemon=True)
+        self.conn, self.sql = conn, sql
+        self.outcome: list[object] = []
+
+    def run(self) -> None:
+        try:
+            self.outcome.append(self.conn.execute(self.sql.encode()).fetchone())
+        except Exception as exc:
+            self.outcome.append(exc)
+
+
+def pid_of(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def backend_query(server: PostgresServer, pid: int) -> str | None:
+    rows = server.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid])
+    return rows[0][0] if rows else None
+
+
+def test_swallow_silences_open_connections_for_good(
+    pg_server: PostgresServer, fault_proxy: FaultProxy, url: str
+) -> None:
+    first, second = connect(url), connect(url)
+    try:
+        pids = [pid_of(first), pid_of(second)]
+        fault_proxy.swallow()
+        assert fault_proxy.mode == "swallow"
+        before_heal = Query(first, "SELECT 42")
+        before_heal.start()
+        before_heal.join(0.5)
+        assert before_heal.is_alive(), before_heal.outcome  # times out: no answer
+        # Client-to-server: the server never saw it (its last statement is the old one).
+        assert backend_query(pg_server, pids[0]) == "SELECT pg_backend_pid()"
+        assert any(b"SELECT 42" in chunk for chunk in fault_proxy.swallowed)
+        # Server-to-client: the server ends the second session; the client hears nothing.
+        pg_server.execute("SELECT pg_terminate_backend(%s)", [pids[1]])
+        assert wait_until(lambda: backend_query(pg_server, pids[1]) is None, 5)
+        fault_proxy.heal()
+        assert fault_proxy.mode == "normal"
+        before_heal.join(0.5)
+        assert before_heal.is_alive(), before_heal.outcome  # unlike blackhole: nothing flows
+        after_heal = Query(second, "SELECT 43")
+        after_heal.start()
+        after_heal.join(0.5)
+        assert after_heal.is_alive(), after_heal.outcome  # no error either: never closed
+        # Neither reset() nor drop_connections() ends a swallowed connection.
+        fault_proxy.drop_connections()
+        fault_proxy.reset()
+        fault_proxy.heal()
+        after_heal.join(0.3)
+        assert after_heal.is_alive(), after_heal.outcome
+        assert fault_proxy.connections >= 2
+        with connect(url) as fresh:  # connections made after heal() work normally
+            assert fresh.execute("SELECT 1").fetchone() == (1,)
+        # Only close() ends them; the blocked clients then see the connection go.
+        fault_proxy.close()
+        for query in (before_heal, after_heal):
+            query.join(5)
+            assert not query.is_alive()
+            assert isinstance(query.outcome[0], psycopg.OperationalError), query.outcome
+    finally:
+        first.close()
+        second.close()
+
+
+def test_swallow_accepts_new_connections_and_never_answers(
+    pg_server: PostgresServer, fault_proxy: FaultProxy, url: str
+) -> None:
+    fault_proxy.refuse()
+    fault_proxy.swallow()  # also listens again
+    assert fault_proxy.mode == "swallow"
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError, match="timeout"):
+        connect(url)  # the TCP connect succeeds; the startup never completes
+    assert 1.5 < time.monotonic() - started < 10
+    with socket.create_connection((fault_proxy.host, fault_proxy.port), timeout=5) as raw:
+        raw.sendall(b"\0\0\0\x08\x04\xd2\x16\x2f")  # SSLRequest: a server answers one byte
+        raw.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            raw.recv(1)
+        fault_proxy.heal()
+        raw.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # still silent after heal(), and not closed
+            raw.recv(1)
+        assert fault_proxy.swallowed.count(b"\0\0\0\x08\x04\xd2\x16\x2f") >= 2
+        with connect(url) as fresh:  # a connection made after heal() works
+            assert fresh.execute("SELECT 1").fetchone() == (1,)
+        assert talk(fault_proxy.host, fault_proxy.port) in (b"S", b"N")
+
+
+def test_swallow_can_be_driven_from_a_loop_and_threads(fault_proxy: FaultProxy, url: str) -> None:
+    async def main() -> str:
+        fault_proxy.swallow()  # control calls are safe from a running loop
+        return fault_proxy.mode
+
+    assert asyncio.run(main()) == "swallow"
+    threads = [
+        threading.Thread(target=fault_proxy.swallow if i % 2 else fault_proxy.heal)
+        for i in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    fault_proxy.heal()
+    assert fault_proxy.mode == "normal"
+    with connect(url) as fresh:
+        assert fresh.execute("SELECT 1").fetchone() == (1,)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from typing import Any
@@ -14,19 +15,29 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pgwarden._handle.waits import WaitTimeout
 from pgwarden.core import classify as classify_module
 from pgwarden.core.classify import (
     FailureKind,
     Phase,
     RetryContext,
     classify,
+    classify_failure,
     classify_with_reason,
     is_retryable,
     is_transaction_retryable,
     is_write_sql,
     sqlstate_of,
 )
-from pgwarden.errors import DeadlineExceeded, HandleClosed
+from pgwarden.errors import (
+    AcquireTimeout,
+    AmbiguousCommitError,
+    DatabaseUnavailable,
+    DeadlineExceeded,
+    HandleClosed,
+    NotCommitted,
+    PgwardenError,
+)
 
 K = FailureKind
 ALL_PHASES = list(Phase)
@@ -754,3 +765,220 @@ def test_pipeline_exit_on_a_dead_connection_is_broken() -> None:
     exc = psycopg.OperationalError("cannot exit pipeline mode while busy")
     assert classify(exc, Phase.STATEMENT) is FailureKind.LOST
     assert classify(exc, Phase.FIRST_USE) is FailureKind.STALE
+
+
+# --- class-name rules: NotCommitted, WaitTimeout ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        NotCommitted("connection lost before COMMIT was sent"),
+        type("MyNotCommitted", (NotCommitted,), {})("x"),
+        named("NotCommitted")("a fake of the same name"),
+    ],
+)
+def test_not_committed_means_nothing_ran_although_it_is_ours(exc: Exception) -> None:
+    # Checked before its base PgwardenError, which is PERMANENT.
+    assert {phase: classify(exc, phase) for phase in Phase} == every_phase(K.NOTHING_RAN)
+    assert classify_with_reason(exc, Phase.STATEMENT)[1] == "class NotCommitted"
+    for lost in (False, True):
+        for in_tx in (False, True):
+            kind = classify_failure(
+                exc, Phase.STATEMENT, connection_lost=lost, in_transaction=in_tx
+            )
+            assert kind is K.NOTHING_RAN
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [AmbiguousCommitError("lost COMMIT", txid=7), PgwardenError("x"), AcquireTimeout("pool")],
+)
+def test_other_pgwarden_errors_stay_permanent(exc: Exception) -> None:
+    assert {phase: classify(exc, phase) for phase in Phase} == every_phase(K.PERMANENT)
+
+
+@pytest.mark.parametrize("cls", [WaitTimeout, named("WaitTimeout")], ids=["real", "fake"])
+def test_wait_timeout_is_timed_out(cls: type[Exception]) -> None:
+    exc = cls()
+    assert {phase: classify(exc, phase) for phase in Phase} == TIMED_OUT
+    assert classify_with_reason(exc, Phase.STATEMENT)[1].startswith("class WaitTimeout")
+
+
+def test_wait_timeout_text_cannot_pass_for_a_connect_timeout() -> None:
+    # libpq's "timeout expired" is NOTHING_RAN in every phase; the class rule wins over it.
+    exc = WaitTimeout("wait timeout expired")
+    assert classify(exc, Phase.STATEMENT) is K.TIMEOUT
+    assert classify(exc, Phase.COMMIT) is K.LOST_COMMIT
+
+
+def _documented_class_names() -> set[str]:
+    doc = classify_module.__doc__ or ""
+    table = doc.split("Class-name rules", 1)[1]
+    return set(re.findall(r"^(\w+)\s", table, re.MULTILINE))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [name for name in [*classify_module._BY_CLASS_NAME, *classify_module._BY_BUILTIN_NAME]],
+)
+def test_every_class_rule_is_documented(name: str) -> None:
+    assert name in _documented_class_names()
+
+
+# --- classify_failure ---------------------------------------------------------------------------
+
+SERVER_ABORTED = ["57P01", "57P02"]
+
+
+@pytest.mark.parametrize("sqlstate", SERVER_ABORTED)
+@pytest.mark.parametrize("real", [False, True], ids=["fake", "psycopg"])
+def test_server_terminated_statement_outside_a_transaction_is_stale(
+    sqlstate: str, real: bool
+) -> None:
+    message = "terminating connection due to administrator command"
+    exc: Exception = (
+        psycopg.errors.lookup(sqlstate)(message) if real else FakeError(message, sqlstate)
+    )
+    assert classify(exc, Phase.STATEMENT) is K.LOST
+    # No transaction block: the implicit transaction never reached Sync, so nothing committed.
+    assert classify_failure(exc, Phase.STATEMENT) is K.STALE
+    assert classify_failure(exc, Phase.STATEMENT, connection_lost=True) is K.STALE
+    # Inside one, the statement's effect is gone with the transaction, but the transaction
+    # function may have done other things: it stays LOST.
+    assert classify_failure(exc, Phase.STATEMENT, in_transaction=True) is K.LOST
+    assert (
+        classify_failure(exc, Phase.STATEMENT, connection_lost=True, in_transaction=True) is K.LOST
+    )
+
+
+@pytest.mark.parametrize("sqlstate", SERVER_ABORTED)
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_server_terminated_in_other_phases_is_unchanged(
+    sqlstate: str, in_transaction: bool
+) -> None:
+    exc = FakeError("terminating connection", sqlstate)
+    expected = {**BROKEN, Phase.STATEMENT: K.STALE if not in_transaction else K.LOST}
+    got = {phase: classify_failure(exc, phase, in_transaction=in_transaction) for phase in Phase}
+    assert got == expected
+    # In particular a lost COMMIT is never made safe by the refinement.
+    assert got[Phase.COMMIT] is K.LOST_COMMIT
+
+
+@pytest.mark.parametrize("sqlstate", ["57P05", "25P03", "40003", "08006", "08003", "08P01"])
+def test_other_broken_codes_are_not_refined(sqlstate: str) -> None:
+    exc = FakeError("", sqlstate)
+    assert classify_failure(exc, Phase.STATEMENT) is K.LOST
+    assert classify_failure(exc, Phase.STATEMENT, connection_lost=True) is K.LOST
+
+
+def test_the_refinement_needs_the_sqlstate_not_the_text() -> None:
+    exc = FakeError("FATAL:  terminating connection due to administrator command")
+    assert classify_failure(exc, Phase.STATEMENT) is K.LOST
+
+
+UNRECOGNISED = [
+    psycopg.OperationalError("sending query failed: another command is already in progress"),
+    psycopg.InterfaceError("something odd"),
+    FakeError(""),
+    FakeError("a message nobody has seen before"),
+]
+
+
+@pytest.mark.parametrize("exc", UNRECOGNISED)
+@pytest.mark.parametrize("phase", ALL_PHASES)
+def test_unrecognised_error_on_a_lost_connection_is_broken(exc: Exception, phase: Phase) -> None:
+    assert classify_failure(exc, phase) is K.PERMANENT
+    assert classify_failure(exc, phase, connection_lost=True) is BROKEN[phase]
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [TimeoutError(), WaitTimeout(), FakeError("query timeout")],
+    ids=["TimeoutError", "WaitTimeout", "pgbouncer-query-timeout"],
+)
+@pytest.mark.parametrize("phase", ALL_PHASES)
+def test_timed_out_without_sqlstate_on_a_lost_connection_is_broken(
+    exc: Exception, phase: Phase
+) -> None:
+    # Without the connection it is unknown whether the statement ran: the phase's "broken".
+    assert classify_failure(exc, phase) is TIMED_OUT[phase]
+    assert classify_failure(exc, phase, connection_lost=True) is BROKEN[phase]
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "kind"),
+    [("42601", K.PERMANENT), ("23505", K.PERMANENT), ("57014", K.TIMEOUT), ("55P03", K.TIMEOUT)],
+)
+@pytest.mark.parametrize("phase", ALL_PHASES)
+def test_a_server_verdict_survives_a_lost_connection(
+    sqlstate: str, kind: FailureKind, phase: Phase
+) -> None:
+    exc = FakeError("the server said so", sqlstate)
+    assert classify_failure(exc, phase, connection_lost=True) is kind
+    assert classify_failure(exc, phase, connection_lost=True, in_transaction=True) is kind
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        DeadlineExceeded("deadline passed", last_error=TimeoutError()),
+        AcquireTimeout("no connection in time"),
+        HandleClosed("closed"),
+        DatabaseUnavailable("circuit open", retry_after=1.0),
+        AmbiguousCommitError("unknown", txid=1),
+    ],
+)
+@pytest.mark.parametrize("phase", ALL_PHASES)
+def test_our_own_errors_stay_permanent_on_a_lost_connection(exc: Exception, phase: Phase) -> None:
+    assert classify_failure(exc, phase, connection_lost=True) is K.PERMANENT
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        FakeError("sorry, too many clients already", "53300"),
+        FakeError("could not serialize access", "40001"),
+        FakeError("", "25006"),
+        ConnectionRefusedError(),
+        psycopg_pool.PoolTimeout("x"),
+    ],
+)
+@pytest.mark.parametrize("phase", ALL_PHASES)
+def test_recognised_kinds_are_not_changed_by_a_lost_connection(
+    exc: Exception, phase: Phase
+) -> None:
+    assert classify_failure(exc, phase, connection_lost=True) is classify(exc, phase)
+
+
+def test_cancellation_stays_permanent_on_a_lost_connection() -> None:
+    for exc in (asyncio.CancelledError(), KeyboardInterrupt(), SystemExit(1)):
+        assert {phase: classify(exc, phase) for phase in Phase} == every_phase(K.PERMANENT)
+        got = {phase: classify_failure(exc, phase, connection_lost=True) for phase in Phase}
+        assert got == every_phase(K.PERMANENT), type(exc).__name__
+
+
+@given(
+    message=st.text(max_size=120),
+    sqlstate=st.one_of(st.none(), st.from_regex(r"[0-9A-Z]{5}", fullmatch=True)),
+    phase=st.sampled_from(Phase),
+    lost=st.booleans(),
+    in_tx=st.booleans(),
+)
+def test_classify_failure_refines_classify_only_where_documented(
+    message: str, sqlstate: str | None, phase: Phase, lost: bool, in_tx: bool
+) -> None:
+    exc = FakeError(message, sqlstate)
+    base = classify(exc, phase)
+    kind = classify_failure(exc, phase, connection_lost=lost, in_transaction=in_tx)
+    assert isinstance(kind, FailureKind)
+    if kind is base:
+        return
+    if base is K.LOST and sqlstate in SERVER_ABORTED and not in_tx:
+        assert kind is K.STALE
+    else:
+        assert lost
+        assert sqlstate is None
+        assert base in (K.PERMANENT, K.TIMEOUT)
+        assert kind is BROKEN[phase]
+    assert classify_failure(exc, phase) is base  # the defaults change nothing

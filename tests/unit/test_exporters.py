@@ -1,7 +1,8 @@
 """Exporters, structured logs and the dashboard app, without a database.
 
 A fake handle backed by a real :class:`StatsTracker` stands in for ``AsyncDatabase``: the
-exporters only read ``stats()``, ``settings`` and the tracker's histograms.
+exporters only use its public surface, ``settings``, ``stats()``, ``histograms()``,
+``add_tracker()`` and ``add_statement_observer()``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,9 +23,17 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from pgwarden._base import HandleCore
+from pgwarden.core.histogram import Histogram
 from pgwarden.core.metrics import MetricsTracker, StatsTracker, TeeTracker, pool_gauges
+from pgwarden.core.tracing import (
+    NOOP_STATEMENT_OBSERVER,
+    StatementObserver,
+    with_observer,
+    without_observer,
+)
 from pgwarden.exporters import (
+    HISTOGRAMS,
+    attach_statement_observer,
     attach_tracker,
     attempt_label,
     bounded,
@@ -51,25 +60,59 @@ URL = f"postgresql://app:{SECRET}@db.internal:5432/orders"
 
 
 class FakeHandle:
-    """What the exporters see of a handle: settings, stats(), add_tracker() and a tracker.
+    """What the exporters see of a handle: ``settings``, ``stats()``, ``histograms()``,
+    ``add_tracker()`` and ``add_statement_observer()``, built the way the handle builds them.
 
-    ``_core`` is a real :class:`HandleCore` (pure, no I/O), so ``add_tracker`` is the handle's.
+    ``tracker`` and ``observer`` are what the handle calls on each metrics event and around
+    each statement; :meth:`run` reports one statement attempt as the handle does.
     """
 
-    def __init__(self, app: str = "orders-api", tracker: Any = None) -> None:
+    def __init__(self, app: str = "orders-api", tracker: MetricsTracker | None = None) -> None:
         self.settings = SimpleNamespace(url=URL, application_name=app, max_size=10)
-        self._core = HandleCore(
-            Settings(url=URL, application_name=app),
-            tracker if tracker is not None else StatsTracker(),
-        )
+        self.tracker: MetricsTracker = tracker if tracker is not None else StatsTracker()
+        self.observer: StatementObserver = NOOP_STATEMENT_OBSERVER
         self.state = "ready"
         self.breaker = "closed"
 
-    def add_tracker(self, tracker: MetricsTracker) -> Callable[[], None]:
-        return self._core.add_tracker(tracker)
+    def add_tracker(self, extra: MetricsTracker) -> Callable[[], None]:
+        current = self.tracker
+        tee = TeeTracker(current, extra)
+        self.tracker = tee
+
+        def remove() -> None:
+            if self.tracker is tee:
+                self.tracker = current
+
+        return remove
+
+    def add_statement_observer(self, observer: StatementObserver) -> Callable[[], None]:
+        self.observer = with_observer(self.observer, observer)
+        attached = [True]
+
+        def remove() -> None:
+            if attached.pop() if attached else False:
+                self.observer = without_observer(self.observer, observer)
+
+        return remove
+
+    def histograms(self) -> Mapping[str, Histogram]:
+        found = getattr(self.tracker, "histograms", None)  # a StatsTracker's, or a tee's primary's
+        return found if isinstance(found, Mapping) else {}
+
+    def run(
+        self,
+        operation: str,
+        query: object,
+        *,
+        error: BaseException | None = None,
+        rowcount: int | None = None,
+    ) -> None:
+        """One attempt of one statement, reported the way the handle reports it."""
+        token = self.observer.statement_started(operation, query)
+        self.observer.statement_finished(token, error, rowcount)
 
     def stats(self) -> dict[str, Any]:
-        snap: dict[str, Any] = dict(self._core.tracker.snapshot())
+        snap: dict[str, Any] = dict(self.tracker.snapshot())
         snap["pool"] = dict(pool_gauges(size=4, idle=1, in_use=3, waiting=2, max_size=10))
         snap["pool"].update(limit=10, configured_max=10, connections_lost=1)
         snap.update(
@@ -85,10 +128,13 @@ class FakeHandle:
 
 def busy_handle() -> FakeHandle:
     h = FakeHandle()
-    t = h._core.tracker
+    t = h.tracker
     for i in range(100):
         t.query(0.001 * (i + 1))  # 1 ms .. 100 ms
         t.acquire(0.00002)
+        t.connection_used(0.002)
+    t.acquire_timeout()
+    t.acquire_timeout()
     t.query_error("permanent")
     t.query_error("stale")
     t.query_error("made-up-kind")  # must surface as kind="other", not as itself
@@ -187,7 +233,7 @@ def test_attach_tracker_uses_add_tracker_and_keeps_stats() -> None:
     h = FakeHandle(tracker=original)
     extra = Boom()
     detach = attach_tracker(h, extra)
-    tee = h._core.tracker
+    tee = h.tracker
     assert isinstance(tee, TeeTracker)
     assert tee.primary is original
     assert tee.extras == (extra,)
@@ -197,34 +243,91 @@ def test_attach_tracker_uses_add_tracker_and_keeps_stats() -> None:
     assert extra.acquire_wait.count == 1
     assert histograms_of(h)["query_duration_seconds"] is original.query_duration
     detach()
-    assert h._core.tracker is original
+    assert h.tracker is original
     detach()  # a second detach is harmless
-    assert h._core.tracker is original
+    assert h.tracker is original
 
 
 def test_attach_tracker_needs_add_tracker() -> None:
-    legacy = SimpleNamespace(_core=SimpleNamespace(tracker=StatsTracker()))  # no add_tracker
+    legacy = SimpleNamespace(stats=dict)  # stats() but no add_tracker
     with pytest.raises(TypeError, match="add_tracker"):
         attach_tracker(legacy, StatsTracker())
     with pytest.raises(TypeError, match="add_tracker"):
         attach_tracker(object(), StatsTracker())
 
 
-def test_attach_tracker_to_a_real_handle() -> None:
-    from pgwarden._async.database import AsyncDatabase
+class Seen:
+    """A statement observer that records the statements it is told about."""
 
-    db = AsyncDatabase(Settings(url=URL, application_name="real"))  # no I/O until used
+    def __init__(self) -> None:
+        self.started: list[tuple[str, object]] = []
+        self.finished: list[tuple[object, BaseException | None, int | None]] = []
+
+    def statement_started(self, operation: str, query: object) -> object:
+        self.started.append((operation, query))
+        return len(self.started)
+
+    def statement_finished(
+        self, token: object, error: BaseException | None, rowcount: int | None
+    ) -> None:
+        self.finished.append((token, error, rowcount))
+
+
+def test_attach_statement_observer_uses_add_statement_observer() -> None:
+    h = FakeHandle()
+    seen = Seen()
+    remove = attach_statement_observer(h, seen)
+    h.run("fetch", "SELECT 1", rowcount=1)
+    assert seen.started == [("fetch", "SELECT 1")]
+    assert seen.finished == [(1, None, 1)]
+    remove()
+    remove()  # a second remove is harmless
+    assert h.observer is NOOP_STATEMENT_OBSERVER
+    h.run("fetch", "SELECT 2")
+    assert len(seen.started) == 1
+    with pytest.raises(TypeError, match="add_statement_observer"):
+        attach_statement_observer(SimpleNamespace(stats=dict), seen)
+
+
+def test_histograms_of_uses_only_the_public_histograms() -> None:
+    h = busy_handle()
+    assert histograms_of(h) == h.histograms()
+    assert set(histograms_of(h)) == set(HISTOGRAMS)
+    assert histograms_of(h)["connection_use_seconds"].count == 100
+    private_only = SimpleNamespace(_core=SimpleNamespace(tracker=StatsTracker()))
+    assert histograms_of(private_only) == {}  # private attributes are not read
+    assert histograms_of(SimpleNamespace(histograms=lambda: {"x": 1})) == {}
+    assert histograms_of(SimpleNamespace(histograms=StatsTracker().histograms)) == {}
+    assert histograms_of(lambda: {}) == {}
+    assert histograms_of(FakeHandle(tracker=TeeTracker(StatsTracker()))) != {}
+
+
+def test_attach_tracker_to_a_real_handle() -> None:
+    """The real handle's public surface (needs ``histograms()`` and ``add_statement_observer``
+    on ``AsyncDatabase``).  No I/O: nothing connects until a statement runs."""
+    from pgwarden import AsyncDatabase
+
+    db = AsyncDatabase(Settings(url=URL, application_name="real"))
     before = db.stats()
+    hists = db.histograms()
+    assert set(hists) >= set(HISTOGRAMS)
+    assert all(isinstance(h, Histogram) for h in hists.values())
+    assert histograms_of(db) == hists
     extra = StatsTracker()
     detach = attach_tracker(db, extra)
-    db._core.tracker.query(0.002)
-    assert extra.query_duration.count == 1
+    assert db.stats().keys() == before.keys()  # attaching keeps stats() the handle's own
+    assert db.histograms()["query_duration_seconds"] is hists["query_duration_seconds"]
+    hists["query_duration_seconds"].record(0.002)  # live: stats() reads these very objects
     after = db.stats()
-    assert after.keys() == before.keys()
-    assert after["counters"]["queries"] == 1
-    assert histograms_of(db)["query_duration_seconds"].count == 1
+    assert after["histograms"]["query_duration_seconds"]["count"] == 1
+    assert snapshot(db)["buckets"]["query_duration_seconds"][-1] == ["+Inf", 1]
+    assert extra.query_duration.count == 0  # the extra only sees events, not the primary
     detach()
-    assert not isinstance(db._core.tracker, TeeTracker)
+    detach()
+    assert db.stats().keys() == before.keys()
+    remove = db.add_statement_observer(NOOP_STATEMENT_OBSERVER)
+    remove()
+    remove()
 
 
 # --- Prometheus -------------------------------------------------------------------------------
@@ -270,6 +373,14 @@ def test_collector_exports_every_metric_with_bounded_labels() -> None:
     # 100 acquire waits of 20 µs: resolved below the 100 µs bucket
     assert value(fams, "pgwarden_acquire_wait_seconds_bucket", le="1e-05") == 0
     assert value(fams, "pgwarden_acquire_wait_seconds_bucket", le="2.5e-05") == 100
+    assert value(fams, "pgwarden_acquire_timeouts_total", **pool) == 2
+    # 100 connections held for 2 ms each (OTel db.client.connection.use_time)
+    assert fams["pgwarden_connection_use_seconds"].type == "histogram"
+    assert value(fams, "pgwarden_connection_use_seconds_bucket", le="0.001") == 0
+    assert value(fams, "pgwarden_connection_use_seconds_bucket", le="0.0025") == 100
+    assert value(fams, "pgwarden_connection_use_seconds_sum") == pytest.approx(0.2)
+    assert "db.client.connection.timeouts" in fams["pgwarden_acquire_timeouts"].documentation
+    assert "db.client.connection.use_time" in fams["pgwarden_connection_use_seconds"].documentation
     # every label value is from a fixed vocabulary (or the pool name)
     for fam in fams.values():
         for s in fam.samples:
@@ -417,8 +528,10 @@ def test_otel_instruments_follow_semantic_conventions() -> None:
     provider = MeterProvider(metric_readers=[reader])
     h = busy_handle()
     inst = instrument(h, meter_provider=provider)
-    h._core.tracker.query(0.25)  # recorded by the OTel histogram from now on
-    h._core.tracker.acquire(0.002)
+    h.tracker.query(0.25)  # recorded by the OTel histogram from now on
+    h.tracker.acquire(0.002)
+    h.tracker.connection_used(0.04)
+    h.tracker.acquire_timeout()
     points = otel_points(reader)
     pool = {"db.client.connection.pool.name": "orders-api"}
     assert points["db.client.connection.count", "idle"] == 1
@@ -430,14 +543,17 @@ def test_otel_instruments_follow_semantic_conventions() -> None:
     assert points["pgwarden.retry.attempts", "5+"] == 1
     assert points["db.client.operation.duration", None] == (1, 0.25)  # (count, sum)
     assert points["db.client.connection.wait_time", None] == (1, 0.002)
+    assert points["db.client.connection.use_time", None] == (1, 0.04)
+    assert points["db.client.connection.timeouts", None] == 3
     assert all(attrs.items() >= pool.items() for attrs in ATTRS)
     assert h.stats()["counters"]["queries"] == 101  # stats() unchanged by the tee
     inst.uninstrument()
     assert not inst.active
-    assert h._core.tracker.__class__ is StatsTracker
+    assert h.tracker.__class__ is StatsTracker
+    assert inst.spans is None
     observables_only = instrument(FakeHandle(app="lean"), meter_provider=provider, histograms=False)
     assert observables_only.tracker is None
-    assert observables_only.handle._core.tracker.__class__ is StatsTracker
+    assert observables_only.handle.tracker.__class__ is StatsTracker
     provider.shutdown()
 
 
@@ -483,6 +599,256 @@ def test_query_attributes_sanitise_statements() -> None:
     assert "hunter2" not in attrs["db.query.text"]
     assert attrs["db.operation.name"] == "UPDATE"
     assert "db.operation.name" not in query_attributes("  frobnicate")
+
+
+# --- OpenTelemetry spans ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    """``(tracer_provider, exporter)``: an SDK provider recording into memory."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        yield provider, exporter
+    finally:
+        provider.shutdown()
+
+
+def span_dump(finished: Any) -> str:
+    return json.dumps([s.to_json() for s in finished])
+
+
+def test_instrument_spans_come_from_the_statement_observer(spans: Any) -> None:
+    import psycopg.errors
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    from pgwarden.exporters.otel import OTelStatementObserver, instrument
+
+    tracer_provider, exporter = spans
+    meters = MeterProvider()
+    h = FakeHandle()
+    inst = instrument(h, meters, tracer_provider, spans=True)
+    assert isinstance(inst.spans, OTelStatementObserver)
+    h.run("fetch", "SELECT n, 'literal-secret' FROM t WHERE id > 42", rowcount=3)
+    h.run("fetchval", "SELECT 1 / (0 * %s::int)", error=psycopg.errors.DivisionByZero())
+    h.run("execute", "UPDATE t SET seen = true WHERE id = %s", rowcount=5)
+    h.run("fetchrow", "insert into t values (%s) returning id", rowcount=1)
+    h.run("execute", "SELECT pg_sleep(%s)", error=ConnectionResetError("peer went away"))
+    h.run("transaction", None, rowcount=None)
+    ok, failed, update, insert, lost, bare = exporter.get_finished_spans()
+    assert [s.name for s in (ok, failed, update, insert, lost, bare)] == [
+        "SELECT",
+        "SELECT",
+        "UPDATE",
+        "INSERT",
+        "SELECT",
+        "postgresql",
+    ]
+    assert {s.kind for s in (ok, failed, update, bare)} == {SpanKind.CLIENT}
+    attrs = dict(ok.attributes or {})
+    assert attrs == {
+        "db.system.name": "postgresql",
+        "db.namespace": "orders",
+        "server.address": "db.internal",
+        "server.port": 5432,
+        "db.query.text": "SELECT n, ? FROM t WHERE id > ?",
+        "db.operation.name": "SELECT",
+        "db.response.returned_rows": 3,
+    }
+    assert ok.status.status_code is StatusCode.UNSET
+    bad = dict(failed.attributes or {})
+    assert bad["error.type"] == "22012"
+    assert bad["db.response.status_code"] == "22012"
+    assert "db.response.returned_rows" not in bad
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.status.description == "22012"
+    assert not failed.events  # no exception event: its message could quote row values
+    # execute's row count is rows affected, not returned: not recorded as returned_rows
+    assert "db.response.returned_rows" not in dict(update.attributes or {})
+    assert dict(insert.attributes or {})["db.response.returned_rows"] == 1
+    no_sqlstate = dict(lost.attributes or {})
+    assert no_sqlstate["error.type"] == "ConnectionResetError"
+    assert "db.response.status_code" not in no_sqlstate
+    assert "db.query.text" not in dict(bare.attributes or {})  # no statement text known
+    dump = span_dump(exporter.get_finished_spans())
+    for secret in (SECRET, "literal-secret", "peer went away"):
+        assert secret not in dump
+    inst.uninstrument()
+    inst.uninstrument()  # twice is harmless
+    assert h.observer is NOOP_STATEMENT_OBSERVER
+    h.run("fetch", "SELECT 2", rowcount=1)
+    assert len(exporter.get_finished_spans()) == 6
+    meters.shutdown()
+
+
+def test_one_span_per_attempt_under_the_callers_span(spans: Any) -> None:
+    import psycopg.errors
+
+    from pgwarden.exporters.otel import OTelStatementObserver
+
+    tracer_provider, exporter = spans
+    h = FakeHandle()
+    remove = h.add_statement_observer(OTelStatementObserver(h, tracer_provider))
+    tracer = tracer_provider.get_tracer("app")
+    with tracer.start_as_current_span("handle request") as parent:
+        # a retried read: the first attempt lost its connection, the second succeeded
+        h.run("fetch", "SELECT * FROM po", error=psycopg.errors.AdminShutdown())
+        h.run("fetch", "SELECT * FROM po", rowcount=2)
+    first, second, request = exporter.get_finished_spans()
+    assert request.name == "handle request"
+    assert dict(first.attributes or {})["error.type"] == "57P01"
+    assert dict(second.attributes or {})["db.response.returned_rows"] == 2
+    for span in (first, second):
+        assert span.parent is not None
+        assert span.parent.span_id == parent.get_span_context().span_id
+        assert span.context.trace_id == parent.get_span_context().trace_id
+    observer = OTelStatementObserver(h, tracer_provider)
+    token = observer.statement_started("fetch", "SELECT 1")
+    observer.statement_finished(token, None, 1)
+    observer.statement_finished(token, None, 1)  # a second finish does not end it twice
+    observer.statement_finished("not a token", None, None)
+    assert len(exporter.get_finished_spans()) == 4
+    remove()
+
+
+def test_a_broken_tracer_never_fails_the_statement(spans: Any) -> None:
+    from pgwarden.exporters.otel import OTelStatementObserver
+
+    tracer_provider, exporter = spans
+
+    class Broken(OTelStatementObserver):
+        def statement_started(self, operation: str, query: object) -> object:
+            raise RuntimeError("SDK bug")
+
+    h = FakeHandle()
+    h.add_statement_observer(Broken(h, tracer_provider))
+    good = Seen()
+    h.add_statement_observer(good)
+    h.run("fetch", "SELECT 1", rowcount=1)  # does not raise
+    assert len(good.finished) == 1
+    assert exporter.get_finished_spans() == ()
+
+
+def test_instrument_spans_need_add_statement_observer() -> None:
+    from pgwarden.exporters.otel import instrument, traced
+
+    class StatsOnly:
+        settings = SimpleNamespace(url=URL, application_name="stats-only")
+
+        def stats(self) -> dict[str, Any]:
+            return {}
+
+    with pytest.raises(TypeError, match="add_statement_observer"):
+        instrument(StatsOnly(), spans=True)
+    with pytest.raises(TypeError, match="add_statement_observer"):
+        traced(StatsOnly())
+
+
+class AsyncFake(FakeHandle):
+    """A fake handle with async query methods that report their statement as the handle does."""
+
+    async def fetch(self, query: str, params: Any = None) -> list[dict[str, Any]]:
+        await asyncio.sleep(0)
+        self.run("fetch", query, rowcount=2)
+        return [{"n": 1}, {"n": 2}]
+
+    async def execute(self, query: str, params: Any = None) -> int:
+        await asyncio.sleep(0)
+        self.run("execute", query, rowcount=1)
+        return 1
+
+    async def run_transaction(self, fn: Callable[[AsyncFake], Any]) -> Any:
+        return await fn(self)
+
+    def transaction(self) -> Any:
+        handle = self
+
+        class Tx:
+            async def __aenter__(self) -> AsyncFake:
+                return handle
+
+            async def __aexit__(self, *exc: object) -> None:
+                handle.run("transaction", "COMMIT")
+
+        return Tx()
+
+
+def test_traced_wrapper_traces_only_calls_through_it(spans: Any) -> None:
+    from pgwarden.exporters.otel import traced
+
+    tracer_provider, exporter = spans
+    h = AsyncFake()
+
+    async def body(tx: AsyncFake) -> int:
+        return await tx.execute("UPDATE a SET x = 1")
+
+    async def main() -> None:
+        tdb = traced(h, tracer_provider)
+        assert await tdb.fetch("SELECT 1") == [{"n": 1}, {"n": 2}]
+        await h.fetch("SELECT 2")  # the handle itself is untouched
+        assert await tdb.run_transaction(body) == 1
+        async with tdb.transaction() as tx:
+            await tx.execute("INSERT INTO b VALUES (1)")
+        await h.execute("DELETE FROM c")  # after the block: not traced
+        # concurrent callers: only the wrapper's statements get spans
+        await asyncio.gather(
+            *(tdb.fetch(f"SELECT {i}") for i in range(3)),
+            *(h.fetch("SELECT 'raw'") for _ in range(3)),
+        )
+        assert tdb.stats() == h.stats()  # everything else is the handle's
+        assert repr(tdb).startswith("<traced ")
+        again = traced(h, tracer_provider)
+        await again.execute("TRUNCATE d")
+
+    asyncio.run(main())
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names == [
+        "SELECT",
+        "UPDATE",
+        "INSERT",
+        "COMMIT",
+        "SELECT",
+        "SELECT",
+        "SELECT",
+        "TRUNCATE",
+    ]
+    texts = [dict(s.attributes or {})["db.query.text"] for s in exporter.get_finished_spans()]
+    assert "SELECT ?" in texts  # the concurrent wrapper calls; never the raw ones
+    assert all("raw" not in t and "SELECT 2" not in t for t in texts)
+    # one observer on the handle however many wrappers
+    tee = h.observer
+    assert len(getattr(tee, "observers", ())) == 1
+
+
+def test_traced_wrapper_of_a_sync_handle(spans: Any) -> None:
+    from pgwarden.exporters.otel import traced
+
+    tracer_provider, exporter = spans
+
+    class SyncFake(FakeHandle):
+        def fetchval(self, query: str, params: Any = None) -> int:
+            self.run("fetchval", query, rowcount=1)
+            return 1
+
+        def __enter__(self) -> SyncFake:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    h = SyncFake()
+    with traced(h, tracer_provider) as tdb:
+        assert tdb.fetchval("SELECT 1") == 1
+        h.fetchval("SELECT 2")
+    (span,) = exporter.get_finished_spans()
+    assert dict(span.attributes or {})["db.response.returned_rows"] == 1
 
 
 # --- structured logs --------------------------------------------------------------------------

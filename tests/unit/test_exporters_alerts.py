@@ -163,6 +163,8 @@ def exported_series() -> dict[str, set[str]]:
     t = StatsTracker()
     t.query(0.01)
     t.acquire(0.001)
+    t.acquire_timeout()
+    t.connection_used(0.01)
     t.connection_opened(0.01)
     t.warmup(0.01, True)
     snap = dict(t.snapshot())
@@ -263,6 +265,7 @@ def test_promtool_checks_and_fires_every_rule(tmp_path: Path) -> None:
         s("pgwarden_acquire_wait_seconds_bucket", "0+600x20", le="0.25"),
         s("pgwarden_acquire_wait_seconds_bucket", "0+600x20", le="+Inf"),
         s("pgwarden_overload_events_total", "0 0 4x10"),
+        s("pgwarden_acquire_timeouts_total", "0 0 3x10"),
         s("pgwarden_leaked_connections_total", "0 0 1x10"),
         s("pgwarden_ambiguous_commits_total", "0 0 1x10", outcome="unknown"),
         s("pgwarden_up", "0x12"),
@@ -275,6 +278,7 @@ def test_promtool_checks_and_fires_every_rule(tmp_path: Path) -> None:
         "PgwardenHighQueryLatencyP99": "17m",
         "PgwardenHighAcquireWaitP99": "12m",
         "PgwardenServerOverload": "4m",
+        "PgwardenAcquireTimeouts": "4m",
         "PgwardenConnectionLeak": "3m",
         "PgwardenAmbiguousCommit": "3m",
         "PgwardenStatsUnavailable": "6m",

@@ -96,7 +96,6 @@ def test_closed_is_terminal() -> None:
 def test_every_pair_is_either_in_the_table_or_illegal(state: State, event: Event) -> None:
     machine = Lifecycle(state)
     expected = TRANSITIONS.get((state, event))
-    assert machine.can_fire(event) is (expected is not None)
     if expected is None:
         with pytest.raises(IllegalTransition) as info:
             machine.fire(event)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pgwarden import Settings, SettingsError
-from pgwarden._base import HandleCore
+from pgwarden._handle.state import HandleState
 from pgwarden._redact import redact, sanitize_sql
 
 URL = "postgresql://app:hunter2-secret@db.example:5432/shop"
@@ -82,7 +82,7 @@ def test_settings_are_frozen_and_hashable() -> None:
 
 
 def test_lifetime_jitter_spreads_processes() -> None:
-    lifetimes = {HandleCore(Settings(url=URL)).max_lifetime for _ in range(50)}
+    lifetimes = {HandleState(Settings(url=URL)).max_lifetime for _ in range(50)}
     assert len(lifetimes) > 40
     assert all(1800 * 0.8 <= t <= 1800 for t in lifetimes)
 

@@ -70,10 +70,12 @@ def test_overload_restarts_the_quiet_period_even_when_debounced() -> None:
 
 
 def test_overload_at_the_minimum_still_blocks_growth() -> None:
-    limit = AdaptiveLimit(4, quiet_period=5.0)
-    limit.ramp_from(1, 0.0)
-    assert limit.on_overload(3.0) is None
+    limit = AdaptiveLimit(4, quiet_period=5.0)  # debounce 1 s
+    assert limit.on_overload(0.0) == 2
+    assert limit.on_overload(1.0) == 1
+    assert limit.on_overload(3.0) is None  # at the minimum: no change, but an overload
     assert limit.tick(5.0) is None
+    assert limit.tick(7.9) is None
     assert limit.tick(8.0) == 2
 
 
@@ -86,13 +88,15 @@ def test_never_above_max() -> None:
     assert limit.at_max
 
 
-def test_ramp_from_clamps_and_grows_by_tick() -> None:
-    limit = AdaptiveLimit(10, quiet_period=2.0, min_limit=2)
-    assert limit.ramp_from(0, 100.0) == 2
-    assert limit.ramp_from(50, 100.0) == 10
-    assert limit.ramp_from(3, 100.0) == 3
-    assert limit.tick(101.0) is None
-    assert limit.tick(102.0) == 4
+def test_only_an_overload_lowers_the_limit() -> None:
+    # An outage that is not an overload (the breaker opening and closing) leaves the limit
+    # alone: ticks only ever grow it, however long the quiet spell.
+    limit = AdaptiveLimit(8, quiet_period=1.0)
+    for t in range(100):
+        assert limit.tick(float(t)) is None
+    assert limit.limit == 8
+    assert limit.on_overload(100.0) == 4
+    assert [limit.tick(100.0 + n) for n in range(1, 6)] == [5, 6, 7, 8, None]
 
 
 @pytest.mark.parametrize(
@@ -117,9 +121,8 @@ def test_rejects_bad_values(args: tuple[int], kwargs: dict[str, float]) -> None:
     quiet_period=st.floats(min_value=0.0, max_value=10.0),
     ops=st.lists(
         st.tuples(
-            st.sampled_from(["overload", "tick", "ramp"]),
+            st.sampled_from(["overload", "tick"]),
             st.floats(min_value=-1.0, max_value=5.0),  # time may even step back
-            st.integers(min_value=-5, max_value=200),
         ),
         max_size=200,
     ),
@@ -128,22 +131,20 @@ def test_limit_always_within_bounds(
     max_size: int,
     min_fraction: float,
     quiet_period: float,
-    ops: list[tuple[str, float, int]],
+    ops: list[tuple[str, float]],
 ) -> None:
     min_limit = max(1, int(max_size * min_fraction))
     limit = AdaptiveLimit(max_size, quiet_period=quiet_period, min_limit=min_limit)
     now = 0.0
-    for op, dt, start in ops:
+    for op, dt in ops:
         now += dt
         before = limit.limit
         if op == "overload":
             new = limit.on_overload(now)
             assert new is None or new < before
-        elif op == "tick":
+        else:
             new = limit.tick(now)
             assert new is None or new == before + 1
-        else:
-            new = limit.ramp_from(start, now)
         assert new is None or new == limit.limit
         assert min_limit <= limit.limit <= max_size
 

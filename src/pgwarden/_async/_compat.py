@@ -1,33 +1,45 @@
-"""asyncio primitives the async shell needs; `_sync/_compat.py` mirrors the names.
+"""asyncio primitives of the async shell; `_sync/_compat.py` mirrors every name.
 
-Everything that differs between asyncio and threads lives here, so that the
-rest of the shell can be converted to sync code by token replacement.
+Everything that differs between asyncio and threads lives here, so the rest of
+the shell converts to sync code by token replacement (scripts/async_to_sync.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import logging
 import signal
-import socket
 from collections.abc import Awaitable, Callable, Sequence
+from time import monotonic
 from typing import Any, Generic, TypeVar
 
+from pgwarden._handle.waits import WaitTimeout
 from pgwarden._signals import DEFAULT_SIGNALS, chain_signal
 
-__all__ = ["Lock", "SingleFlight", "Watchdog", "on_signals", "sever", "sleep", "spawn"]
+__all__ = [
+    "Lock",
+    "SingleFlight",
+    "WaitTimeout",
+    "Watchdog",
+    "on_signals",
+    "run_within",
+    "sleep",
+    "spawn",
+]
 
 T = TypeVar("T")
 
 sleep = asyncio.sleep
 Lock = asyncio.Lock
+logger = logging.getLogger("pgwarden")
 
 
 class SingleFlight(Generic[T]):
-    """Run one shared call at a time; concurrent callers await the same outcome.
+    """One shared call at a time; every caller waits for its outcome, each up to its
+    own *timeout*.
 
-    Cancelling a waiter does not cancel the shared call (it is shielded), so
-    one impatient caller cannot fail a warmup that others are waiting on.
+    The shared call runs as its own task, so neither a caller that gives up
+    (`WaitTimeout`) nor one that is cancelled stops it for the others.
     """
 
     def __init__(self) -> None:
@@ -37,12 +49,17 @@ class SingleFlight(Generic[T]):
     def running(self) -> bool:
         return self._task is not None
 
-    async def run(self, fn: Callable[[], Awaitable[T]]) -> T:
+    async def run(self, fn: Callable[[], Awaitable[T]], timeout: float | None) -> T:
         task = self._task
         if task is None:
             task = self._task = asyncio.ensure_future(_call(fn))
             task.add_done_callback(self._done)
-        return await asyncio.shield(task)
+        if timeout is None:
+            return await asyncio.shield(task)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            raise WaitTimeout from None
 
     def _done(self, task: asyncio.Task[T]) -> None:
         if self._task is task:
@@ -55,36 +72,28 @@ async def _call(fn: Callable[[], Awaitable[T]]) -> T:
     return await fn()
 
 
-def sever(fileno: int) -> None:
-    """Shut down the socket behind *fileno* so a read blocked on it fails now.
+async def run_within(fn: Callable[[], Awaitable[T]], timeout: float) -> T:
+    """``await fn()``, giving up with `WaitTimeout` after *timeout* seconds.
 
-    Used when a deadline passes and the server does not answer (a blackholed
-    network): a cancel request would hang the same way, a shutdown does not.
+    Used for the connects made on behalf of a call (warmup, breaker probe),
+    which libpq can bound only in whole seconds of at least two.
     """
     try:
-        dup = os.dup(fileno)
-    except OSError:
-        return
-    try:
-        sock = socket.socket(fileno=dup)
-    except OSError:
-        os.close(dup)
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
+        return await asyncio.wait_for(fn(), max(0.0, timeout))
+    except asyncio.TimeoutError:
+        raise WaitTimeout from None
 
 
 class Watchdog:
-    """Runs a callback at a monotonic time unless disarmed first (deadlines, leaks)."""
+    """Runs a callback at a monotonic time unless disarmed first (deadlines, leaks).
+
+    Timers live on the event loop (``call_at``), which discards cancelled ones.
+    """
 
     def arm(self, when: float, callback: Callable[..., object], *args: Any) -> Any:
         """Schedule ``callback(*args)`` at monotonic time *when*; returns a handle."""
         loop = asyncio.get_running_loop()
-        return loop.call_at(loop.time() + (when - _monotonic()), callback, *args)
+        return loop.call_at(loop.time() + (when - monotonic()), callback, *args)
 
     @staticmethod
     def disarm(handle: Any) -> None:
@@ -107,17 +116,7 @@ _BACKGROUND: set[asyncio.Future[Any]] = set()
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        import logging
-
-        logging.getLogger("pgwarden").warning(
-            "background task failed: %s", type(task.exception()).__name__
-        )
-
-
-def _monotonic() -> float:
-    import time
-
-    return time.monotonic()
+        logger.warning("background task failed: %s", type(task.exception()).__name__)
 
 
 def on_signals(signals: Sequence[int] | None, drain: Callable[[], Awaitable[Any]]) -> None:

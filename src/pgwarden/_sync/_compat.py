@@ -1,27 +1,38 @@
-"""Thread primitives mirroring `_async/_compat.py` name for name."""
+"""Thread primitives mirroring `_async/_compat.py` name for name (hand-written)."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from pgwarden._async._compat import sever
+from pgwarden._handle.waits import WaitTimeout
 from pgwarden._signals import DEFAULT_SIGNALS, chain_signal
 
-__all__ = ["Lock", "SingleFlight", "Watchdog", "on_signals", "sever", "sleep", "spawn"]
+__all__ = [
+    "Lock",
+    "SingleFlight",
+    "WaitTimeout",
+    "Watchdog",
+    "on_signals",
+    "run_within",
+    "sleep",
+    "spawn",
+]
 
 T = TypeVar("T")
 
 sleep = time.sleep
 Lock = threading.Lock
+logger = logging.getLogger("pgwarden")
 
 
-class _Flight(Generic[T]):
+class _Outcome(Generic[T]):
     __slots__ = ("done", "error", "result")
 
     def __init__(self) -> None:
@@ -29,45 +40,95 @@ class _Flight(Generic[T]):
         self.result: T | None = None
         self.error: BaseException | None = None
 
+    def run(self, fn: Callable[[], T]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait(self, timeout: float | None) -> T:
+        if not self.done.wait(None if timeout is None else max(0.0, timeout)):
+            raise WaitTimeout
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
 
 class SingleFlight(Generic[T]):
-    """Run one shared call at a time; concurrent callers wait for the same outcome."""
+    """One shared call at a time; every caller waits for its outcome, each up to its
+    own *timeout*.
+
+    The shared call runs on its own daemon thread, so a caller that gives up
+    (`WaitTimeout`) does not stop it for the others.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._current: _Flight[T] | None = None
+        self._current: _Outcome[T] | None = None
 
     @property
     def running(self) -> bool:
         return self._current is not None
 
-    def run(self, fn: Callable[[], T]) -> T:
+    def run(self, fn: Callable[[], T], timeout: float | None) -> T:
         with self._lock:
             flight = self._current
-            leader = flight is None
             if flight is None:
-                flight = self._current = _Flight()
-        if leader:
-            try:
-                flight.result = fn()
-            except BaseException as exc:
-                flight.error = exc
-            finally:
-                with self._lock:
+                flight = self._current = _Outcome()
+                threading.Thread(
+                    target=self._lead, args=(flight, fn), name="pgwarden-flight", daemon=True
+                ).start()
+        return flight.wait(timeout)
+
+    def _lead(self, flight: _Outcome[T], fn: Callable[[], T]) -> None:
+        try:
+            flight.run(fn)
+        finally:
+            with self._lock:
+                if self._current is flight:
                     self._current = None
-                flight.done.set()
-        else:
-            flight.done.wait()
-        if flight.error is not None:
-            raise flight.error
-        return flight.result  # type: ignore[return-value]
+
+
+def run_within(fn: Callable[[], T], timeout: float) -> T:
+    """``fn()`` on a helper thread, giving up with `WaitTimeout` after *timeout* seconds.
+
+    Used for the connects made on behalf of a call (warmup, breaker probe),
+    which libpq can bound only in whole seconds of at least two. A connection
+    that arrives after the caller gave up is closed.
+    """
+    outcome: _Outcome[T] = _Outcome()
+    abandoned = threading.Event()
+
+    def target() -> None:
+        outcome.run(fn)
+        if abandoned.is_set() and outcome.result is not None:
+            close = getattr(outcome.result, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:
+                    logger.debug("closing an abandoned connection failed", exc_info=True)
+
+    threading.Thread(target=target, name="pgwarden-connect", daemon=True).start()
+    try:
+        return outcome.wait(timeout)
+    except WaitTimeout:
+        abandoned.set()
+        if outcome.done.is_set() and outcome.result is not None:
+            # Finished between the timeout and the flag: keep it, it is good.
+            abandoned.clear()
+            return outcome.result
+        raise
 
 
 class Watchdog:
     """One daemon thread per handle that runs callbacks at their time (deadlines, leaks).
 
-    Started lazily on first use, so handles that never set a deadline pay
-    nothing. Arming and disarming cost a heap push and a set removal.
+    Started lazily on first use. Arming is a heap push; disarming removes the
+    token from a set, and the heap is rebuilt from the live entries when dead
+    ones outnumber them, so memory stays proportional to what is armed.
     """
 
     def __init__(self) -> None:
@@ -81,14 +142,18 @@ class Watchdog:
     def arm(self, when: float, callback: Callable[..., object], *args: Any) -> int:
         token = next(self._ids)
         with self._cond:
-            heapq.heappush(self._heap, (when, token, callback, args))
+            heap = self._heap
+            if len(heap) > 64 and len(heap) > 2 * len(self._live):
+                heap[:] = [entry for entry in heap if entry[1] in self._live]
+                heapq.heapify(heap)
+            heapq.heappush(heap, (when, token, callback, args))
             self._live.add(token)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._loop, name="pgwarden-watchdog", daemon=True
                 )
                 self._thread.start()
-            elif self._heap[0][1] == token:
+            elif heap[0][1] == token:
                 self._cond.notify()
         return token
 
@@ -104,26 +169,23 @@ class Watchdog:
     def _loop(self) -> None:
         with self._cond:
             while not self._closed:
-                while self._heap and self._heap[0][1] not in self._live:
-                    heapq.heappop(self._heap)
-                if not self._heap:
+                heap = self._heap
+                while heap and heap[0][1] not in self._live:
+                    heapq.heappop(heap)
+                if not heap:
                     self._cond.wait()
                     continue
-                when, token, callback, args = self._heap[0]
+                when, token, callback, args = heap[0]
                 delay = when - time.monotonic()
                 if delay > 0:
                     self._cond.wait(delay)
                     continue
-                heapq.heappop(self._heap)
+                heapq.heappop(heap)
                 self._live.discard(token)
                 try:
                     callback(*args)
                 except Exception as exc:  # a failing callback must not kill the thread
-                    import logging
-
-                    logging.getLogger("pgwarden").warning(
-                        "watchdog callback failed: %s", type(exc).__name__
-                    )
+                    logger.warning("watchdog callback failed: %s", type(exc).__name__)
 
 
 def spawn(fn: Callable[[], Any]) -> None:
@@ -133,9 +195,7 @@ def spawn(fn: Callable[[], Any]) -> None:
         try:
             fn()
         except Exception as exc:
-            import logging
-
-            logging.getLogger("pgwarden").warning("background task failed: %s", type(exc).__name__)
+            logger.warning("background task failed: %s", type(exc).__name__)
 
     threading.Thread(target=runner, name="pgwarden-bg", daemon=True).start()
 

@@ -1,62 +1,185 @@
 # WARNING: generated from src/pgwarden/_async/pool.py by scripts/async_to_sync.py.
 # Edit the async file and run `python scripts/async_to_sync.py`.
-"""psycopg_pool's pool with three narrow hooks pgwarden needs.
+"""The one seam to psycopg_pool: the only module that knows its internals.
 
-psycopg_pool has no public callbacks for "a connect attempt failed" or "a
-connection was closed", and its reconnection backoff starts at one second. We
-override three private methods (pinned by the psycopg-pool version range in
-pyproject.toml and covered by integration tests; see docs/decisions.md):
+psycopg_pool has public hooks for configuring, checking and resetting
+connections, but none for "a connection attempt failed", "a connection was
+closed (and why)" or the reconnection backoff, and no way to hand it a
+connection opened elsewhere. pgwarden therefore overrides or reads the private
+names listed below. They are checked when this module is imported (methods
+and classes) and when a pool opens (instance attributes), so a psycopg_pool
+release that renames one fails with a clear error instead of misbehaving; the
+version range in ``pyproject.toml`` (``psycopg-pool>=3.3,<3.4``) is the range
+tested, and ``make test`` also runs the suite against its lowest version.
 
-- ``_connect``: report each attempt's outcome and duration to the handle, so
-  the breaker, overload sizing and metrics see real connect errors;
-- ``_add_connection``: use a faster, capped backoff so the pool reconnects
-  within tens of milliseconds of a restarted server accepting again, and drop
-  attempts left over after the adaptive limit lowered ``max_size``;
-- ``_close_connection``: count closes by reason.
+==================================== ==========================================================
+private name                         why pgwarden uses it
+==================================== ==========================================================
+``_connect`` (override)              refuse while the breaker is open (only its probe may touch
+                                     the server); report each attempt's outcome and duration
+``_add_connection`` (override)       a faster, capped reconnection backoff; drop attempts left
+                                     over after the adaptive limit lowered ``max_size``
+``_close_connection`` (override)     count closes by reason
+``_add_to_pool``                     adopt the warmup's connection (saves the first caller a
+                                     second connect)
+``_set_connection_expiry_date``      give an adopted connection its lifetime
+``_lock``, ``_nconns``, ``_max_size``,  the pool's own counting under its own lock: an adopted
+``_growing``                         connection counts; a dropped surplus attempt uncounts
+``_closed``                          close reason "close"; no adoption into a closed pool
+``_drained_at``                      close reason "drain"/"failover" (psycopg_pool 3.3+)
+``base.AttemptWithBackoff``          subclassed for the faster backoff (``delay``,
+                                     ``update_delay``)
+connection ``_created_at``,          close reasons "drain" and "lifetime" (set by psycopg and
+``_expire_at``                       by the pool on every connection)
+==================================== ==========================================================
+
+psycopg_pool's logger gets a filter (installed when the first pool opens, not
+at import) that drops its per-attempt warning for our own `CircuitOpen`
+refusals: the breaker already logged the outage once.
 """
 
 from __future__ import annotations
 
+import logging
 from time import monotonic
-from typing import Any
+from typing import Any, Protocol
 
-from psycopg import Connection
+import psycopg_pool
+from psycopg import Connection, OperationalError
 from psycopg.rows import DictRow
 from psycopg_pool import ConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 
-from pgwarden._pool_base import CircuitOpen, FastReconnect, PoolObserver
+from pgwarden._sync._compat import run_within
+from pgwarden.core.metrics import CloseReason
 
-__all__ = ["CircuitOpen", "PgwConnection", "PgwPool", "PoolObserver"]
+__all__ = [
+    "POOL_PRIVATE_ATTRIBUTES",
+    "POOL_PRIVATE_METHODS",
+    "CircuitOpen",
+    "PgwConnection",
+    "PgwPool",
+    "PoolObserver",
+]
+
+POOL_PRIVATE_METHODS = (
+    "_connect",
+    "_add_connection",
+    "_close_connection",
+    "_add_to_pool",
+    "_set_connection_expiry_date",
+)
+POOL_PRIVATE_ATTRIBUTES = ("_lock", "_nconns", "_max_size", "_growing", "_closed", "_drained_at")
+CONNECTION_PRIVATE_ATTRIBUTES = ("_created_at", "_expire_at")
+
+
+def _check_internals(pool_class: type[Any]) -> None:
+    missing = [
+        name for name in POOL_PRIVATE_METHODS if not callable(getattr(pool_class, name, None))
+    ]
+    if not callable(getattr(AttemptWithBackoff, "update_delay", None)):
+        missing.append("base.AttemptWithBackoff.update_delay")
+    if missing:
+        raise ImportError(
+            f"pgwarden needs psycopg_pool internals that psycopg_pool "
+            f"{getattr(psycopg_pool, '__version__', '?')} does not have: {', '.join(missing)}. "
+            "Install a psycopg-pool version within pgwarden's declared range (>=3.3,<3.4)."
+        )
+
+
+_check_internals(ConnectionPool)
+
+
+class CircuitOpen(OperationalError):
+    """Raised instead of connecting while the breaker is open (never reaches callers)."""
+
+
+class _HideCircuitOpen(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not any(isinstance(arg, CircuitOpen) for arg in args)
+
+
+_FILTER = _HideCircuitOpen()
+
+
+def _install_log_filter() -> None:
+    pool_logger = logging.getLogger("psycopg.pool")
+    if _FILTER not in pool_logger.filters:
+        pool_logger.addFilter(_FILTER)
+
+
+class PoolObserver(Protocol):
+    """What the pool reports to its handle (implemented by ``HandleState``)."""
+
+    @property
+    def may_connect(self) -> bool: ...
+    def connect_bound(self) -> tuple[float, bool]: ...
+    def connect_succeeded(self, setup_seconds: float, *, explorer: bool = False) -> None: ...
+    def connect_failed(
+        self, exc: BaseException, *, feed_breaker: bool = True, explorer: bool = False
+    ) -> Any: ...
+    def connection_closed(self, reason: str) -> None: ...
+
+
+class FastReconnect(AttemptWithBackoff):
+    """Reconnection backoff: 50 ms doubling to a 250 ms cap (psycopg_pool: 1 s doubling).
+
+    The cap bounds how late the pool notices a restarted server; the breaker,
+    not this backoff, protects a server that stays down.
+    """
+
+    INITIAL_DELAY = 0.05
+    MAX_DELAY = 0.25
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, self.MAX_DELAY)
 
 
 class PgwConnection(Connection[DictRow]):
-    """A psycopg connection that remembers when it was last used by pgwarden."""
+    """A psycopg connection that remembers when pgwarden last used it."""
 
     last_used: float = 0.0
-    poller: Any = None  # see has_pending_input()
+    poller: Any = None  # see pgwarden._handle.net.has_pending_input
 
 
 class PgwPool(ConnectionPool[PgwConnection]):
-    """`ConnectionPool` that reports connects and closes to an observer."""
+    """`ConnectionPool` that reports connects and closes to its handle."""
 
     def __init__(self, conninfo: str, *, observer: PoolObserver, **kwargs: Any) -> None:
         self._observer = observer
-        self.failover_drain = False
+        #: The close reason of connections closed by the current drain.
+        self.drain_reason = CloseReason.DRAIN
         super().__init__(conninfo, connection_class=PgwConnection, open=False, **kwargs)
 
+    def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        _install_log_filter()
+        super().open(wait=wait, timeout=timeout)
+        # Instance attributes exist only once the pool is open (the lock is made then).
+        missing = [name for name in POOL_PRIVATE_ATTRIBUTES if not hasattr(self, name)]
+        if missing:
+            self.close()
+            raise ImportError(
+                "pgwarden needs psycopg_pool pool attributes that this psycopg_pool lacks: "
+                f"{', '.join(missing)}; install psycopg-pool>=3.3,<3.4"
+            )
+
     def _connect(self, timeout: float | None = None) -> PgwConnection:
-        if not self._observer.may_connect():
+        if not self._observer.may_connect:
             # The breaker is open: only its single probe may touch the server.
             # Failing here costs nothing and the pool retries on its backoff.
             raise CircuitOpen("pgwarden: circuit open, not connecting")
+        # Bounded like every connect (libpq only knows whole seconds >= 2), so
+        # an attempt made while the network is silent does not outlive it long.
+        bound, explorer = self._observer.connect_bound()
         started = monotonic()
         try:
-            conn = super()._connect(timeout)
+            conn = run_within(lambda: ConnectionPool._connect(self, timeout), bound)
         except Exception as exc:
-            self._observer.on_connect_failed(exc)
+            self._observer.connect_failed(exc, explorer=explorer)
             raise
-        self._observer.on_connect_ok(monotonic() - started)
+        self._observer.connect_succeeded(monotonic() - started, explorer=explorer)
         return conn
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
@@ -76,25 +199,36 @@ class PgwPool(ConnectionPool[PgwConnection]):
         super()._add_connection(attempt, growing)
 
     def _close_connection(self, conn: PgwConnection) -> None:
-        self._observer.on_connection_closed(self._close_reason(conn))
+        self._observer.connection_closed(self._close_reason(conn).value)
         super()._close_connection(conn)
 
-    def _close_reason(self, conn: PgwConnection) -> str:
+    def _close_reason(self, conn: PgwConnection) -> CloseReason:
         if self._closed:
-            return "close"
+            return CloseReason.CLOSE
         if conn.closed or conn.broken:
-            return "broken"
+            return CloseReason.BROKEN
         if getattr(conn, "_created_at", 0.0) <= self._drained_at:
-            return "failover" if self.failover_drain else "drain"
+            return self.drain_reason
         if getattr(conn, "_expire_at", float("inf")) <= monotonic():
-            return "lifetime"
-        return "idle"
+            return CloseReason.LIFETIME
+        return CloseReason.IDLE
+
+    def drain_for(self, reason: CloseReason) -> None:
+        """`drain()`, counting the closed connections under *reason*.
+
+        Idle connections are closed now (no round trip: a close only sends
+        Terminate) and replaced; connections in use are closed when returned.
+        """
+        self.drain_reason = reason
+        try:
+            self.drain()
+        finally:
+            self.drain_reason = CloseReason.DRAIN
 
     def adopt(self, conn: PgwConnection) -> None:
-        """Take a connection opened outside the pool (the warmup probe's) into it.
+        """Take a connection opened outside the pool (the warmup's, a probe's) into it.
 
-        Saves the first caller a second connect. Closed instead if the pool is
-        closed or already full.
+        Closed instead if the pool is closed or already full.
         """
         with self._lock:
             accept = not self._closed and self._nconns < self._max_size

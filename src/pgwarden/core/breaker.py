@@ -60,7 +60,8 @@ class CircuitBreaker:
 
     In OPEN, outcomes of calls admitted before it opened are ignored: only the
     probe decides. In HALF_OPEN, any reported outcome is taken as the probe's.
-    Not thread-safe; the shell serialises calls.
+    Not thread-safe by itself: its one owner, the handle's ``HandleState``,
+    calls it under that object's lock.
     """
 
     __slots__ = (
@@ -71,6 +72,7 @@ class CircuitBreaker:
         "_probe_started_at",
         "_state",
         "_transitions",
+        "_wait",
         "base_cooldown",
         "max_cooldown",
         "min_outage",
@@ -108,6 +110,7 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         self._failures = 0
         self._cooldown = cooldown
+        self._wait = cooldown
         self._opened_at = 0.0
         self._probe_started_at = 0.0
         self._transitions = 0
@@ -141,7 +144,7 @@ class CircuitBreaker:
         if self._state is BreakerState.CLOSED:
             return Admission.ALLOW
         if self._state is BreakerState.OPEN:
-            if now - self._opened_at >= self._cooldown:
+            if now - self._opened_at >= self._wait:
                 self._move(BreakerState.HALF_OPEN)
                 self._probe_started_at = now
                 return Admission.PROBE
@@ -163,9 +166,16 @@ class CircuitBreaker:
             return self._move(BreakerState.CLOSED)
         return None
 
-    def on_failure(self, now: float) -> BreakerState | None:
+    def on_failure(self, now: float, rand: float = 1.0) -> BreakerState | None:
         """Record a failure. Returns OPEN if this failure opened the breaker
-        (threshold reached, or the probe failed), else ``None``."""
+        (threshold reached, or the probe failed), else ``None``.
+
+        When it opens, the wait before the next probe is the cooldown times
+        ``0.5 + rand / 2`` (*rand* uniform in ``[0, 1]``): processes that saw the
+        same outage probe spread over half a cooldown, never later than a
+        full one. ``rand=1.0`` waits exactly the cooldown."""
+        if not 0.0 <= rand <= 1.0:
+            raise ValueError(f"rand must be in [0, 1], got {rand}")
         if self._state is BreakerState.CLOSED:
             self._failures += 1
             if self._failures == 1:
@@ -173,12 +183,14 @@ class CircuitBreaker:
             if self._failures >= self.threshold and now - self._first_failure_at >= self.min_outage:
                 self._opened_at = now
                 self._cooldown = self.base_cooldown
+                self._wait = self._cooldown * (0.5 + rand / 2)
                 return self._move(BreakerState.OPEN)
             return None
         if self._state is BreakerState.HALF_OPEN:
             self._failures += 1
             self._opened_at = now
             self._cooldown = min(self.max_cooldown, self._cooldown * 2)
+            self._wait = self._cooldown * (0.5 + rand / 2)
             return self._move(BreakerState.OPEN)
         return None
 
@@ -188,7 +200,7 @@ class CircuitBreaker:
         may probe at once. Returns OPEN if the state changed."""
         if self._state is not BreakerState.HALF_OPEN:
             return None
-        self._opened_at = now - self._cooldown
+        self._opened_at = now - self._wait
         return self._move(BreakerState.OPEN)
 
     def retry_after(self, now: float) -> float:
@@ -198,7 +210,7 @@ class CircuitBreaker:
         if self._state is BreakerState.CLOSED:
             return 0.0
         if self._state is BreakerState.OPEN:
-            return max(0.0, self._opened_at + self._cooldown - now)
+            return max(0.0, self._opened_at + self._wait - now)
         return self._cooldown
 
     def __repr__(self) -> str:

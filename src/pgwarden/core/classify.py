@@ -143,6 +143,7 @@ Class-name rules (rules 2 and 6):
 ====================== ============ ===============================================
 class                  kind         why
 ====================== ============ ===============================================
+NotCommitted           NOTHING_RAN  certainly not committed: safe to re-run
 PgwardenError          PERMANENT    our own verdicts (deadline, closed, breaker)
 PoolTimeout            NOTHING_RAN  no connection was handed out, nothing was sent
 TooManyRequests        NOTHING_RAN  the local queue is full; shrinking the pool
@@ -151,6 +152,7 @@ ConnectionTimeout      NOTHING_RAN  psycopg's connect_timeout
 PoolClosed             PERMANENT    the pool is shutting down
 CancellationTimeout    timed out    a cancel request itself timed out
 _WaitTimeout           timed out    psycopg-internal wait timeout
+WaitTimeout            timed out    pgwarden's bound on a connect made for a call
 ConnectionRefusedError NOTHING_RAN
 gaierror               NOTHING_RAN  DNS
 ConnectionError        broken       reset, aborted, broken pipe
@@ -172,6 +174,7 @@ __all__ = [
     "Phase",
     "RetryContext",
     "classify",
+    "classify_failure",
     "classify_with_reason",
     "is_retryable",
     "is_transaction_retryable",
@@ -339,6 +342,9 @@ _BY_TEXT: Final[tuple[tuple[str, _Verdict], ...]] = (
 
 # Rule 2: names of psycopg / psycopg_pool / pgwarden classes, checked first.
 _BY_CLASS_NAME: Final[Mapping[str, _Verdict]] = {
+    # Checked before its base PgwardenError: the work certainly did not commit
+    # (COMMIT never sent, or txid_status() said aborted), so re-running is safe.
+    "NotCommitted": _NOTHING_RAN,
     "PgwardenError": _PERMANENT,
     "PoolTimeout": _NOTHING_RAN,
     "TooManyRequests": _NOTHING_RAN,
@@ -348,6 +354,8 @@ _BY_CLASS_NAME: Final[Mapping[str, _Verdict]] = {
     # psycopg-internal; checked by class so its text ("wait timeout expired")
     # cannot pass for libpq's connect "timeout expired".
     "_WaitTimeout": _TIMED_OUT,
+    # pgwarden's own bound on a connect or a wait made on behalf of a call.
+    "WaitTimeout": _TIMED_OUT,
 }
 
 # Rule 6: Python's own exceptions, checked after SQLSTATE and text. Checked in
@@ -396,6 +404,48 @@ def classify_with_reason(exc: BaseException, phase: Phase) -> tuple[FailureKind,
     if isinstance(verdict, _Depends):
         return _BY_PHASE[verdict][phase], f"{reason} ({verdict.value} in {phase.value})"
     return verdict, reason
+
+
+# A backend the server itself terminated (admin or crash shutdown) ran nothing
+# that committed outside a transaction block: PostgreSQL commits an implicit
+# transaction only at Sync, after which ReadyForQuery would have reached us.
+_SERVER_ABORTED: Final = frozenset({"57P01", "57P02"})
+
+
+def classify_failure(
+    exc: BaseException,
+    phase: Phase,
+    *,
+    connection_lost: bool = False,
+    in_transaction: bool = False,
+) -> FailureKind:
+    """:func:`classify`, refined by what the shell saw besides the exception.
+
+    * *connection_lost*: the connection was broken or closed after the error.
+      An error without a SQLSTATE that no rule recognised, or that was only a
+      timeout, is then "broken" for *phase* (psycopg's texts on a dead
+      connection vary with the code path). Cancellation and exits are not.
+    * Outside a transaction block, a LOST statement whose backend the server
+      terminated (57P01, 57P02) did not commit: STALE, safe to re-run.
+
+    This is the only classification the shells use.
+    """
+    kind = classify(exc, phase)
+    if (
+        connection_lost
+        and isinstance(exc, Exception)  # cancellation and exits stay PERMANENT
+        and kind in (FailureKind.PERMANENT, FailureKind.TIMEOUT)
+        and sqlstate_of(exc) is None
+        and not _is_own_error(exc)
+    ):
+        kind = _BY_PHASE[_BROKEN][phase]
+    if kind is FailureKind.LOST and not in_transaction and sqlstate_of(exc) in _SERVER_ABORTED:
+        kind = FailureKind.STALE
+    return kind
+
+
+def _is_own_error(exc: BaseException) -> bool:
+    return any(cls.__name__ == "PgwardenError" for cls in type(exc).__mro__)
 
 
 def _verdict(exc: BaseException) -> tuple[_Verdict, str]:

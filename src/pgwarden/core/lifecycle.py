@@ -166,8 +166,8 @@ class IllegalTransition(RuntimeError):
 class Lifecycle:
     """The handle's current :class:`State`, changed only through :meth:`fire`.
 
-    Not thread-safe by itself: the shell fires events under its lock or
-    from its event loop.
+    Not thread-safe by itself: its one owner, the handle's ``HandleState``,
+    fires events under that object's lock.
     """
 
     __slots__ = ("_state",)
@@ -178,10 +178,6 @@ class Lifecycle:
     @property
     def state(self) -> State:
         return self._state
-
-    def can_fire(self, event: Event) -> bool:
-        """Is *event* legal in the current state?"""
-        return (self._state, event) in TRANSITIONS
 
     def fire(self, event: Event) -> State:
         """Apply *event* and return the new state (which may equal the old one).

@@ -1,15 +1,38 @@
-"""Retry policy (how long to wait between attempts) and retry budget (whether
-this process may retry at all right now).
+"""The retry decision: policy (how long to wait), budget (whether this process
+may retry at all right now), and :func:`decide`, the one function every retry
+loop asks (statements, transactions, warmup, breaker waits).
 
 Both are pure: the current time and the random draw are arguments.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
+from typing import TypeAlias
 
-__all__ = ["RetryBudget", "RetryPolicy"]
+from pgwarden.core.classify import (
+    FailureKind,
+    RetryContext,
+    is_retryable,
+    is_transaction_retryable,
+)
+
+__all__ = [
+    "MIN_ATTEMPT_SECONDS",
+    "Decision",
+    "GiveUp",
+    "GiveUpReason",
+    "Raise",
+    "RetryBudget",
+    "RetryPolicy",
+    "Sleep",
+    "decide",
+]
+
+#: Below this much time left before the deadline, another attempt cannot succeed.
+MIN_ATTEMPT_SECONDS = 0.02
 
 # 2**63 seconds is far beyond any sane max_delay; past it the exponent would
 # only overflow, so the cap applies directly.
@@ -34,12 +57,8 @@ class RetryPolicy:
     Blog's "Exponential Backoff and Jitter": it spreads many clients that failed
     together evenly over the window instead of having them retry in lockstep).
 
-    :meth:`next_delay` is the whole decision after a failed attempt: it gives
-    up (``None``) when ``attempts`` are used up or when sleeping would reach the
-    caller's deadline, and otherwise returns a sleep that ends strictly before
-    the deadline. It does not decide *whether* a failure is retryable; that is
-    :func:`pgwarden.core.classify.is_retryable`, and the process-wide
-    :class:`RetryBudget` has the last word.
+    The policy only says how long to wait. The whole decision after a failed
+    attempt (retryable or not, attempts, deadline, budget) is :func:`decide`.
     """
 
     attempts: int = 3
@@ -70,25 +89,6 @@ class RetryPolicy:
             raise ValueError(f"rand must be in [0, 1], got {rand}")
         return rand * self.cap(retry_number)
 
-    def next_delay(
-        self, attempt: int, *, now: float, deadline: float | None, rand: float
-    ) -> float | None:
-        """How long to sleep before the next attempt, or ``None`` to give up.
-
-        *attempt* is the number of attempts already made (``>= 1``). Gives up
-        when ``attempt >= attempts``, or when ``now + sleep >= deadline`` (after
-        such a sleep no time would be left for the attempt itself). So a
-        returned sleep always satisfies ``now + sleep < deadline``.
-        """
-        if attempt < 1:
-            raise ValueError(f"attempt must be at least 1, got {attempt}")
-        if attempt >= self.attempts:
-            return None
-        delay = self.backoff(attempt, rand)
-        if deadline is not None and now + delay >= deadline:
-            return None
-        return delay
-
 
 class RetryBudget:
     """A process-wide token bucket that caps retries at a fraction of traffic.
@@ -105,9 +105,8 @@ class RetryBudget:
     request fails, retries therefore add about ``ratio`` (10%) to the load
     instead of multiplying it by the number of attempts.
 
-    Not thread-safe: the sync shell calls it under a lock, the async shell from
-    its one event loop. Unguarded concurrent use cannot raise, only miscount
-    a token or two. A clock that goes backwards earns nothing and moves
+    Not thread-safe by itself: its one owner, the handle's ``HandleState``,
+    calls it under that object's lock. A clock that goes backwards earns nothing and moves
     nothing back.
     """
 
@@ -173,3 +172,97 @@ class RetryBudget:
             f"RetryBudget(ratio={self.ratio}, min_per_second={self.min_per_second}, "
             f"max_tokens={self.max_tokens}, tokens={self._tokens:.2f})"
         )
+
+
+# --- the decision ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Retry: sleep *seconds*, then make attempt ``retry_number + 1``."""
+
+    seconds: float
+    retry_number: int
+
+
+@dataclass(frozen=True)
+class Raise:
+    """Not retryable (a permanent error, or unsafe to re-run): raise the failure as it is."""
+
+
+class GiveUpReason(enum.Enum):
+    ATTEMPTS = "attempts"
+    DEADLINE = "deadline"
+    BUDGET = "budget"
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """Retryable, but no further attempt: out of attempts, out of retry budget,
+    or out of time. For ``DEADLINE`` the shell raises ``DeadlineExceeded`` from
+    the failure; otherwise it raises the failure itself."""
+
+    reason: GiveUpReason
+
+
+Decision: TypeAlias = Sleep | Raise | GiveUp
+
+_RAISE = Raise()
+_GIVE_UP_DEADLINE = GiveUp(GiveUpReason.DEADLINE)
+_GIVE_UP_ATTEMPTS = GiveUp(GiveUpReason.ATTEMPTS)
+_GIVE_UP_BUDGET = GiveUp(GiveUpReason.BUDGET)
+
+# A statement timeout this close to the deadline is the deadline firing server-side.
+_TIMEOUT_SLACK = 0.01
+
+
+def decide(
+    kind: FailureKind,
+    ctx: RetryContext,
+    *,
+    attempt: int,
+    policy: RetryPolicy,
+    now: float,
+    deadline: float | None,
+    rand: float,
+    budget: RetryBudget | None,
+    whole_transaction: bool = False,
+) -> Decision:
+    """What follows failed attempt number *attempt* (``>= 1``) whose failure is *kind*.
+
+    1. Not retryable (see :func:`~pgwarden.core.classify.is_retryable`, or for
+       *whole_transaction*, re-running a whole transaction function,
+       :func:`~pgwarden.core.classify.is_transaction_retryable`): ``Raise``; but
+       ``GiveUp(DEADLINE)`` when the deadline has passed (the failure is the
+       deadline's doing, e.g. a severed connection), or when it is a statement
+       timeout that fired at the deadline.
+    2. ``attempt >= policy.attempts``: ``GiveUp(ATTEMPTS)``.
+    3. Less than :data:`MIN_ATTEMPT_SECONDS` left: ``GiveUp(DEADLINE)``.
+    4. The backoff ``policy.backoff(attempt, rand)``, shortened to half the
+       time left so that the next attempt still fits before the deadline.
+    5. A token from *budget* (``None``: no budget, as for the single shared
+       warmup); none left: ``GiveUp(BUDGET)``.
+    6. Otherwise ``Sleep``.
+
+    Pure: the clock and the random draw are arguments; only *budget* changes.
+    """
+    if attempt < 1:
+        raise ValueError(f"attempt must be at least 1, got {attempt}")
+    retryable = is_transaction_retryable(kind) if whole_transaction else is_retryable(kind, ctx)
+    if not retryable:
+        if deadline is not None and (
+            now >= deadline or (kind is FailureKind.TIMEOUT and now >= deadline - _TIMEOUT_SLACK)
+        ):
+            return _GIVE_UP_DEADLINE
+        return _RAISE
+    if attempt >= policy.attempts:
+        return _GIVE_UP_ATTEMPTS
+    delay = policy.backoff(attempt, rand)
+    if deadline is not None:
+        left = deadline - now
+        if left < MIN_ATTEMPT_SECONDS:
+            return _GIVE_UP_DEADLINE
+        delay = min(delay, left / 2)
+    if budget is not None and not budget.try_spend(now):
+        return _GIVE_UP_BUDGET
+    return Sleep(delay, attempt)

@@ -27,11 +27,12 @@ class AdaptiveLimit:
     unless the previous decrease was less than ``debounce`` seconds ago
     (default ``quiet_period / 5``). ``tick(now)``, called periodically, adds
     one (never above ``max_size``) once ``quiet_period`` seconds have passed
-    since the last change and the last overload. ``ramp_from(start, now)``
-    restarts low, for when the breaker closes after an outage and a full-size
-    reconnect storm would knock the server over again.
+    since the last change and the last overload. An outage that was not an
+    overload (the breaker opening and closing) does not touch the limit: the
+    server did not ask for fewer connections, so capacity returns at once.
 
-    Starts at ``max_size``. Not thread-safe; the shell serialises calls.
+    Starts at ``max_size``. Not thread-safe by itself: its one owner, the
+    handle's ``HandleState``, calls it under that object's lock.
     """
 
     __slots__ = (
@@ -103,13 +104,6 @@ class AdaptiveLimit:
         if now - max(self._last_change, self._last_overload) < self.quiet_period:
             return None
         self._limit += 1
-        self._last_change = now
-        return self._limit
-
-    def ramp_from(self, start: int, now: float) -> int:
-        """Restart at *start* (clamped to ``[min_limit, max_size]``) and grow
-        from there by :meth:`tick`. Returns the new limit."""
-        self._limit = min(self.max_size, max(self.min_limit, start))
         self._last_change = now
         return self._limit
 

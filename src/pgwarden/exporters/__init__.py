@@ -12,7 +12,10 @@ What lives here is shared by both and by :mod:`pgwarden.dashboard`:
 * :func:`stats_source` turns a handle, a callable or a dict into a zero-argument callable;
 * :func:`snapshot` is ``stats()`` plus cumulative histogram buckets, redacted, JSON-ready
   (what ``/stats.json`` serves, and what a remote exporter can consume);
-* :func:`histograms_of` finds a handle's :class:`~pgwarden.core.histogram.Histogram` objects;
+* :func:`histograms_of` returns a handle's live :class:`~pgwarden.core.histogram.Histogram`
+  objects (``db.histograms()``);
+* :func:`attach_tracker` and :func:`attach_statement_observer` call the handle's
+  ``add_tracker`` / ``add_statement_observer`` with a clear error for anything else;
 * :func:`pool_name` is the bounded ``pool`` label of a handle;
 * the fixed label vocabularies (:data:`KINDS`, :data:`CLOSE_REASONS`, ...) and
   :func:`bounded`, which maps any other value to ``"other"`` so that label cardinality stays
@@ -35,6 +38,7 @@ from pgwarden.core.classify import FailureKind
 from pgwarden.core.histogram import PROMETHEUS_BOUNDS, Histogram
 from pgwarden.core.lifecycle import State
 from pgwarden.core.metrics import CloseReason, MetricsTracker
+from pgwarden.core.tracing import StatementObserver
 
 __all__ = [
     "AMBIGUOUS_OUTCOMES",
@@ -47,6 +51,7 @@ __all__ = [
     "OTHER",
     "STATES",
     "StatsHandle",
+    "attach_statement_observer",
     "attach_tracker",
     "attempt_label",
     "bounded",
@@ -76,6 +81,7 @@ MAX_ATTEMPT_LABEL = 5
 #: The histograms of the metrics model, by their ``stats()`` key.
 HISTOGRAMS: tuple[str, ...] = (
     "acquire_wait_seconds",
+    "connection_use_seconds",
     "query_duration_seconds",
     "connection_setup_seconds",
     "warmup_duration_seconds",
@@ -111,17 +117,11 @@ def attempt_label(attempt: object) -> str:
 
 def password_of(handle: object) -> str | None:
     """The password in a handle's URL, to mask wherever it might be echoed (or None)."""
+    from pgwarden._handle.config import password_of as password_in_url
+
     settings = getattr(handle, "settings", None)
     url = getattr(settings, "url", None)
-    if not isinstance(url, str) or not url:
-        return None
-    try:
-        from psycopg.conninfo import conninfo_to_dict
-
-        value = conninfo_to_dict(url).get("password")
-    except Exception:
-        return None
-    return str(value) if value else None
+    return password_in_url(url) if isinstance(url, str) else None
 
 
 def pool_name(handle: object, name: str | None = None) -> str:
@@ -140,27 +140,16 @@ def pool_name(handle: object, name: str | None = None) -> str:
 def histograms_of(handle: object) -> Mapping[str, Histogram]:
     """The live :class:`Histogram` objects behind a handle's ``stats()``, by key.
 
-    Looks at the handle's tracker (a ``StatsTracker``, or a
-    :class:`~pgwarden.core.metrics.TeeTracker` whose primary is one).
-    Returns ``{}`` when there is none (metrics off, or a source that is not a handle).
+    What the handle's public ``histograms()`` returns (``{}`` when metrics are off).  Returns
+    ``{}`` for anything without that method (a stats callable, an older handle) or whose
+    answer is not a mapping of histograms.
     """
-    core = getattr(handle, "_core", None)
-    tracker = getattr(core, "tracker", None)
-    return _histograms_of_tracker(tracker, depth=0)
-
-
-def _histograms_of_tracker(tracker: object, depth: int) -> Mapping[str, Histogram]:
-    if tracker is None or depth > 4:
+    method = getattr(handle, "histograms", None)
+    if not callable(method):
         return {}
-    found = getattr(tracker, "histograms", None)
+    found = method()
     if isinstance(found, Mapping) and all(isinstance(h, Histogram) for h in found.values()):
         return found
-    for attr in ("primary", "_primary"):
-        inner = getattr(tracker, attr, None)
-        if inner is not None:
-            got = _histograms_of_tracker(inner, depth + 1)
-            if got:
-                return got
     return {}
 
 
@@ -264,3 +253,21 @@ def attach_tracker(handle: object, extra: MetricsTracker) -> Callable[[], None]:
         )
     detach: Callable[[], None] = add(extra)
     return detach
+
+
+def attach_statement_observer(handle: object, observer: StatementObserver) -> Callable[[], None]:
+    """Make *handle* report each statement it runs to *observer*; return ``remove()``.
+
+    Calls the handle's public ``add_statement_observer(observer)`` (see
+    :mod:`pgwarden.core.tracing`): once per attempt, before and after the statement, never for
+    internal probes; an exception from *observer* never fails the statement.  Raises
+    :class:`TypeError` for an object without ``add_statement_observer``.
+    """
+    add = getattr(handle, "add_statement_observer", None)
+    if not callable(add):
+        raise TypeError(
+            f"{type(handle).__name__} has no add_statement_observer(); "
+            "attach statement observers to a pgwarden Database or AsyncDatabase"
+        )
+    remove: Callable[[], None] = add(observer)
+    return remove

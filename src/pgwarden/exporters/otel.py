@@ -1,7 +1,7 @@
 """OpenTelemetry exporter (extra ``otel``): semantic-convention metrics and optional spans.
 
     from pgwarden.exporters.otel import instrument
-    inst = instrument(db)                  # global MeterProvider; spans=True for query spans
+    inst = instrument(db)                  # global MeterProvider; spans=True for statement spans
     ...
     inst.uninstrument()
 
@@ -17,7 +17,8 @@ Metrics (meter ``pgwarden``)
       ``pgwarden.in_flight``: UpDownCounters;
     * ``pgwarden.pool.utilization``, ``pgwarden.state`` (``pgwarden.state``) and
       ``pgwarden.breaker`` (``pgwarden.breaker.state``): Gauges, the states one-hot;
-    * ``pgwarden.operations``, ``pgwarden.errors`` (``error.type`` = failure kind),
+    * ``db.client.connection.timeouts`` (callers that gave up waiting for a connection),
+      ``pgwarden.operations``, ``pgwarden.errors`` (``error.type`` = failure kind),
       ``pgwarden.retries`` (``pgwarden.retry.reason``), ``pgwarden.retry.attempts``
       (``pgwarden.retry.attempt``, ``5+`` caps it), ``pgwarden.connections.opened``,
       ``pgwarden.connections.closed`` (``pgwarden.close.reason``),
@@ -34,29 +35,34 @@ Metrics (meter ``pgwarden``)
     OpenTelemetry has no asynchronous histogram, so the histograms are recorded as events
     happen, by an :class:`OTelTracker` attached with ``db.add_tracker()``:
     ``db.client.connection.create_time``, ``db.client.connection.wait_time``,
-    ``db.client.operation.duration`` and ``pgwarden.warmup.duration`` (seconds, with bucket
-    boundaries advised at 10 µs .. 60 s).  They record from the moment of :func:`instrument`.
-    (``db.client.connection.use_time`` and ``db.client.connection.timeouts`` need hooks the
-    handle does not offer yet.)
+    ``db.client.connection.use_time``, ``db.client.operation.duration`` and
+    ``pgwarden.warmup.duration`` (seconds, with bucket boundaries advised at 10 µs .. 60 s).
+    They record from the moment of :func:`instrument`.
 
-Spans (``spans=True`` or :func:`traced`)
-    One CLIENT span per ``fetch``/``fetchrow``/``fetchval``/``execute``/``executemany`` call,
-    retries included, named after the operation (``SELECT``, ``INSERT``, ...).  Attributes:
-    ``db.system.name``, ``db.namespace``, ``server.address``, ``server.port``,
-    ``db.operation.name``, ``db.query.text`` *sanitised* (string and number literals become
-    ``?``; placeholders such as ``%s`` stay), ``db.response.returned_rows`` for fetches, and on
-    failure ``error.type`` and ``db.response.status_code`` (the SQLSTATE).  Parameters are
-    never recorded, and neither is the exception message (PostgreSQL's DETAIL can quote
-    values): the span status carries only the error type.
+Spans (``spans=True``, :class:`OTelStatementObserver` or :func:`traced`)
+    Built on the handle's statement-observer seam (:mod:`pgwarden.core.tracing`,
+    ``db.add_statement_observer``): one CLIENT span per statement *attempt* the caller's code
+    runs (a retried ``fetch`` gives two spans, the first with its error; statements inside
+    transactions get spans too; internal probes get none), named after the operation
+    (``SELECT``, ``INSERT``, ...).  Attributes: ``db.system.name``, ``db.namespace``,
+    ``server.address``, ``server.port``, ``db.operation.name``, ``db.query.text``
+    *sanitised* (string and number literals become ``?``; placeholders such as ``%s`` stay),
+    ``db.response.returned_rows`` for fetches when the row count is known, and on failure
+    ``error.type`` and ``db.response.status_code`` (the SQLSTATE).  Parameters are never
+    recorded, and neither is the exception message (PostgreSQL's DETAIL can quote values):
+    the span status carries only the error type.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar, Token
 from typing import Any
 
 from opentelemetry import metrics, trace
@@ -73,6 +79,7 @@ from pgwarden.exporters import (
     KINDS,
     STATES,
     StatsHandle,
+    attach_statement_observer,
     attach_tracker,
     attempt_label,
     bounded,
@@ -81,7 +88,10 @@ from pgwarden.exporters import (
 
 __all__ = [
     "QUERY_METHODS",
+    "ROW_OPERATIONS",
+    "TRACED_METHODS",
     "Instrumentation",
+    "OTelStatementObserver",
     "OTelTracker",
     "instrument",
     "query_attributes",
@@ -89,8 +99,14 @@ __all__ = [
 ]
 
 _SCOPE = "pgwarden"
-#: Handle methods that get a span each.
+#: The handle's query methods.
 QUERY_METHODS: tuple[str, ...] = ("fetch", "fetchrow", "fetchval", "execute", "executemany")
+#: The methods a :func:`traced` wrapper scopes (``transaction()`` is scoped too, as a context).
+TRACED_METHODS: tuple[str, ...] = (*QUERY_METHODS, "run_transaction")
+#: Operations whose row count is the number of rows returned, recorded as
+#: ``db.response.returned_rows``.  For ``execute`` and ``executemany`` the driver's row count
+#: is the number of rows *affected*, which that attribute does not mean, so it is not recorded.
+ROW_OPERATIONS: frozenset[str] = frozenset({"fetch", "fetchrow", "fetchval"})
 _POOL_ATTR = "db.client.connection.pool.name"
 _SYSTEM = {"db.system.name": "postgresql"}
 _SNAPSHOT_TTL = 0.05  # seconds one stats() snapshot serves every callback of a collection
@@ -159,7 +175,7 @@ class OTelTracker(NoopTracker):
     ``stats()`` by :func:`instrument`.
     """
 
-    __slots__ = ("_attrs", "_create", "_duration", "_wait", "_warmup")
+    __slots__ = ("_attrs", "_create", "_duration", "_use", "_wait", "_warmup")
 
     def __init__(self, meter: Meter | None = None, pool: str = "default") -> None:
         meter = meter or _meter(None)
@@ -173,6 +189,11 @@ class OTelTracker(NoopTracker):
             meter,
             "db.client.connection.wait_time",
             "The time it took to obtain an open connection from the pool.",
+        )
+        self._use = _histogram(
+            meter,
+            "db.client.connection.use_time",
+            "The time between borrowing a connection and returning it to the pool.",
         )
         self._duration = _histogram(
             meter,
@@ -188,6 +209,9 @@ class OTelTracker(NoopTracker):
 
     def acquire(self, wait: float) -> None:
         self._wait.record(wait, self._attrs)
+
+    def connection_used(self, seconds: float) -> None:
+        self._use.record(seconds, self._attrs)
 
     def connection_opened(self, setup: float) -> None:
         self._create.record(setup, self._attrs)
@@ -375,6 +399,13 @@ def _register_observables(meter: Meter, obs: _Observer) -> None:
     )
     c = meter.create_observable_counter
     c(
+        "db.client.connection.timeouts",
+        callbacks=[obs.gauge(("counters", "acquire_timeouts"))],
+        unit="{timeout}",
+        description="The number of connection timeouts that have occurred trying to obtain a "
+        "connection from the pool.",
+    )
+    c(
         "pgwarden.operations",
         callbacks=[obs.gauge(("counters", "queries"))],
         unit="{operation}",
@@ -525,7 +556,7 @@ def _server_attributes(handle: object) -> dict[str, str | int]:
     return out
 
 
-def _finish(span: trace.Span, exc: BaseException) -> None:
+def _set_error(span: trace.Span, exc: BaseException) -> None:
     sqlstate = getattr(exc, "sqlstate", None)
     error_type = str(sqlstate) if sqlstate else type(exc).__qualname__
     span.set_attribute("error.type", error_type)
@@ -534,69 +565,200 @@ def _finish(span: trace.Span, exc: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, error_type))
 
 
-def _rows(result: object) -> int | None:
-    return len(result) if isinstance(result, list) else None
-
-
-def _wrap(method: Callable[..., Any], tracer: Tracer, base: dict[str, str | int]) -> Any:
-    def start(query: object) -> Any:
-        attrs: dict[str, str | int] = {**base, **query_attributes(query)}
-        name = str(attrs.get("db.operation.name") or "postgresql")
-        return tracer.start_as_current_span(
-            name,
-            kind=SpanKind.CLIENT,
-            attributes=attrs,
-            record_exception=False,
-            set_status_on_exception=False,
-        )
-
-    if inspect.iscoroutinefunction(method):
-
-        @functools.wraps(method)
-        async def async_wrapper(query: Any, *args: Any, **kwargs: Any) -> Any:
-            with start(query) as span:
-                try:
-                    result = await method(query, *args, **kwargs)
-                except BaseException as exc:
-                    _finish(span, exc)
-                    raise
-                rows = _rows(result)
-                if rows is not None:
-                    span.set_attribute("db.response.returned_rows", rows)
-                return result
-
-        return async_wrapper
-
-    @functools.wraps(method)
-    def sync_wrapper(query: Any, *args: Any, **kwargs: Any) -> Any:
-        with start(query) as span:
-            try:
-                result = method(query, *args, **kwargs)
-            except BaseException as exc:
-                _finish(span, exc)
-                raise
-            rows = _rows(result)
-            if rows is not None:
-                span.set_attribute("db.response.returned_rows", rows)
-            return result
-
-    return sync_wrapper
-
-
 def _tracer(provider: TracerProvider | None) -> Tracer:
     return trace.get_tracer(_SCOPE, _version(), tracer_provider=provider)
 
 
-class _Traced:
-    """The handle with query spans; everything else is delegated unchanged."""
+class _SpanToken:
+    """One statement's span, from ``statement_started`` to ``statement_finished``."""
 
-    def __init__(self, handle: Any, tracer: Tracer) -> None:
-        base = _server_attributes(handle)
+    __slots__ = ("rows", "span")
+
+    def __init__(self, span: trace.Span, rows: bool) -> None:
+        self.span: trace.Span | None = span
+        self.rows = rows
+
+    def finish(self, error: BaseException | None, rowcount: int | None) -> None:
+        span, self.span = self.span, None
+        if span is None:
+            return  # finished already
+        if error is not None:
+            _set_error(span, error)
+        elif self.rows and rowcount is not None and rowcount >= 0:
+            span.set_attribute("db.response.returned_rows", rowcount)
+        span.end()
+
+
+class OTelStatementObserver:
+    """A :class:`~pgwarden.core.tracing.StatementObserver` that traces each statement.
+
+    ``remove = db.add_statement_observer(OTelStatementObserver(db, tracer_provider))`` is what
+    ``instrument(db, spans=True)`` does.  Every statement attempt the handle reports becomes
+    one CLIENT span, started in ``statement_started`` (a child of the caller's current span)
+    and ended in ``statement_finished``; the span is not made current while the statement
+    runs.  Named after ``db.operation.name`` (``SELECT``, ``INSERT``, ...), else
+    ``postgresql``.  Attributes: ``db.system.name``, ``db.namespace``, ``server.address``,
+    ``server.port`` (from *handle*'s URL), ``db.query.text`` sanitised and
+    ``db.operation.name`` (see :func:`query_attributes`); on failure ``error.type`` and
+    ``db.response.status_code`` (the error's SQLSTATE), with status ERROR described by the
+    error type only; on success of a :data:`ROW_OPERATIONS` operation,
+    ``db.response.returned_rows`` when the row count is known.  Parameters and exception
+    messages are never recorded.
+    """
+
+    __slots__ = ("_base", "_tracer")
+
+    def __init__(
+        self, handle: object = None, tracer_provider: TracerProvider | None = None
+    ) -> None:
+        self._tracer = _tracer(tracer_provider)
+        self._base = _server_attributes(handle)
+
+    def statement_started(self, operation: str, query: object) -> object:
+        attrs: dict[str, str | int] = dict(self._base)
+        if query is not None:
+            attrs.update(query_attributes(query))
+        name = str(attrs.get("db.operation.name") or "postgresql")
+        span = self._tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs)
+        return _SpanToken(span, operation in ROW_OPERATIONS)
+
+    def statement_finished(
+        self, token: object, error: BaseException | None, rowcount: int | None
+    ) -> None:
+        if isinstance(token, _SpanToken):
+            token.finish(error, rowcount)
+
+
+# traced(): one dispatcher per handle, attached on the first traced(handle); each wrapper's
+# methods set _ACTIVE to (dispatcher, observer) for their duration, so only statements run
+# by a call through a wrapper get spans, each with the wrapper's tracer.
+_ACTIVE: ContextVar[tuple[object, OTelStatementObserver] | None] = ContextVar(
+    "pgwarden_traced", default=None
+)
+_DISPATCHERS: weakref.WeakKeyDictionary[Any, _TracedDispatcher] = weakref.WeakKeyDictionary()
+_DISPATCHERS_LOCK = threading.Lock()
+
+
+class _TracedDispatcher:
+    """The statement observer :func:`traced` attaches to a handle (once)."""
+
+    __slots__ = ()
+
+    def statement_started(self, operation: str, query: object) -> object:
+        active = _ACTIVE.get()
+        if active is None or active[0] is not self:
+            return None  # not called through a traced() wrapper of this handle
+        return active[1].statement_started(operation, query)
+
+    def statement_finished(
+        self, token: object, error: BaseException | None, rowcount: int | None
+    ) -> None:
+        if isinstance(token, _SpanToken):
+            token.finish(error, rowcount)
+
+
+def _dispatcher(handle: Any) -> _TracedDispatcher:
+    with _DISPATCHERS_LOCK:
+        try:
+            found = _DISPATCHERS.get(handle)
+        except TypeError:  # not weak-referenceable: a dispatcher per wrapper
+            found = None
+        if found is None:
+            found = _TracedDispatcher()
+            attach_statement_observer(handle, found)
+            with contextlib.suppress(TypeError):
+                _DISPATCHERS[handle] = found
+        return found
+
+
+def _scoped(method: Callable[..., Any], active: tuple[object, OTelStatementObserver]) -> Any:
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            reset = _ACTIVE.set(active)
+            try:
+                return await method(*args, **kwargs)
+            finally:
+                _ACTIVE.reset(reset)
+
+        return async_wrapper
+
+    @functools.wraps(method)
+    def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+        reset = _ACTIVE.set(active)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(reset)
+
+    return sync_wrapper
+
+
+class _ScopedTransaction:
+    """``traced(db).transaction()``: the handle's transaction context, with the statements run
+    inside it traced."""
+
+    __slots__ = ("_active", "_inner", "_resets")
+
+    def __init__(self, inner: Any, active: tuple[object, OTelStatementObserver]) -> None:
+        self._inner = inner
+        self._active = active
+        self._resets: list[Token[tuple[object, OTelStatementObserver] | None]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.__slots__:
+            raise AttributeError(name)  # not set yet: never recurse
+        return getattr(self._inner, name)
+
+    async def __aenter__(self) -> Any:
+        self._resets.append(_ACTIVE.set(self._active))
+        try:
+            return await self._inner.__aenter__()
+        except BaseException:
+            _ACTIVE.reset(self._resets.pop())
+            raise
+
+    async def __aexit__(self, *exc_info: Any) -> Any:
+        try:
+            return await self._inner.__aexit__(*exc_info)
+        finally:
+            _ACTIVE.reset(self._resets.pop())
+
+    def __enter__(self) -> Any:
+        self._resets.append(_ACTIVE.set(self._active))
+        try:
+            return self._inner.__enter__()
+        except BaseException:
+            _ACTIVE.reset(self._resets.pop())
+            raise
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        try:
+            return self._inner.__exit__(*exc_info)
+        finally:
+            _ACTIVE.reset(self._resets.pop())
+
+
+class _Traced:
+    """The handle with spans for the statements its calls run; everything else is delegated
+    unchanged."""
+
+    def __init__(self, handle: Any, tracer_provider: TracerProvider | None) -> None:
+        active = (_dispatcher(handle), OTelStatementObserver(handle, tracer_provider))
         self.__dict__["_handle"] = handle
-        for name in QUERY_METHODS:
+        for name in TRACED_METHODS:
             method = getattr(handle, name, None)
             if method is not None:
-                self.__dict__[name] = _wrap(method, tracer, base)
+                self.__dict__[name] = _scoped(method, active)
+        transaction = getattr(handle, "transaction", None)
+        if transaction is not None:
+
+            @functools.wraps(transaction)
+            def scoped_transaction(*args: Any, **kwargs: Any) -> _ScopedTransaction:
+                return _ScopedTransaction(transaction(*args, **kwargs), active)
+
+            self.__dict__["transaction"] = scoped_transaction
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_handle"], name)
@@ -620,12 +782,17 @@ class _Traced:
 
 
 def traced(handle: Any, tracer_provider: TracerProvider | None = None) -> Any:
-    """A wrapper of *handle* whose query methods create a CLIENT span per call.
+    """A wrapper of *handle* whose calls trace the statements they run, one span per attempt.
 
-    The handle itself is unchanged; use the wrapper where you want spans.  Every other
-    attribute (``stats``, ``transaction``, ``close``, ...) is the handle's own.
+    The spans are those of :class:`OTelStatementObserver`, for the statements of calls made
+    through the wrapper (``fetch``, ``fetchrow``, ``fetchval``, ``execute``, ``executemany``,
+    ``run_transaction`` and statements inside ``transaction()``); calls on *handle* itself get
+    none.  Every other attribute (``stats``, ``close``, ...) is the handle's own.  The first
+    ``traced(handle)`` attaches one statement observer to the handle for its lifetime (it
+    costs a context-variable lookup per statement run outside a wrapper).  Needs a handle with
+    ``add_statement_observer`` (:class:`TypeError` otherwise).
     """
-    return _Traced(handle, _tracer(tracer_provider))
+    return _Traced(handle, tracer_provider)
 
 
 class Instrumentation:
@@ -637,30 +804,32 @@ class Instrumentation:
         observer: _Observer,
         tracker: OTelTracker | None,
         detach: Callable[[], None] | None,
-        patched: list[str],
+        spans: OTelStatementObserver | None = None,
+        remove_spans: Callable[[], None] | None = None,
     ) -> None:
         self.handle = handle
         self.tracker = tracker
+        self.spans = spans
         self.pool = observer.base[_POOL_ATTR]
         self._observer = observer
         self._detach = detach
-        self._patched = patched
+        self._remove_spans = remove_spans
 
     @property
     def active(self) -> bool:
         return self._observer.active
 
     def uninstrument(self) -> None:
-        """Stop observing (callbacks report nothing), detach the histogram tracker and remove
-        the span wrappers.  OpenTelemetry cannot delete instruments, so they stay registered
-        but silent."""
+        """Stop observing (callbacks report nothing), detach the histogram tracker and the
+        span observer.  OpenTelemetry cannot delete instruments, so they stay registered but
+        silent.  Calling it again does nothing."""
         self._observer.active = False
         if self._detach is not None:
             self._detach()
             self._detach = None
-        for name in self._patched:
-            self.handle.__dict__.pop(name, None)
-        self._patched = []
+        if self._remove_spans is not None:
+            self._remove_spans()
+            self._remove_spans = None
 
 
 def instrument(
@@ -672,20 +841,27 @@ def instrument(
     histograms: bool = True,
     name: str | None = None,
 ) -> Instrumentation:
-    """Export *handle*'s metrics through OpenTelemetry (and, with *spans*, trace its queries).
+    """Export *handle*'s metrics through OpenTelemetry (and, with *spans*, trace its statements).
 
     *meter_provider* and *tracer_provider* default to the global ones.  *name* sets
     ``db.client.connection.pool.name`` (default: the handle's ``application_name``).  With
-    ``spans=True`` the handle's query methods are wrapped in place (reversibly); use
-    :func:`traced` for a wrapper that leaves the handle untouched.  Call it once per handle.
+    ``spans=True`` an :class:`OTelStatementObserver` is attached with
+    ``handle.add_statement_observer()``, so every statement attempt gets a span; use
+    :func:`traced` for spans on the calls made through a wrapper only.  Call it once per
+    handle.
 
-    With *histograms* (the default) an :class:`OTelTracker` records every query, acquire and
-    connect into OTel histograms as it happens.  That costs what the SDK's
+    With *histograms* (the default) an :class:`OTelTracker` records every query, acquire,
+    connection use and connect into OTel histograms as it happens.  That costs what the SDK's
     ``Histogram.record`` costs, a few microseconds per operation; ``histograms=False`` keeps
     only the observable instruments, which cost nothing between collections.
     """
     if not isinstance(handle, StatsHandle):
         raise TypeError(f"instrument() needs a pgwarden handle, got {type(handle).__name__}")
+    if spans and not callable(getattr(handle, "add_statement_observer", None)):
+        raise TypeError(
+            f"instrument(spans=True) needs a handle with add_statement_observer(); "
+            f"{type(handle).__name__} has none"
+        )
     pool = pool_name(handle, name)
     meter = _meter(meter_provider)
     observer = _Observer(handle, pool)
@@ -697,11 +873,9 @@ def instrument(
             detach = attach_tracker(handle, tracker)
         except TypeError:
             detach = None  # no add_tracker() (not a pgwarden handle): observables only
-    patched: list[str] = []
+    span_observer: OTelStatementObserver | None = None
+    remove_spans: Callable[[], None] | None = None
     if spans:
-        wrapper = _Traced(handle, _tracer(tracer_provider))
-        for method_name in QUERY_METHODS:
-            if method_name in wrapper.__dict__:
-                setattr(handle, method_name, wrapper.__dict__[method_name])
-                patched.append(method_name)
-    return Instrumentation(handle, observer, tracker, detach, patched)
+        span_observer = OTelStatementObserver(handle, tracer_provider)
+        remove_spans = attach_statement_observer(handle, span_observer)
+    return Instrumentation(handle, observer, tracker, detach, span_observer, remove_spans)

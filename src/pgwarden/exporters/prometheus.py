@@ -16,7 +16,8 @@ Theory of operation
 Names and labels
     Names follow Prometheus conventions (``pgwarden_`` prefix, base units, ``_seconds``,
     ``_ratio``, counters end in ``_total``); each HELP text names the OpenTelemetry
-    semantic-convention metric it corresponds to, where one exists (``db.client.connection.*``,
+    semantic-convention metric it corresponds to, where one exists (``db.client.connection.*``
+    such as ``db.client.connection.timeouts`` and ``db.client.connection.use_time``,
     ``db.client.operation.duration``).  Every series carries ``pool``: the handle's
     ``application_name`` or the name given to :func:`register`.  The other labels come from
     fixed vocabularies (failure kinds, close reasons, lifecycle and breaker states, retry
@@ -90,6 +91,11 @@ HISTOGRAM_METRICS: dict[str, tuple[str, str]] = {
     "acquire_wait_seconds": (
         "pgwarden_acquire_wait_seconds",
         "Time waiting to obtain a connection from the pool (OTel db.client.connection.wait_time).",
+    ),
+    "connection_use_seconds": (
+        "pgwarden_connection_use_seconds",
+        "Time a connection was held by one caller, checkout to return "
+        "(OTel db.client.connection.use_time).",
     ),
     "query_duration_seconds": (
         "pgwarden_query_duration_seconds",
@@ -259,6 +265,12 @@ class _Families:
             "Failed attempts to open a connection, by failure kind.",
             labels=[*p, "kind"],
         )
+        self.acquire_timeouts = CounterMetricFamily(
+            "pgwarden_acquire_timeouts",
+            "Callers that gave up waiting for a pooled connection: acquire timeout or deadline "
+            "(OTel db.client.connection.timeouts).",
+            labels=p,
+        )
         self.warmups = CounterMetricFamily(
             "pgwarden_warmups",
             "Readiness warmups by result (ok, failed).",
@@ -358,6 +370,7 @@ class _Families:
         failures = _by_vocabulary(_mapping(c.get("connect_failures")), KINDS, label=None)
         for kind, n in failures.items():
             self.connect_failures.add_metric([pool, kind], n)
+        self.acquire_timeouts.add_metric(p, _num(c.get("acquire_timeouts")))
         w = _mapping(c.get("warmups"))
         for result in _RESULTS_WARMUP:
             self.warmups.add_metric([pool, result], _num(w.get(result)))

@@ -8,6 +8,13 @@ that reads chunks and stamps them with a delivery time (now + latency), and a wr
 delivers them no earlier than that. A blackhole pauses both readers and writers, which is
 what a network partition does to TCP: nothing arrives, nothing is lost, and after
 ``heal()`` the bytes flow again unless a side gave up and closed first.
+
+``swallow()`` is the permanent variant: it marks every open link "swallowed", for good.
+A swallowed link keeps reading both sides (so neither peer's writes block) and drops
+everything it reads and everything still queued; it never closes either side, not even
+when a peer closes or fails, and ``heal()`` does not revive it. Links accepted while the
+fault lasts are swallowed from the start and never connect upstream at all. Only
+``close()`` ends swallowed links.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from . import _lifecycle
 __all__ = ["FaultProxy"]
 
 _T = TypeVar("_T")
-_Mode = Literal["normal", "blackhole", "reset", "refuse"]
+_Mode = Literal["normal", "blackhole", "reset", "refuse", "swallow"]
 _CHUNK = 65536
 _CUT_AFTER_FALLBACK = 10.0  # seconds to wait for the server's answer before cutting anyway
+_SWALLOW_LOG_CHUNKS = 1000  # FaultProxy.swallowed keeps this many client chunks...
+_SWALLOW_LOG_BYTES = 1024  # ...and this many leading bytes of each
 
 
 def _set_linger_zero(writer: asyncio.StreamWriter) -> None:
@@ -54,20 +63,27 @@ class _Link:
         self.main: asyncio.Task[Any] | None = None
         self.dead = False
         self.muted = False  # cut_on(..., when="after") fired: cut at the server's answer
+        self.swallowed = False  # swallow(): drop everything, never close (until proxy close)
 
     async def run(self) -> None:
         proxy = self.proxy
         self.main = asyncio.current_task()
         try:
-            if proxy._mode == "reset":
+            if proxy._mode == "reset" and not self.swallowed:
                 self.kill(rst=True)
                 return
             await proxy._get_flowing().wait()  # blackhole: hold the new connection, say nothing
+            if self.swallowed:
+                await self._hold()  # accepted during swallow(): never answered, never closed
+                return
             try:
                 server_reader, server_writer = await asyncio.wait_for(
                     asyncio.open_connection(proxy.target_host, proxy.target_port), 10
                 )
             except (OSError, asyncio.TimeoutError):
+                if self.swallowed:
+                    await self._hold()
+                    return
                 self.kill(rst=True)  # upstream unreachable: the client sees a reset
                 return
             self.server_writer = server_writer
@@ -86,7 +102,7 @@ class _Link:
         except asyncio.CancelledError:
             pass  # only kill() and close() cancel us
         finally:
-            self.kill(rst=False)
+            self.kill(rst=False, force=True)
             for task in self.tasks:
                 task.cancel()
             if self.tasks:
@@ -107,23 +123,30 @@ class _Link:
             while not self.dead:
                 await proxy._get_flowing().wait()
                 data = await reader.read(_CHUNK)
+                if self.swallowed:
+                    if not data:
+                        return  # the peer closed: tell the other side nothing, stay open
+                    if to_server:
+                        proxy._note_swallowed(data)
+                    continue
                 if not data:
                     break
                 if not to_server and self.muted:
-                    self.kill(rst=False)  # the server answered; the client never hears it
+                    self._do_cut()  # the server answered; the client never hears it
                     return
                 cut = proxy._cut
                 if to_server and cut is not None and cut[0] in data:
                     proxy._cut = None
                     if cut[1] == "before":
-                        self.kill(rst=False)  # the server never sees this chunk
+                        self._do_cut()  # the server never sees this chunk
                         return
                     self.muted = True
-                    loop.call_later(_CUT_AFTER_FALLBACK, self.kill, False)
+                    loop.call_later(_CUT_AFTER_FALLBACK, self._do_cut)
                 await proxy._get_flowing().wait()
                 await queue.put((loop.time() + proxy._latency, data))
         except (OSError, asyncio.IncompleteReadError):
-            self.kill(rst=True)
+            if not self.swallowed:
+                self.kill(rst=True)
             return
         await queue.put(None)
 
@@ -135,6 +158,8 @@ class _Link:
         try:
             while not self.dead:
                 item = await queue.get()
+                if self.swallowed:
+                    continue  # queued before swallow(): dropped, like everything after
                 if item is None:
                     if writer.can_write_eof():
                         writer.write_eof()
@@ -146,14 +171,37 @@ class _Link:
                 await proxy._get_flowing().wait()
                 if self.dead:
                     return
+                if self.swallowed:
+                    continue
                 writer.write(data)
                 await writer.drain()
         except OSError:
-            self.kill(rst=True)
+            if not self.swallowed:
+                self.kill(rst=True)
 
-    def kill(self, rst: bool) -> None:
-        """Close both sides now: with a TCP reset if ``rst``, else an orderly FIN."""
-        if self.dead:
+    async def _hold(self) -> None:
+        """Swallowed before reaching the server: read and drop the client's bytes, answer
+        nothing, and stay open until the proxy closes (which cancels us)."""
+        self.tasks = [asyncio.create_task(self._sink())]
+        await asyncio.get_running_loop().create_future()  # never resolved
+
+    async def _sink(self) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await self.client_reader.read(_CHUNK):
+                self.proxy._note_swallowed(data)
+
+    def _do_cut(self) -> None:
+        """Carry out an armed ``cut_on`` (unless the link was swallowed meanwhile)."""
+        if self.dead or self.swallowed:
+            return
+        self.proxy._cuts += 1
+        self.kill(rst=False)
+
+    def kill(self, rst: bool, *, force: bool = False) -> None:
+        """Close both sides now: with a TCP reset if ``rst``, else an orderly FIN.
+
+        A swallowed link is only closed with ``force`` (the proxy is closing)."""
+        if self.dead or (self.swallowed and not force):
             return
         self.dead = True
         for writer in (self.client_writer, self.server_writer):
@@ -188,7 +236,9 @@ class FaultProxy:
     * :meth:`refuse`: stop listening, so connecting fails with ECONNREFUSED;
     * :meth:`drop_connections`: close every open connection once (FIN), then carry on;
     * :meth:`cut_on`: cut the next connection that sends ``pattern`` to the server,
-      just before or just after forwarding it.
+      just before or just after forwarding it;
+    * :meth:`swallow`: every open connection goes silent for good (never closed, still
+      silent after :meth:`heal`), and new ones are accepted and never answered.
 
     The control methods are thread-safe and may be called from any thread except the
     proxy's own, including from async tests. Use as a context manager, or call
@@ -215,6 +265,8 @@ class FaultProxy:
         self._mode: _Mode = "normal"
         self._latency = 0.0
         self._cut: tuple[bytes, str] | None = None
+        self._cuts = 0
+        self._swallowed: list[bytes] = []
         self._flowing: asyncio.Event | None = None
         self._closed = False
         self._owner_pid = os.getpid()  # a forked child must not stop our processes
@@ -240,8 +292,20 @@ class FaultProxy:
 
     @property
     def mode(self) -> str:
-        """``"normal"``, ``"blackhole"``, ``"reset"`` or ``"refuse"``."""
+        """``"normal"``, ``"blackhole"``, ``"reset"``, ``"refuse"`` or ``"swallow"``."""
         return self._mode
+
+    @property
+    def cuts(self) -> int:
+        """How many connections :meth:`cut_on` has cut so far (an armed cut counts once it
+        has closed its connection)."""
+        return self._cuts
+
+    @property
+    def swallowed(self) -> list[bytes]:
+        """Client-to-server chunks dropped by :meth:`swallow` so far, oldest first (the
+        first 1000, each cut to its first 1024 bytes): shows where the fault landed."""
+        return list(self._swallowed)
 
     def url_for(self, url: str) -> str:
         """Rewrite the host and port of a libpq URL (or ``key=value`` string) to the proxy's.
@@ -332,11 +396,36 @@ class FaultProxy:
         self._call(apply())
 
     def drop_connections(self) -> None:
-        """Close every open connection once (orderly FIN); new ones work as usual."""
+        """Close every open connection once (orderly FIN); new ones work as usual.
+
+        Swallowed connections are not closed (see :meth:`swallow`)."""
 
         async def apply() -> None:
             for link in list(self._links):
                 link.kill(rst=False)
+
+        self._call(apply())
+
+    def swallow(self) -> None:
+        """Silence every open connection for good, and accept new ones silently.
+
+        Each connection open now drops all bytes in both directions, including any still
+        held by latency or a blackhole, and is never closed by the proxy: not when a peer
+        closes its side, not by :meth:`reset` or :meth:`drop_connections`, and it stays
+        silent after :meth:`heal`; only :meth:`close` ends it. New connections accepted
+        until :meth:`heal` (or another mode) get the same treatment and are never even
+        connected to the target. Connections made after :meth:`heal` work normally.
+        Listens again if :meth:`refuse` had stopped listening. Bytes already handed to
+        the operating system before the call still arrive.
+        """
+
+        async def apply() -> None:
+            self._mode = "swallow"
+            for link in list(self._links):
+                link.swallowed = True
+            if self._server is None:
+                await self._listen()
+            self._get_flowing().set()  # blackholed links wake up, find they are swallowed
 
         self._call(apply())
 
@@ -361,7 +450,8 @@ class FaultProxy:
 
     def heal(self) -> None:
         """Back to normal: no latency, no armed cut, forwarding and listening again
-        (on the same port). Connections killed meanwhile stay dead."""
+        (on the same port). Connections killed meanwhile stay dead, and connections
+        swallowed meanwhile stay silent."""
 
         async def apply() -> None:
             self._mode = "normal"
@@ -463,8 +553,13 @@ class FaultProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         link = _Link(self, reader, writer)
+        link.swallowed = self._mode == "swallow"
         self._links.add(link)
         await link.run()
+
+    def _note_swallowed(self, data: bytes) -> None:
+        if len(self._swallowed) < _SWALLOW_LOG_CHUNKS:
+            self._swallowed.append(bytes(data[:_SWALLOW_LOG_BYTES]))
 
     async def _a_close(self) -> None:
         self._stop_listening()
@@ -472,6 +567,6 @@ class FaultProxy:
         links = list(self._links)
         mains = [link.main for link in links if link.main is not None]
         for link in links:
-            link.kill(rst=True)
+            link.kill(rst=True, force=True)
         if mains:
             await asyncio.wait(mains, timeout=10)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from typing import Any
@@ -10,8 +9,11 @@ from typing import Any
 import psycopg
 import pytest
 
+import pgwarden
 from pgwarden import AsyncDatabase, HandleClosed, NotReady, Settings
 from pgwarden.core.lifecycle import State
+
+from ._compat import gather, run, sleep, spawn
 
 
 def make(url: str, **overrides: Any) -> AsyncDatabase:
@@ -41,7 +43,16 @@ def test_query_api_returns_dict_rows_and_values(pg_server: Any) -> None:
             assert await db.execute("DELETE FROM api_rows WHERE id > %s", [1]) == 2
             await db.execute("DROP TABLE api_rows")
 
-    asyncio.run(main())
+    run(main)
+
+
+def test_connection_is_a_dict_row_connection(pg_server: Any) -> None:
+    async def main() -> None:
+        async with make(pg_server.url) as db, db.connection() as conn:
+            cur = await conn.execute("SELECT 3 AS x")
+            assert await cur.fetchone() == {"x": 3}
+
+    run(main)
 
 
 def test_transaction_commits_and_rolls_back(pg_server: Any) -> None:
@@ -70,7 +81,7 @@ def test_transaction_commits_and_rolls_back(pg_server: Any) -> None:
             assert await db.fetchval("SHOW transaction_read_only") == "off"
             await db.execute("DROP TABLE tx_rows")
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_200_cold_callers_share_one_warmup(pg_server: Any) -> None:
@@ -78,8 +89,8 @@ def test_200_cold_callers_share_one_warmup(pg_server: Any) -> None:
 
     async def main() -> None:
         async with make(pg_server.url, max_size=8, application_name=app) as db:
-            results = await asyncio.gather(
-                *(db.fetchval("SELECT %s::int", [i]) for i in range(200))
+            results = await gather(
+                *[spawn(db.fetchval, ("SELECT %s::int", [i])) for i in range(200)]
             )
             assert results == list(range(200))
             stats = db.stats()
@@ -87,7 +98,7 @@ def test_200_cold_callers_share_one_warmup(pg_server: Any) -> None:
             assert stats["counters"]["connections_opened"] <= 8
             assert count_app_connections(pg_server, app) <= 8
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_transaction_started_during_warmup_waits_for_it(pg_server: Any) -> None:
@@ -100,11 +111,11 @@ def test_transaction_started_during_warmup_waits_for_it(pg_server: Any) -> None:
                     seen.append(db.state)
                     await tx.execute("SELECT 1")
 
-            await asyncio.gather(db.ready(), in_tx(), in_tx())
+            await gather(spawn(db.ready), spawn(in_tx), spawn(in_tx))
             assert seen == [State.READY, State.READY]
             assert db.stats()["counters"]["warmups"]["ok"] == 1
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_server_reachable_one_second_late_is_served(pg_server_factory: Any) -> None:
@@ -120,7 +131,7 @@ def test_server_reachable_one_second_late_is_served(pg_server_factory: Any) -> N
                 assert await db.fetchval("SELECT 42") == 42
                 return time.monotonic() - t0
 
-        elapsed = asyncio.run(main())
+        elapsed = run(main)
         assert 0.8 <= elapsed < 10
     finally:
         starter.join()
@@ -133,13 +144,13 @@ def test_ready_timeout_gives_every_waiter_the_same_clear_error(pg_server_factory
 
     async def main() -> list[BaseException]:
         async with make(url, ready_timeout=0.6) as db:
-            outcomes = await asyncio.gather(
-                *(db.fetchval("SELECT 1") for _ in range(20)), return_exceptions=True
+            outcomes = await gather(
+                *[spawn(db.fetchval, ("SELECT 1",)) for _ in range(20)], return_exceptions=True
             )
             assert db.stats()["counters"]["warmups"]["failed"] == 1
             return [o for o in outcomes if isinstance(o, BaseException)]
 
-    errors = asyncio.run(main())
+    errors = run(main)
     assert len(errors) == 20
     assert all(isinstance(e, NotReady) for e in errors)
     assert server.password not in str(errors[0])
@@ -149,16 +160,16 @@ def test_no_stale_connection_reaches_a_caller_after_terminate(pg_server: Any) ->
     async def main() -> None:
         # retry_attempts=1: no retries, so only validation can keep callers whole.
         async with make(pg_server.url, retry_attempts=1, max_size=4) as db:
-            await asyncio.gather(*(db.fetchval("SELECT pg_sleep(0.05)") for _ in range(4)))
+            await gather(*[spawn(db.fetchval, ("SELECT pg_sleep(0.05)",)) for _ in range(4)])
             killed = pg_server.terminate_backends()
             assert killed >= 1
-            await asyncio.sleep(1.2)  # past the 1 s validation window
+            await sleep(1.2)  # past the 1 s validation window
             for _ in range(10):
                 assert await db.fetchval("SELECT 1") == 1
             closed = db.stats()["counters"]["connections_closed"]
             assert sum(closed.values()) + db.stats()["pool"]["connections_lost"] >= 1
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_queries_succeed_after_restart(pg_server_factory: Any) -> None:
@@ -170,36 +181,41 @@ def test_queries_succeed_after_restart(pg_server_factory: Any) -> None:
             server.restart(mode="fast")
             assert await db.fetchval("SELECT 2", timeout=10) == 2
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_close_drains_work_in_flight_and_refuses_new(pg_server: Any) -> None:
     async def main() -> None:
         db = make(pg_server.url)
         await db.ready()
-        slow = asyncio.ensure_future(db.fetchval("SELECT 'done' FROM pg_sleep(0.5)"))
-        await asyncio.sleep(0.1)
-        closing = asyncio.ensure_future(db.close(timeout=5))
-        await asyncio.sleep(0.05)
+        slow = spawn(db.fetchval, ("SELECT 'done' FROM pg_sleep(0.5)",))
+        await sleep(0.1)
+        closing = spawn(db.close, (5,))
+        await sleep(0.05)
         with pytest.raises(HandleClosed):
             await db.fetchval("SELECT 1")
-        assert await slow == "done"
-        await closing
+        assert await gather(slow) == ["done"]
+        await gather(closing)
         assert db.state is State.CLOSED
+        with pytest.raises(HandleClosed):
+            await db.fetchval("SELECT 1")
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_registry_returns_one_handle_per_settings(pg_server: Any) -> None:
-    import pgwarden
-
     a = pgwarden.connect_async(pg_server.url, max_size=3)
     b = pgwarden.connect_async(pg_server.url, max_size=3)
     c = pgwarden.connect_async(pg_server.url, max_size=4)
     assert a is b
     assert a is not c
-    sync_handle: object = pgwarden.connect(pg_server.url, max_size=3)
-    assert sync_handle is not a  # sync and async handles are distinct
+    # sync and async handles are distinct
+    if True:  # ASYNC
+        sync_handle: object = pgwarden.connect(pg_server.url, max_size=3)
+        assert sync_handle is not a
+    else:
+        async_handle: object = pgwarden.connect_async(pg_server.url, max_size=3)
+        assert async_handle is not a
 
 
 @pytest.mark.pgbouncer
@@ -213,10 +229,10 @@ def test_prepared_statements_through_pgbouncer_under_concurrency(pgbouncer: Any)
                 for i in range(30):
                     assert await db.fetchval("SELECT %s::int + %s::int", [n, i]) == n + i
 
-            await asyncio.gather(*(worker(n) for n in range(12)))
+            await gather(*[spawn(worker, (n,)) for n in range(12)])
             assert db.stats()["counters"]["errors"] == {}
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_direct_server_is_not_detected_as_pgbouncer(pg_server: Any) -> None:
@@ -225,7 +241,7 @@ def test_direct_server_is_not_detected_as_pgbouncer(pg_server: Any) -> None:
             await db.ready()
             assert db.stats()["pgbouncer"] is False
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_close_during_warmup_and_twice_is_safe(pg_server_factory: Any) -> None:
@@ -235,11 +251,11 @@ def test_close_during_warmup_and_twice_is_safe(pg_server_factory: Any) -> None:
 
     async def main() -> None:
         db = make(url, ready_timeout=5)
-        warming = asyncio.ensure_future(db.fetchval("SELECT 1"))
-        await asyncio.sleep(0.2)
-        await asyncio.gather(db.close(timeout=0.5), db.close(timeout=0.5))
+        warming = spawn(db.fetchval, ("SELECT 1",))
+        await sleep(0.2)
+        await gather(spawn(db.close, (0.5,)), spawn(db.close, (0.5,)))
         assert db.state is State.CLOSED
         with pytest.raises((HandleClosed, NotReady)):
-            await warming
+            await gather(warming)
 
-    asyncio.run(main())
+    run(main)

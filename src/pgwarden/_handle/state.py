@@ -1,0 +1,735 @@
+"""`HandleState`: the one owner of a handle's mutable state, behind one lock.
+
+Lifecycle, circuit breaker, adaptive limit, retry budget and policies, gap
+detector, in-flight count, the applied pool limit and the metrics tracker all
+live here, and nothing else changes them. The shells (``_async``, and the
+generated ``_sync``) ask typed questions (`admit`, `failed`, `wanted_limit`)
+and report typed events (`connect_succeeded`, `connect_failed`, `leave`);
+they never reach into the parts.
+
+Why one lock, also under asyncio: the sync shell runs on application threads
+*and* on psycopg_pool's worker threads (which report connect outcomes), and a
+breaker that checks then acts must not be entered twice. An uncontended
+``threading.Lock`` costs about 0.1 µs a round trip; a call takes two or three
+(`enter`, `leave`, and `admit` off the fast path). Under asyncio it is never
+contended and never held across an await.
+
+Log records are collected while the lock is held and written after it is
+released, so a slow log handler never holds up another thread.
+
+Theory of operation of one call::
+
+    deadline, explicit = state.deadline_for(timeout)
+    state.enter()                                   # in-flight +1, gap check
+    if not state.fast_path: wait for readiness; state.admit() (breaker)
+    lease = acquire(deadline)                       # every byte under the deadline
+    run the statement
+    on error: kind, decision = state.failed(...)    # Sleep | Raise | GiveUp
+    state.leave(...)                                # metrics, in-flight -1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import threading
+from collections.abc import Callable, Mapping
+from time import monotonic, time
+from typing import Any
+
+from pgwarden._handle.config import password_of
+from pgwarden._handle.waits import WaitTimeout
+from pgwarden._redact import redact, sanitize_sql
+from pgwarden.core.breaker import Admission, BreakerState, CircuitBreaker
+from pgwarden.core.classify import FailureKind, Phase, RetryContext, classify_failure
+from pgwarden.core.deadline import current_deadline, effective_deadline
+from pgwarden.core.hygiene import GapDetector, jittered_lifetime
+from pgwarden.core.lifecycle import Event, Lifecycle, State, accepts_work
+from pgwarden.core.metrics import (
+    MetricsTracker,
+    NoopTracker,
+    StatsTracker,
+    TeeTracker,
+    pool_gauges,
+)
+from pgwarden.core.retry import Decision, GiveUp, GiveUpReason, RetryBudget, RetryPolicy, Sleep
+from pgwarden.core.sizing import AdaptiveLimit
+from pgwarden.errors import (
+    DatabaseUnavailable,
+    DeadlineExceeded,
+    HandleClosed,
+    NotReady,
+)
+from pgwarden.settings import Settings
+
+__all__ = ["DEADLINE_ATTEMPTS_CAP", "HandleState"]
+
+logger = logging.getLogger("pgwarden")
+
+# With a deadline, the deadline bounds retries (and the budget bounds their
+# rate); this cap only guards against a pathological loop.
+DEADLINE_ATTEMPTS_CAP = 100
+
+# A connect may take this many times the usual connect setup time before it
+# counts as failed (clamped to [CONNECT_BOUND_FLOOR, connect_timeout]). While
+# the network is silent, an attempt that hangs for connect_timeout would still
+# be hanging when the network heals; a bound learnt from this server's own
+# connects keeps attempts short, so one starts soon after it heals.
+CONNECT_BOUND_FACTOR = 10.0
+CONNECT_BOUND_FLOOR = 0.25
+# Before any connect succeeded there is nothing to learn from: the first
+# attempts (the warmup's) get this long, which covers TLS and SCRAM to a
+# remote managed server; the explorer below covers a slower one.
+FIRST_CONNECT_BOUND = 1.0
+# After short attempts have timed out for this many connect_timeouts in a row,
+# one attempt at a time (the "explorer") gets the full connect_timeout, so a
+# server that became slow to accept is not refused forever.
+EXPLORE_AFTER_TIMEOUTS = 2.0
+
+_LogRecord = tuple[int, str, tuple[Any, ...], dict[str, Any]]
+
+
+class HandleState:
+    """Policies and counters of one database handle; no I/O, thread-safe.
+
+    *clock* and *rng* are for tests (a fake clock, a seeded generator).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        tracker: MetricsTracker | None = None,
+        *,
+        clock: Callable[[], float] = monotonic,
+        wall_clock: Callable[[], float] = time,
+        rng: random.Random | None = None,
+    ) -> None:
+        s = settings
+        self.settings = s
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._rng = rng or random.Random()
+        self._tracker: MetricsTracker = tracker or (StatsTracker() if s.metrics else NoopTracker())
+        self._lifecycle = Lifecycle()
+        self._breaker = CircuitBreaker(
+            threshold=s.breaker_threshold,
+            cooldown=s.breaker_cooldown,
+            max_cooldown=s.breaker_max_cooldown,
+            min_outage=s.breaker_min_outage,
+        )
+        #: Statements without an explicit deadline: a fixed number of attempts.
+        self.statement_policy = RetryPolicy(
+            attempts=s.retry_attempts, base_delay=s.retry_base_delay, max_delay=s.retry_max_delay
+        )
+        #: A caller with a deadline has said how long it will wait: retries run
+        #: until the deadline (at the budget's rate), not to a fixed count.
+        self.deadline_policy = dataclasses.replace(
+            self.statement_policy, attempts=DEADLINE_ATTEMPTS_CAP
+        )
+        #: The warmup retries until ready_timeout; it is the one shared
+        #: attempt of every waiter, so it spends no retry budget.
+        self.warmup_policy = self.deadline_policy
+        self._budget = RetryBudget(ratio=s.retry_budget_ratio, min_per_second=s.retry_budget_floor)
+        # Anchor the bucket's clock now: otherwise whichever call reads it first
+        # (a stats() scrape, say) would decide when tokens start to trickle in.
+        self._budget.tokens(clock())
+        self._limit = AdaptiveLimit(s.max_size, quiet_period=s.sizing_quiet_period)
+        self._gap = GapDetector(threshold=s.gap_threshold)
+        self.max_lifetime = jittered_lifetime(s.max_lifetime, s.lifetime_jitter, self._rng.random())
+        self._password = password_of(s.url)
+        self._pgbouncer = s.pgbouncer == "on"
+        self._last_connect_error: BaseException | None = None
+        self._warmup_seconds: float | None = None
+        self._applied_limit = s.max_size
+        self._unsettled_requests = 0  # credited to the budget when a retry is considered
+        self._inflight = 0
+        self._typical_connect: float | None = None
+        self._timing_out_since: float | None = None  # consecutive bounded timeouts began
+        self._explorer_busy = False
+        #: Connections last used before this monotonic time are validated with
+        #: a round trip before use (set when the process was frozen).
+        self.validate_before = 0.0
+        #: True while nothing needs attention: READY, breaker closed, pool limit
+        #: at its configured maximum. The hot path reads only this flag.
+        self.fast_path = False
+
+    # --- plain reads (atomic attribute reads; no lock needed) -------------------------------
+    @property
+    def state(self) -> State:
+        return self._lifecycle.state
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        return self._breaker.state
+
+    @property
+    def pgbouncer(self) -> bool:
+        return self._pgbouncer
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def last_connect_error(self) -> BaseException | None:
+        return self._last_connect_error
+
+    @property
+    def applied_limit(self) -> int:
+        return self._applied_limit
+
+    @property
+    def may_connect(self) -> bool:
+        """May the pool's own workers connect? Only while the breaker is closed;
+        otherwise the breaker's single probe is the only attempt."""
+        return self._breaker.state is BreakerState.CLOSED
+
+    # --- calls -------------------------------------------------------------------------------
+    def deadline_for(self, timeout: float | None) -> tuple[float | None, bool]:
+        """``(deadline, explicit)`` of a call with per-call *timeout*.
+
+        *explicit* is True when the caller set a bound (``timeout=`` or
+        ``pgwarden.deadline()``); the server then also gets it as
+        ``statement_timeout``. Otherwise the bound is ``default_timeout``, a
+        client-side backstop (None only when the user set it to None).
+        """
+        ctx = current_deadline()
+        if timeout is None and ctx is None:
+            default = self.settings.default_timeout
+            return (None if default is None else self._clock() + default), False
+        return effective_deadline(self._clock(), timeout, None), True
+
+    def enter(self) -> None:
+        """A call starts: count it in flight and for the retry budget; notice a freeze."""
+        mono, wall = self._clock(), self._wall_clock()
+        with self._lock:
+            self._inflight += 1
+            self._unsettled_requests += 1
+            if self._gap.observe(mono, wall):
+                # A frozen or suspended process: every idle connection may have
+                # died meanwhile, so each gets a round trip before its next use.
+                self.validate_before = mono
+
+    def leave(
+        self,
+        *,
+        query: object = None,
+        seconds: float | None = None,
+        acquire_wait: float | None = None,
+        used: float | None = None,
+    ) -> None:
+        """A call ends (however it ended). *seconds*: the successful statement's
+        duration (for the query histogram and the slow-query event);
+        *acquire_wait* and *used*: its last lease's, when not reported yet."""
+        logs: list[_LogRecord] = []
+        with self._lock:
+            self._inflight -= 1
+            if acquire_wait is not None:
+                self._tracker.acquire(acquire_wait)
+            if used is not None:
+                self._tracker.connection_used(used)
+            if seconds is not None:
+                self._tracker.query(seconds)
+                if seconds > self.settings.slow_query_threshold:
+                    self._tracker.slow_query()
+                    statement = sanitize_sql(query)
+                    logs.append(
+                        (
+                            logging.WARNING,
+                            "slow query (%.3fs): %s",
+                            (seconds, statement),
+                            {
+                                "event": "slow_query",
+                                "seconds": round(seconds, 6),
+                                "statement": statement,
+                            },
+                        )
+                    )
+        _flush(logs)
+
+    def lease_returned(self, acquire_wait: float, used: float) -> None:
+        """A user's lease went back to the pool: how long it waited and was held."""
+        with self._lock:
+            self._tracker.acquire(acquire_wait)
+            self._tracker.connection_used(used)
+
+    def acquire_timed_out(self) -> None:
+        with self._lock:
+            self._tracker.acquire_timeout()
+
+    # --- admission (the breaker) ---------------------------------------------------------------
+    def admit(self) -> tuple[Admission, float]:
+        """Ask the breaker: ``(ALLOW | PROBE | REJECT, seconds until it may admit again)``.
+
+        Exactly one caller at a time gets PROBE, and it must report the outcome
+        (`connect_succeeded` / `connect_failed`, or `abandon_probe`)."""
+        with self._lock:
+            now = self._clock()
+            verdict = self._breaker.admit(now)
+            return verdict, self._breaker.retry_after(now)
+
+    def abandon_probe(self) -> None:
+        """The probe never got to try (cancelled, out of time before connecting)."""
+        with self._lock:
+            self._breaker.abandon_probe(self._clock())
+
+    def unavailable_error(self, retry_after: float) -> DatabaseUnavailable:
+        error = DatabaseUnavailable(
+            f"database at {self.settings.safe_url} is unavailable (circuit open after "
+            f"repeated connection failures; next probe in {retry_after:.2f}s)",
+            retry_after=retry_after,
+        )
+        last = self._last_connect_error
+        if last is not None:
+            error.__cause__ = RedactedCause(self.describe_error(last))
+        return error
+
+    # --- connects ----------------------------------------------------------------------------
+    def connect_bound(self) -> tuple[float, bool]:
+        """``(seconds, explorer)``: how long the next connect attempt may take.
+
+        Normally a bound learnt from this server's connects (see
+        `CONNECT_BOUND_FACTOR`); the explorer, one attempt at a time after a
+        long run of timeouts, gets the full ``connect_timeout``. The caller
+        passes *explorer* back to `connect_succeeded` / `connect_failed`.
+        """
+        limit = self.settings.connect_timeout
+        with self._lock:
+            typical = self._typical_connect
+            since = self._timing_out_since
+            if (
+                since is not None
+                and not self._explorer_busy
+                and self._clock() - since >= EXPLORE_AFTER_TIMEOUTS * limit
+            ):
+                self._explorer_busy = True
+                return limit, True
+            if typical is None:
+                return min(limit, FIRST_CONNECT_BOUND), False
+            return min(limit, max(CONNECT_BOUND_FLOOR, CONNECT_BOUND_FACTOR * typical)), False
+
+    def connect_succeeded(self, setup_seconds: float, *, explorer: bool = False) -> None:
+        logs: list[_LogRecord] = []
+        with self._lock:
+            self._timing_out_since = None
+            if explorer:
+                self._explorer_busy = False
+            self._tracker.connection_opened(setup_seconds)
+            typical = self._typical_connect
+            self._typical_connect = (
+                setup_seconds if typical is None else 0.8 * typical + 0.2 * setup_seconds
+            )
+            before = self._breaker.state
+            self._breaker_moved(before, self._breaker.on_success(self._clock()), logs)
+        _flush(logs)
+
+    def connect_failed(
+        self, exc: BaseException, *, feed_breaker: bool = True, explorer: bool = False
+    ) -> FailureKind:
+        """Record a failed connection attempt (pool growth, breaker probe, warmup).
+
+        The warmup passes ``feed_breaker=False``: it is already the single
+        shared attempt, bounded by ``ready_timeout``, so it needs no breaker.
+        """
+        kind = classify_failure(exc, Phase.CONNECT)
+        logs: list[_LogRecord] = []
+        with self._lock:
+            now = self._clock()
+            if explorer:
+                self._explorer_busy = False
+            if isinstance(exc, WaitTimeout):
+                if self._timing_out_since is None:
+                    self._timing_out_since = now
+            else:
+                self._timing_out_since = None
+            self._last_connect_error = exc
+            self._tracker.connect_failed(kind.value)
+            if kind is FailureKind.OVERLOAD:
+                self._overloaded(now, logs)
+            # Overload is not an outage: the server is up and says "fewer,
+            # please". AIMD sizing answers it; opening the breaker would fail
+            # callers that a connection freed a moment later could serve.
+            if feed_breaker and kind is FailureKind.NOTHING_RAN:
+                before = self._breaker.state
+                moved = self._breaker.on_failure(now, self._rng.random())
+                self._breaker_moved(before, moved, logs)
+        _flush(logs)
+        return kind
+
+    # --- failures and the retry decision -----------------------------------------------------
+    def failed(
+        self,
+        exc: BaseException,
+        phase: Phase,
+        ctx: RetryContext,
+        *,
+        attempt: int,
+        deadline: float | None,
+        policy: RetryPolicy,
+        operation: str,
+        connection_lost: bool = False,
+        whole_transaction: bool = False,
+        user_call: bool = True,
+    ) -> tuple[FailureKind, Decision]:
+        """Classify a failed attempt and decide what follows (`decide`).
+
+        Counts the error (for user calls), reacts to overload (AIMD), spends
+        retry budget for user calls, and logs the retry or the exhausted budget.
+        """
+        from pgwarden.core.retry import decide
+
+        kind = classify_failure(
+            exc, phase, connection_lost=connection_lost, in_transaction=ctx.in_transaction
+        )
+        logs: list[_LogRecord] = []
+        with self._lock:
+            now = self._clock()
+            if user_call:
+                self._tracker.query_error(kind.value)
+            if kind is FailureKind.OVERLOAD:
+                self._overloaded(now, logs)
+            budget = None
+            if user_call:
+                self._budget.on_requests(self._unsettled_requests, now)
+                self._unsettled_requests = 0
+                budget = self._budget
+            decision = decide(
+                kind,
+                ctx,
+                attempt=attempt,
+                policy=policy,
+                now=now,
+                deadline=deadline,
+                rand=self._rng.random(),
+                budget=budget,
+                whole_transaction=whole_transaction,
+            )
+            if isinstance(decision, Sleep):
+                if user_call:
+                    self._tracker.retry(kind.value, attempt)
+                logs.append(
+                    (
+                        logging.INFO,
+                        "retrying %s (attempt %d) after %s: %s",
+                        (operation, attempt + 1, kind.value, self.describe_error(exc)),
+                        {"event": "retry", "reason": kind.value, "attempt": attempt + 1},
+                    )
+                )
+            elif isinstance(decision, GiveUp) and decision.reason is GiveUpReason.BUDGET:
+                logs.append(
+                    (
+                        logging.WARNING,
+                        "retry budget exhausted: not retrying %s after %s",
+                        (operation, kind.value),
+                        {"event": "retry_budget_exhausted", "reason": kind.value},
+                    )
+                )
+        _flush(logs)
+        return kind, decision
+
+    def _overloaded(self, now: float, logs: list[_LogRecord]) -> None:
+        self._tracker.overload()
+        if self._lifecycle.state is State.READY:
+            self._lifecycle.try_fire(Event.FAULT_OBSERVED)
+        if self.settings.adaptive_sizing:
+            new_limit = self._limit.on_overload(now)
+            if new_limit is not None:
+                self._tracker.limit_changed(new_limit)
+                logs.append(
+                    (
+                        logging.WARNING,
+                        "server overloaded (too many connections): local pool limit lowered to %d",
+                        (new_limit,),
+                        {"event": "overload", "pool_limit": new_limit},
+                    )
+                )
+        self._refresh_fast_path()
+
+    # --- sizing ------------------------------------------------------------------------------
+    def wanted_limit(self) -> int | None:
+        """The pool limit to apply now, if it differs from the applied one."""
+        with self._lock:
+            limit = self._limit
+            if self.settings.adaptive_sizing and limit.limit < self.settings.max_size:
+                grown = limit.tick(self._clock())
+                if grown is not None:
+                    self._tracker.limit_changed(grown)
+            wanted = limit.limit
+            if wanted >= self.settings.max_size and self._lifecycle.state is State.DEGRADED:
+                self._lifecycle.try_fire(Event.RECOVERED)
+            self._refresh_fast_path()
+            return None if wanted == self._applied_limit else wanted
+
+    def limit_applied(self, limit: int) -> None:
+        with self._lock:
+            self._applied_limit = limit
+            self._refresh_fast_path()
+
+    # --- breaker and lifecycle -----------------------------------------------------------------
+    def _breaker_moved(
+        self, before: BreakerState, new_state: BreakerState | None, logs: list[_LogRecord]
+    ) -> None:
+        if new_state is None or new_state is before:
+            return
+        self._tracker.breaker_transition(before.value, new_state.value)
+        last = self._last_connect_error
+        cause = self.describe_error(last) if last is not None else ""
+        logs.append(
+            (
+                logging.WARNING,
+                "circuit breaker %s -> %s%s",
+                (
+                    before.value,
+                    new_state.value,
+                    f" ({cause})" if new_state is BreakerState.OPEN and cause else "",
+                ),
+                {"event": "breaker", "from": before.value, "to": new_state.value},
+            )
+        )
+        state = self._lifecycle.state
+        # While WARMING the warmup owns the state; it does not feed the breaker.
+        if new_state is BreakerState.OPEN and state in (State.READY, State.DEGRADED):
+            self._lifecycle.try_fire(Event.BREAKER_OPENED)
+        elif new_state is BreakerState.CLOSED and state is State.OPEN:
+            self._lifecycle.try_fire(Event.BREAKER_CLOSED)
+        self._refresh_fast_path()
+
+    def _refresh_fast_path(self) -> None:
+        self.fast_path = (
+            self._lifecycle.state is State.READY
+            and self._breaker.state is BreakerState.CLOSED
+            and self._limit.limit == self._applied_limit == self.settings.max_size
+        )
+
+    def fire(self, event: Event) -> State:
+        """Fire a lifecycle event (raising on an illegal one)."""
+        with self._lock:
+            state = self._lifecycle.fire(event)
+            self._refresh_fast_path()
+            return state
+
+    def try_fire(self, event: Event) -> State | None:
+        """Fire *event* if legal now (events that may lose a race with close())."""
+        with self._lock:
+            state = self._lifecycle.try_fire(event)
+            self._refresh_fast_path()
+            return state
+
+    def check_accepting(self) -> None:
+        state = self._lifecycle.state
+        if not accepts_work(state):
+            raise HandleClosed(
+                f"the database handle for {self.settings.safe_url} is "
+                f"{state.value.lower()}: it accepts no new work"
+            )
+
+    def start_warmup(self) -> bool:
+        """NEW -> WARMING; False when another warmup already finished (or close() won)."""
+        with self._lock:
+            if self._lifecycle.state is not State.NEW:
+                return False
+            self._lifecycle.fire(Event.WARMUP_STARTED)
+            self._refresh_fast_path()
+            return True
+
+    def warmup_finished(self, seconds: float, attempts: int, error: BaseException | None) -> None:
+        logs: list[_LogRecord] = []
+        with self._lock:
+            self._tracker.warmup(seconds, error is None)
+            if error is None:
+                self._warmup_seconds = seconds
+                self._lifecycle.try_fire(Event.WARMUP_SUCCEEDED)
+                logs.append(
+                    (
+                        logging.INFO,
+                        "ready in %.3fs after %d attempt(s)%s",
+                        (seconds, attempts, " (PgBouncer detected)" if self._pgbouncer else ""),
+                        {"event": "warmup", "ok": True, "seconds": seconds, "attempts": attempts},
+                    )
+                )
+            else:
+                self._lifecycle.try_fire(Event.WARMUP_FAILED)
+                logs.append((logging.ERROR, "%s", (error,), {"event": "warmup", "ok": False}))
+            self._refresh_fast_path()
+        _flush(logs)
+
+    def warmup_retry(self, attempt: int, exc: BaseException, delay: float) -> None:
+        logger.info(
+            "warmup attempt %d failed (%s); retrying in %.3fs",
+            attempt,
+            self.describe_error(exc),
+            delay,
+            extra={"event": "warmup_retry", "attempt": attempt},
+        )
+
+    def set_pgbouncer(self, detected: bool) -> None:
+        with self._lock:
+            self._pgbouncer = detected
+
+    # --- events that are only counted and logged -------------------------------------------------
+    def connection_closed(self, reason: str) -> None:
+        with self._lock:
+            self._tracker.connection_closed(reason)
+
+    def ambiguous_commit(self, outcome: str) -> None:
+        with self._lock:
+            self._tracker.ambiguous_commit(outcome)
+        if outcome in ("committed", "aborted"):
+            logger.warning(
+                "connection lost during COMMIT; resolved by txid: %s",
+                outcome,
+                extra={"event": "ambiguous_commit", "outcome": outcome},
+            )
+
+    def health_checked(self, ok: bool) -> None:
+        with self._lock:
+            self._tracker.health_check(ok)
+
+    def leaked(self, site: str, held_since: float) -> None:
+        """A connection has been held past ``leak_threshold`` (reported once per hold)."""
+        with self._lock:
+            self._tracker.leaked_connection()
+        held = self._clock() - held_since
+        logger.warning(
+            "connection held for %.1fs (leak threshold %.1fs), acquired at %s",
+            held,
+            self.settings.leak_threshold,
+            site,
+            extra={"event": "leak", "held_seconds": round(held, 3), "site": site},
+        )
+
+    def log(self, level: int, message: str, *args: Any, **extra: Any) -> None:
+        """One handle event on the ``pgwarden`` logger (text redacted by the caller)."""
+        logger.log(level, message, *args, extra=extra)
+
+    # --- errors and secrets --------------------------------------------------------------------
+    def redact(self, text: str) -> str:
+        return redact(text, self._password)
+
+    def describe_error(self, exc: BaseException) -> str:
+        return self.redact(f"{type(exc).__name__}: {exc}".strip())
+
+    def redacted_cause(self, exc: BaseException) -> BaseException:
+        """*exc* with secrets redacted from its text, for ``__cause__``: a psycopg
+        error keeps its class (and so its SQLSTATE class attribute)."""
+        text = self.describe_error(exc)
+        if type(exc).__module__.startswith("psycopg"):
+            try:
+                return type(exc)(text)
+            except Exception:  # an error class with a different constructor
+                return RedactedCause(text)
+        return exc
+
+    def deadline_error(
+        self,
+        exc: BaseException | None,
+        operation: str,
+        cls: type[DeadlineExceeded] = DeadlineExceeded,
+    ) -> DeadlineExceeded:
+        last = self.describe_error(exc) if exc is not None else "no attempt completed"
+        return cls(f"deadline exceeded during {operation} ({last})", last_error=exc)
+
+    def not_ready_error(self, exc: BaseException | None, elapsed: float) -> NotReady:
+        cause = self.describe_error(exc) if exc is not None else "no attempt completed"
+        return NotReady(
+            f"database at {self.settings.safe_url} not ready after {elapsed:.2f}s: {cause}"
+        )
+
+    # --- trackers and stats --------------------------------------------------------------------
+    def add_tracker(self, extra: MetricsTracker) -> Callable[[], None]:
+        """Report every metrics event to *extra* too; ``stats()`` keeps its shape.
+
+        Returns ``remove()``, which detaches *extra* again if nothing else was
+        attached after it.
+        """
+        with self._lock:
+            current = self._tracker
+            tee = TeeTracker(current, extra)
+            self._tracker = tee
+
+        def remove() -> None:
+            with self._lock:
+                if self._tracker is tee:
+                    self._tracker = current
+
+        return remove
+
+    @property
+    def tracker(self) -> MetricsTracker:
+        return self._tracker
+
+    def histograms(self) -> Mapping[str, Any]:
+        """The live histograms behind ``stats()`` (empty when metrics are off)."""
+        tracker: Any = self._tracker
+        while isinstance(tracker, TeeTracker):
+            tracker = tracker.primary
+        found = getattr(tracker, "histograms", None)
+        return dict(found) if isinstance(found, Mapping) else {}
+
+    def stats(self, pool_stats: Mapping[str, int] | None) -> dict[str, Any]:
+        """The plain-dict snapshot behind ``db.stats()``."""
+        with self._lock:
+            now = self._clock()
+            snap = dict(self._tracker.snapshot())
+            p = pool_stats or {}
+            size = int(p.get("pool_size", 0))
+            idle = int(p.get("pool_available", 0))
+            gauges: dict[str, Any] = dict(
+                pool_gauges(
+                    size=size,
+                    idle=idle,
+                    in_use=max(0, size - idle),
+                    waiting=int(p.get("requests_waiting", 0)),
+                    max_size=int(p.get("pool_max", self._limit.limit)),
+                )
+            )
+            gauges["limit"] = self._limit.limit
+            gauges["configured_max"] = self.settings.max_size
+            gauges["connections_lost"] = int(p.get("connections_lost", 0)) + int(
+                p.get("returns_bad", 0)
+            )
+            snap["pool"] = gauges
+            snap["state"] = self._lifecycle.state.value
+            snap["breaker"] = self._breaker.state.value
+            snap["pgbouncer"] = self._pgbouncer
+            snap["warmup_seconds"] = self._warmup_seconds
+            snap["in_flight"] = self._inflight
+            # Reading the bucket refills it by the time elapsed but credits no
+            # requests: stats() observes, it does not change what retries may do.
+            snap["retry_budget_tokens"] = round(
+                min(
+                    self._budget.max_tokens,
+                    self._budget.tokens(now) + self._budget.ratio * self._unsettled_requests,
+                ),
+                3,
+            )
+            return snap
+
+    def health_report(
+        self,
+        ok: bool,
+        latency: float,
+        error: BaseException | None,
+        pool_stats: Mapping[str, int] | None,
+    ) -> dict[str, Any]:
+        stats = self.stats(pool_stats)
+        return {
+            "ok": ok,
+            "state": stats["state"],
+            "breaker": stats["breaker"],
+            "latency_ms": round(latency * 1000, 3),
+            "error": None if error is None else self.describe_error(error),
+            "pool": stats["pool"],
+            "pgbouncer": self._pgbouncer,
+        }
+
+
+class RedactedCause(Exception):
+    """Stands in for a cause whose text might carry secrets."""
+
+
+def _flush(logs: list[_LogRecord]) -> None:
+    for level, message, args, extra in logs:
+        logger.log(level, message, *args, extra=extra)

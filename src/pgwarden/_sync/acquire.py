@@ -1,0 +1,343 @@
+# WARNING: generated from src/pgwarden/_async/acquire.py by scripts/async_to_sync.py.
+# Edit the async file and run `python scripts/async_to_sync.py`.
+"""Connections for calls: admission, acquire, validation, and the bound on every byte.
+
+Every byte the shell sends or receives on a connection goes through an
+`Lease`: a connection plus a sever timer armed at the call's deadline
+*before* any I/O (validation, BEGIN, statements, COMMIT, the pool's reset on
+return) and disarmed only after the connection is back in the pool. So no I/O
+made on behalf of a call can outlive its deadline, whatever the code path: if
+the server (or the network) stops answering, the socket is shut down at the
+deadline plus a short grace, and the blocked read fails. Connects made on
+behalf of a call (the warmup, the breaker's probe) are bounded by
+`run_within`. A deadline exists for every call unless ``default_timeout`` was
+set to None.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from time import monotonic
+from typing import Any
+
+import psycopg
+from psycopg_pool import PoolTimeout
+
+from pgwarden._handle.config import connect_kwargs, libpq_connect_timeout, pool_kwargs
+from pgwarden._handle.net import has_pending_input, sever
+from pgwarden._handle.state import HandleState
+from pgwarden._sync._compat import Lock, SingleFlight, Watchdog, run_within, sleep
+from pgwarden._sync.pool import PgwConnection, PgwPool
+from pgwarden.core.breaker import Admission
+from pgwarden.core.classify import FailureKind
+from pgwarden.core.metrics import CloseReason
+from pgwarden.errors import AcquireTimeout, HandleClosed
+
+__all__ = ["SEVER_GRACE", "Connections", "Lease"]
+
+# Extra time past the deadline before the client severs a connection whose
+# server stopped answering. With an explicit deadline the server-side
+# statement_timeout normally ends the statement first, cleanly.
+SEVER_GRACE = 0.05
+
+# A connection idle past validation_window gets one round trip before use; a
+# healthy server answers in milliseconds, so a silent one is given up on soon.
+VALIDATION_TIMEOUT = 1.0
+
+# getconn() waits in slices this long, so that a breaker opening meanwhile
+# ends the wait; waiting callers re-ask the breaker at this interval.
+WAIT_SLICE = 0.25
+ADMIT_POLL = 0.05
+
+
+class Lease:
+    """A connection held for one call, under a sever timer armed at its deadline.
+
+    Created only by `Connections.lease` (pooled) and `Connections.bound`
+    (a direct connection); released exactly once.
+    """
+
+    __slots__ = ("_connections", "_timer", "acquire_wait", "acquired_at", "conn", "severed")
+
+    def __init__(
+        self,
+        connections: Connections,
+        conn: PgwConnection,
+        until: float | None,
+        acquire_wait: float = 0.0,
+    ) -> None:
+        self._connections = connections
+        self.conn = conn
+        self.severed = False
+        self.acquired_at = monotonic()
+        self.acquire_wait = acquire_wait
+        self._timer: Any = None
+        self.rearm(until)
+
+    def rearm(self, until: float | None) -> None:
+        """Move the sever timer to *until* (None: no bound)."""
+        watchdog = self._connections.watchdog
+        if self._timer is not None:
+            watchdog.disarm(self._timer)
+            self._timer = None
+        if until is not None:
+            self._timer = watchdog.arm(until + SEVER_GRACE, self._sever)
+
+    def _sever(self) -> None:
+        # Read the descriptor now, not at arm time: a connection closed
+        # meanwhile raises here instead of naming a descriptor reused since.
+        try:
+            fileno = self.conn.pgconn.socket
+        except psycopg.Error:
+            return
+        self.severed = True
+        sever(fileno)
+
+    @property
+    def lost(self) -> bool:
+        """The connection is broken or closed (the server, the network or a sever)."""
+        return self.conn.broken or self.conn.closed
+
+    def release(self) -> float:
+        """Return the connection to the pool (its reset still under the timer);
+        returns how long it was held."""
+        conn = self.conn
+        connections = self._connections
+        try:
+            if not self.lost:
+                conn.last_used = monotonic()
+            pool = connections.pool
+            if pool is None:
+                conn.close()
+            else:
+                pool.putconn(conn)
+        finally:
+            self.rearm(None)
+        if self.severed:
+            # The server did not answer by the deadline: the network (or the
+            # server) went silent, and this connection's siblings are likely as
+            # silent. Drop them all rather than hand any of them out again.
+            connections.drain(CloseReason.DRAIN, "connection went silent")
+        return monotonic() - self.acquired_at
+
+    def discard(self) -> None:
+        """Close a connection found dead and let the pool replace it."""
+        self.conn.close()
+        self.release()
+
+
+class Connections:
+    """The handle's pool and everything between a call and a usable connection."""
+
+    def __init__(self, state: HandleState) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.pool: PgwPool | None = None
+        self.watchdog = Watchdog()
+        self._resize_lock = Lock()
+        self._drain_flight: SingleFlight[None] = SingleFlight()
+
+    # --- the pool ------------------------------------------------------------------------------
+    def ensure_pool(self) -> PgwPool:
+        if self.pool is None:
+            state = self.state
+            self.pool = PgwPool(
+                self.settings.url or "",
+                observer=state,
+                kwargs=connect_kwargs(self.settings, pgbouncer=state.pgbouncer),
+                **pool_kwargs(
+                    self.settings, max_size=state.applied_limit, max_lifetime=state.max_lifetime
+                ),
+            )
+        return self.pool
+
+    def pool_stats(self) -> dict[str, int] | None:
+        pool = self.pool
+        return None if pool is None else pool.get_stats()
+
+    # --- connects made on behalf of a call -----------------------------------------------------
+    def connect_direct(
+        self, timeout: float, *, feed_breaker: bool = True, explorer: bool = False
+    ) -> PgwConnection:
+        """One connection outside the pool, within *timeout*; the outcome is reported."""
+        kwargs = connect_kwargs(self.settings, pgbouncer=self.state.pgbouncer)
+        kwargs["connect_timeout"] = libpq_connect_timeout(timeout)
+        conninfo = self.settings.url or ""
+        started = monotonic()
+        try:
+            conn = run_within(lambda: PgwConnection.connect(conninfo, **kwargs), timeout)
+        except Exception as exc:
+            self.state.connect_failed(exc, feed_breaker=feed_breaker, explorer=explorer)
+            raise
+        self.state.connect_succeeded(monotonic() - started, explorer=explorer)
+        return conn
+
+    def bound(self, conn: PgwConnection, until: float) -> Lease:
+        """A lease on a direct connection (the warmup's), under a timer at *until*."""
+        return Lease(self, conn, until)
+
+    # --- leases --------------------------------------------------------------------------------
+    def lease(self, deadline: float | None, *, explicit: bool) -> Lease:
+        """A usable connection under the deadline, as far as can be known without SQL.
+
+        *explicit*: the caller set the deadline itself, so it may wait for the
+        breaker's next probe; otherwise an open breaker fails fast. The caller
+        reports the lease's ``acquire_wait`` and held time when it is a user's
+        (internal probes are not counted).
+        """
+        state = self.state
+        started = monotonic()
+        if not state.fast_path:
+            self._admit(deadline, explicit)
+            wanted = state.wanted_limit()
+            if wanted is not None:
+                self._apply_limit(wanted)
+        pool = self.pool
+        if pool is None:
+            raise HandleClosed(f"the database handle for {self.settings.safe_url} is not open")
+        while True:
+            conn = self._getconn(pool, deadline, explicit, started)
+            lease = Lease(self, conn, deadline, monotonic() - started)
+            try:
+                usable = self._usable(lease)
+            except BaseException:  # cancelled while validating: do not lose the connection
+                lease.release()
+                raise
+            if usable:
+                return lease
+
+    def _usable(self, lease: Lease) -> bool:
+        """Validate without a round trip when possible: a dead connection has
+        input waiting (the server's goodbye, or EOF); one idle past the window
+        (or since a freeze) gets one bounded round trip."""
+        conn = lease.conn
+        if has_pending_input(conn):
+            self.state.connection_closed(CloseReason.BROKEN.value)
+            lease.discard()
+            return False
+        last_used = conn.last_used
+        now = monotonic()
+        if last_used == 0.0 or (
+            now - last_used <= self.settings.validation_window
+            and last_used >= self.state.validate_before
+        ):
+            return True
+        timer = self.watchdog.arm(now + VALIDATION_TIMEOUT, lease._sever)
+        try:
+            conn.execute("")
+        except psycopg.Error:
+            self.state.connection_closed(CloseReason.BROKEN.value)
+            lease.release()
+            return False
+        finally:
+            self.watchdog.disarm(timer)
+        return True
+
+    def _getconn(
+        self, pool: PgwPool, deadline: float | None, explicit: bool, started: float
+    ) -> PgwConnection:
+        """`pool.getconn` in slices, so that a breaker that opens meanwhile ends the wait."""
+        state = self.state
+        end = started + self.settings.acquire_timeout
+        if deadline is not None and deadline < end:
+            end = deadline
+        while True:
+            left = end - monotonic()
+            if left <= 0:
+                state.acquire_timed_out()
+                raise state.deadline_error(state.last_connect_error, "acquire", AcquireTimeout)
+            try:
+                return pool.getconn(left if left < WAIT_SLICE else WAIT_SLICE)
+            except PoolTimeout:
+                self._admit(deadline, explicit)
+
+    def _admit(self, deadline: float | None, explicit: bool) -> None:
+        """Pass the breaker: wait for its next probe if the caller's deadline allows,
+        or be the probe."""
+        state = self.state
+        while True:
+            verdict, retry_after = state.admit()
+            if verdict is Admission.ALLOW:
+                return
+            if verdict is Admission.REJECT:
+                now = monotonic()
+                if not explicit or deadline is None or now + retry_after >= deadline:
+                    raise state.unavailable_error(retry_after)
+                sleep(min(max(retry_after, 0.001), ADMIT_POLL))
+                continue
+            if self._probe(deadline):
+                return
+
+    def _probe(self, deadline: float | None) -> bool:
+        """The breaker's single half-open attempt: one direct connect, bounded by a
+        time learnt from this server's own connects, adopted into the pool."""
+        state = self.state
+        timeout, explorer = state.connect_bound()
+        if deadline is not None:
+            timeout = min(timeout, deadline - monotonic())
+        try:
+            conn = self.connect_direct(max(0.0, timeout), explorer=explorer)
+        except Exception:
+            return False  # reported; the breaker decides the next admission
+        except BaseException:
+            state.abandon_probe()
+            raise
+        pool = self.pool
+        if pool is None:
+            conn.close()
+            raise HandleClosed(f"the database handle for {self.settings.safe_url} is not open")
+        pool.adopt(conn)
+        return True
+
+    def _apply_limit(self, wanted: int) -> None:
+        with self._resize_lock:
+            pool = self.pool
+            if pool is None or self.state.applied_limit == wanted:
+                return
+            pool.resize(min(self.settings.min_size, wanted), wanted)
+            self.state.limit_applied(wanted)
+
+    # --- after failures ------------------------------------------------------------------------
+    def after_failure(self, kind: FailureKind) -> None:
+        """A read-only server (failover) makes every connection useless: drain them.
+
+        Connections of a restarted or killed server need no sweep: each is
+        found dead by a poll when it is next checked out.
+        """
+        if kind is FailureKind.FAILOVER:
+            self.drain(CloseReason.FAILOVER, "server is read-only (failover)")
+
+    def drain(self, reason: CloseReason, why: str) -> None:
+        """Close every idle connection now and the others when returned; reconnect."""
+        pool = self.pool
+        if pool is None or pool.closed or self._drain_flight.running:
+            return
+        self.state.log(
+            logging.WARNING,
+            "%s: draining every connection and reconnecting",
+            why,
+            event="reconnect",
+            reason=reason.value,
+        )
+        self._drain_flight.run(lambda: pool.drain_for(reason), None)
+
+    # --- holding a connection for the user -----------------------------------------------------
+    @contextmanager
+    def held(self, lease: Lease, site: str) -> Iterator[Lease]:
+        """Report once if the caller holds *lease* past ``leak_threshold``; release
+        after, and count the user's acquire wait and held time."""
+        now = monotonic()
+        leak = self.watchdog.arm(now + self.settings.leak_threshold, self.state.leaked, site, now)
+        try:
+            yield lease
+        finally:
+            self.watchdog.disarm(leak)
+            self.state.lease_returned(lease.acquire_wait, lease.release())
+
+    def close(self, timeout: float) -> None:
+        pool = self.pool
+        if pool is not None:
+            pool.close(timeout=max(0.0, timeout))
+        self.watchdog.close()
