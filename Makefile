@@ -86,7 +86,8 @@ $(LOWEST_STAMP): pyproject.toml | $(STAMP)
 	@touch $(LOWEST_STAMP)
 
 # System packages the integration tests need: PostgreSQL server binaries,
-# PgBouncer, and Chromium for the dashboard's headless-browser test. Installed only when missing and only when we can (root); the
+# PgBouncer, Chromium for the dashboard's headless-browser test, and promtool
+# (Debian package prometheus; its service is not started) for the alert rules. Installed only when missing and only when we can (root); the
 # tests then say what is missing (skip locally, fail under CI=true).
 # No cluster is created on the standard port: the tests start their own.
 sysdeps:
@@ -94,6 +95,7 @@ sysdeps:
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need="$$need postgresql"; \
 	{ command -v pgbouncer || test -x /usr/sbin/pgbouncer; } >/dev/null 2>&1 || need="$$need pgbouncer"; \
 	test -x /usr/bin/chromium || need="$$need chromium fonts-dejavu-core"; \
+	command -v promtool >/dev/null 2>&1 || need="$$need prometheus"; \
 	if [ -n "$$need" ]; then \
 	  if [ "$$(id -u)" = "0" ]; then \
 	    echo "installing:$$need (apt-get)"; \
