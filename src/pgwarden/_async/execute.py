@@ -21,7 +21,7 @@ from time import monotonic
 from typing import Any
 
 from pgwarden._async.acquire import AsyncConnections, AsyncLease
-from pgwarden._async.retrying import act_on
+from pgwarden._async.retrying import after_failed_attempt
 from pgwarden._async.transaction import (
     AsyncTransactions,
     cursor_for,
@@ -79,7 +79,8 @@ class AsyncStatements:
                         raise
                     lost = lease.lost
                     state.lease_returned(lease.acquire_wait, await lease.release())
-                    kind, decision = state.failed(
+                    await after_failed_attempt(
+                        self.connections,
                         exc,
                         Phase.STATEMENT,
                         ctx,
@@ -89,8 +90,6 @@ class AsyncStatements:
                         operation="query",
                         connection_lost=lost,
                     )
-                    await self.connections.after_failure(kind)
-                    await act_on(state, decision, exc, "query")
                     attempt += 1
                     continue
                 finished = monotonic()

@@ -28,7 +28,7 @@ from psycopg.rows import tuple_row
 from pgwarden._async._compat import sleep
 from pgwarden._async.acquire import AsyncConnections, AsyncLease
 from pgwarden._async.pool import PgwAsyncConnection
-from pgwarden._async.retrying import act_on
+from pgwarden._async.retrying import after_failed_attempt
 from pgwarden._async.warmup import AsyncWarmup
 from pgwarden._handle.config import call_site
 from pgwarden._handle.sql import (
@@ -219,7 +219,8 @@ class AsyncTransactions:
                     raise
                 lost = lease.lost
                 state.lease_returned(lease.acquire_wait, await lease.release())
-                kind, decision = state.failed(
+                await after_failed_attempt(
+                    self.connections,
                     exc,
                     Phase.FIRST_USE,
                     _BEGIN_CONTEXT,
@@ -229,8 +230,6 @@ class AsyncTransactions:
                     operation="BEGIN",
                     connection_lost=lost,
                 )
-                await self.connections.after_failure(kind)
-                await act_on(state, decision, exc, "BEGIN")
                 attempt += 1
 
     # --- run_transaction() ---------------------------------------------------------------------
@@ -254,7 +253,8 @@ class AsyncTransactions:
                     result = await fn(tx)
                 return result
             except Exception as exc:
-                kind, decision = state.failed(
+                await after_failed_attempt(
+                    self.connections,
                     exc,
                     Phase.STATEMENT,
                     _WHOLE_CONTEXT,
@@ -264,8 +264,6 @@ class AsyncTransactions:
                     operation="transaction",
                     whole_transaction=True,
                 )
-                await self.connections.after_failure(kind)
-                await act_on(state, decision, exc, "transaction")
                 attempt += 1
 
     async def executemany(

@@ -25,7 +25,7 @@ from typing import Any
 from pgwarden._handle.sql import Mode, Params, Query, query_is_write
 from pgwarden._handle.state import HandleState
 from pgwarden._sync.acquire import Connections, Lease
-from pgwarden._sync.retrying import act_on
+from pgwarden._sync.retrying import after_failed_attempt
 from pgwarden._sync.transaction import (
     Transactions,
     cursor_for,
@@ -81,7 +81,8 @@ class Statements:
                         raise
                     lost = lease.lost
                     state.lease_returned(lease.acquire_wait, lease.release())
-                    kind, decision = state.failed(
+                    after_failed_attempt(
+                        self.connections,
                         exc,
                         Phase.STATEMENT,
                         ctx,
@@ -91,8 +92,6 @@ class Statements:
                         operation="query",
                         connection_lost=lost,
                     )
-                    self.connections.after_failure(kind)
-                    act_on(state, decision, exc, "query")
                     attempt += 1
                     continue
                 finished = monotonic()

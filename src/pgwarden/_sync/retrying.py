@@ -6,9 +6,42 @@ from __future__ import annotations
 
 from pgwarden._handle.state import HandleState
 from pgwarden._sync._compat import sleep
-from pgwarden.core.retry import Decision, GiveUp, GiveUpReason, Sleep
+from pgwarden._sync.acquire import Connections
+from pgwarden.core.classify import Phase, RetryContext
+from pgwarden.core.retry import Decision, GiveUp, GiveUpReason, RetryPolicy, Sleep
 
-__all__ = ["act_on"]
+__all__ = ["act_on", "after_failed_attempt"]
+
+
+def after_failed_attempt(
+    connections: Connections,
+    exc: BaseException,
+    phase: Phase,
+    ctx: RetryContext,
+    *,
+    attempt: int,
+    deadline: float | None,
+    policy: RetryPolicy,
+    operation: str,
+    connection_lost: bool = False,
+    whole_transaction: bool = False,
+) -> None:
+    """Every retry loop's failure path: classify and decide (`HandleState.failed`),
+    react on the pool (a failover drains it), then sleep or raise."""
+    state = connections.state
+    kind, decision = state.failed(
+        exc,
+        phase,
+        ctx,
+        attempt=attempt,
+        deadline=deadline,
+        policy=policy,
+        operation=operation,
+        connection_lost=connection_lost,
+        whole_transaction=whole_transaction,
+    )
+    connections.after_failure(kind)
+    act_on(state, decision, exc, operation)
 
 
 def act_on(state: HandleState, decision: Decision, exc: BaseException, operation: str) -> None:

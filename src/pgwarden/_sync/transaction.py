@@ -44,7 +44,7 @@ from pgwarden._handle.state import HandleState
 from pgwarden._sync._compat import sleep
 from pgwarden._sync.acquire import Connections, Lease
 from pgwarden._sync.pool import PgwConnection
-from pgwarden._sync.retrying import act_on
+from pgwarden._sync.retrying import after_failed_attempt
 from pgwarden._sync.warmup import Warmup
 from pgwarden.core.classify import Phase, RetryContext, sqlstate_of
 from pgwarden.core.commit import RESOLVE_POLL_SECONDS, CommitOutcome, commit_outcome
@@ -217,7 +217,8 @@ class Transactions:
                     raise
                 lost = lease.lost
                 state.lease_returned(lease.acquire_wait, lease.release())
-                kind, decision = state.failed(
+                after_failed_attempt(
+                    self.connections,
                     exc,
                     Phase.FIRST_USE,
                     _BEGIN_CONTEXT,
@@ -227,8 +228,6 @@ class Transactions:
                     operation="BEGIN",
                     connection_lost=lost,
                 )
-                self.connections.after_failure(kind)
-                act_on(state, decision, exc, "BEGIN")
                 attempt += 1
 
     # --- run_transaction() ---------------------------------------------------------------------
@@ -252,7 +251,8 @@ class Transactions:
                     result = fn(tx)
                 return result
             except Exception as exc:
-                kind, decision = state.failed(
+                after_failed_attempt(
+                    self.connections,
                     exc,
                     Phase.STATEMENT,
                     _WHOLE_CONTEXT,
@@ -262,8 +262,6 @@ class Transactions:
                     operation="transaction",
                     whole_transaction=True,
                 )
-                self.connections.after_failure(kind)
-                act_on(state, decision, exc, "transaction")
                 attempt += 1
 
     def executemany(
