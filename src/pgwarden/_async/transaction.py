@@ -44,7 +44,13 @@ from pgwarden._handle.sql import (
     statement_timeout_args,
 )
 from pgwarden._handle.state import HandleState
-from pgwarden.core.classify import Phase, RetryContext, sqlstate_of
+from pgwarden.core.classify import (
+    FailureKind,
+    Phase,
+    RetryContext,
+    classify_failure,
+    sqlstate_of,
+)
 from pgwarden.core.commit import RESOLVE_POLL_SECONDS, CommitOutcome, commit_outcome
 from pgwarden.core.tracing import NOOP_STATEMENT_OBSERVER, StatementObserver
 from pgwarden.errors import AmbiguousCommitError, NotCommitted
@@ -333,7 +339,8 @@ class AsyncTransactions:
         try:
             await conn.execute(b"COMMIT")
         except psycopg.OperationalError as exc:
-            if not lease.lost:
+            kind = classify_failure(exc, Phase.COMMIT, connection_lost=lease.lost)
+            if kind is not FailureKind.LOST_COMMIT:
                 raise  # a server-side commit failure (e.g. deferred constraint): not ambiguous
             if readonly:
                 return  # a read-only transaction changed nothing; its fate does not matter

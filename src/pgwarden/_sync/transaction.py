@@ -46,7 +46,13 @@ from pgwarden._sync.acquire import Connections, Lease
 from pgwarden._sync.pool import PgwConnection
 from pgwarden._sync.retrying import after_failed_attempt
 from pgwarden._sync.warmup import Warmup
-from pgwarden.core.classify import Phase, RetryContext, sqlstate_of
+from pgwarden.core.classify import (
+    FailureKind,
+    Phase,
+    RetryContext,
+    classify_failure,
+    sqlstate_of,
+)
 from pgwarden.core.commit import RESOLVE_POLL_SECONDS, CommitOutcome, commit_outcome
 from pgwarden.core.tracing import NOOP_STATEMENT_OBSERVER, StatementObserver
 from pgwarden.errors import AmbiguousCommitError, NotCommitted
@@ -331,7 +337,8 @@ class Transactions:
         try:
             conn.execute(b"COMMIT")
         except psycopg.OperationalError as exc:
-            if not lease.lost:
+            kind = classify_failure(exc, Phase.COMMIT, connection_lost=lease.lost)
+            if kind is not FailureKind.LOST_COMMIT:
                 raise  # a server-side commit failure (e.g. deferred constraint): not ambiguous
             if readonly:
                 return  # a read-only transaction changed nothing; its fate does not matter
