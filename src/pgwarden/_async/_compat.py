@@ -17,6 +17,7 @@ from pgwarden._handle.waits import WaitTimeout
 from pgwarden._signals import DEFAULT_SIGNALS, chain_signal
 
 __all__ = [
+    "COARSE_TICK",
     "Lock",
     "SingleFlight",
     "WaitTimeout",
@@ -32,6 +33,9 @@ T = TypeVar("T")
 sleep = asyncio.sleep
 Lock = asyncio.Lock
 logger = logging.getLogger("pgwarden")
+
+#: How late a coarse `Watchdog.watch` entry may fire.
+COARSE_TICK = 0.5
 
 
 class SingleFlight(Generic[T]):
@@ -87,8 +91,17 @@ async def run_within(fn: Callable[[], Awaitable[T]], timeout: float) -> T:
 class Watchdog:
     """Runs a callback at a monotonic time unless disarmed first (deadlines, leaks).
 
-    Timers live on the event loop (``call_at``), which discards cancelled ones.
+    `arm` is exact: a loop timer (``call_at``) per entry. `watch` is coarse and
+    cheaper (a dict entry; one sweeper timer per handle while entries exist) and
+    fires up to `COARSE_TICK` late: for the ``default_timeout`` backstop that
+    every call carries, where a timer per call would be paid on the hot path.
     """
+
+    def __init__(self) -> None:
+        self._coarse: dict[int, tuple[float, Callable[[], object]]] = {}
+        self._next = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper_loop: asyncio.AbstractEventLoop | None = None
 
     def arm(self, when: float, callback: Callable[..., object], *args: Any) -> Any:
         """Schedule ``callback(*args)`` at monotonic time *when*; returns a handle."""
@@ -99,8 +112,39 @@ class Watchdog:
     def disarm(handle: Any) -> None:
         handle.cancel()
 
+    def watch(self, when: float, callback: Callable[[], object]) -> int:
+        """Run ``callback()`` within `COARSE_TICK` after *when* unless `unwatch`ed."""
+        self._next += 1
+        token = self._next
+        self._coarse[token] = (when, callback)
+        loop = asyncio.get_running_loop()
+        if self._sweeper is None or self._sweeper_loop is not loop:
+            self._sweeper_loop = loop
+            self._sweeper = loop.call_later(COARSE_TICK, self._sweep)
+        return token
+
+    def unwatch(self, token: int) -> None:
+        self._coarse.pop(token, None)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = monotonic()
+        due = [token for token, (when, _) in self._coarse.items() if when <= now]
+        for token in due:
+            _, callback = self._coarse.pop(token)
+            try:
+                callback()
+            except Exception as exc:  # a failing callback must not stop the sweeps
+                logger.warning("watchdog callback failed: %s", type(exc).__name__)
+        if self._coarse and self._sweeper_loop is not None:
+            self._sweeper = self._sweeper_loop.call_later(COARSE_TICK, self._sweep)
+
     def close(self) -> None:
-        """Nothing to stop: timers live on the event loop."""
+        """Drop coarse entries; exact timers live on the event loop."""
+        self._coarse.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
 
 def spawn(fn: Callable[[], Awaitable[Any]]) -> None:

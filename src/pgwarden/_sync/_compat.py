@@ -15,6 +15,7 @@ from pgwarden._handle.waits import WaitTimeout
 from pgwarden._signals import DEFAULT_SIGNALS, chain_signal
 
 __all__ = [
+    "COARSE_TICK",
     "Lock",
     "SingleFlight",
     "WaitTimeout",
@@ -30,6 +31,9 @@ T = TypeVar("T")
 sleep = time.sleep
 Lock = threading.Lock
 logger = logging.getLogger("pgwarden")
+
+#: How late a coarse `Watchdog.watch` entry may fire.
+COARSE_TICK = 0.5
 
 
 class _Outcome(Generic[T]):
@@ -129,6 +133,9 @@ class Watchdog:
     Started lazily on first use. Arming is a heap push; disarming removes the
     token from a set, and the heap is rebuilt from the live entries when dead
     ones outnumber them, so memory stays proportional to what is armed.
+    `watch` is coarse and cheaper (a dict entry, no wake-up of the thread unless
+    it sleeps with nothing to do) and fires up to `COARSE_TICK` late: for the
+    ``default_timeout`` backstop that every call carries.
     """
 
     def __init__(self) -> None:
@@ -138,6 +145,8 @@ class Watchdog:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._coarse: dict[int, tuple[float, Callable[[], object]]] = {}
+        self._wake_at = float("inf")  # when the thread's current wait ends
 
     def arm(self, when: float, callback: Callable[..., object], *args: Any) -> int:
         token = next(self._ids)
@@ -149,10 +158,7 @@ class Watchdog:
             heapq.heappush(heap, (when, token, callback, args))
             self._live.add(token)
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._loop, name="pgwarden-watchdog", daemon=True
-                )
-                self._thread.start()
+                self._start()
             elif heap[0][1] == token:
                 self._cond.notify()
         return token
@@ -160,6 +166,27 @@ class Watchdog:
     def disarm(self, token: int) -> None:
         with self._cond:
             self._live.discard(token)
+
+    def watch(self, when: float, callback: Callable[[], object]) -> int:
+        """Run ``callback()`` within `COARSE_TICK` after *when* unless `unwatch`ed."""
+        token = next(self._ids)
+        with self._cond:
+            self._coarse[token] = (when, callback)
+            if self._thread is None:
+                self._start()
+            elif self._wake_at > time.monotonic() + COARSE_TICK:
+                # It sleeps longer than a coarse entry may wait (at most once a
+                # tick: while entries exist it wakes every tick by itself).
+                self._cond.notify()
+        return token
+
+    def unwatch(self, token: int) -> None:
+        with self._cond:
+            self._coarse.pop(token, None)
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="pgwarden-watchdog", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
         with self._cond:
@@ -172,20 +199,28 @@ class Watchdog:
                 heap = self._heap
                 while heap and heap[0][1] not in self._live:
                     heapq.heappop(heap)
-                if not heap:
-                    self._cond.wait()
+                now = time.monotonic()
+                if self._coarse:
+                    due = [t for t, (when, _) in self._coarse.items() if when <= now]
+                    for token in due:
+                        self._run(self._coarse.pop(token)[1], ())
+                if heap and heap[0][0] <= now:
+                    _, token, callback, args = heapq.heappop(heap)
+                    self._live.discard(token)
+                    self._run(callback, args)
                     continue
-                when, token, callback, args = heap[0]
-                delay = when - time.monotonic()
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                heapq.heappop(heap)
-                self._live.discard(token)
-                try:
-                    callback(*args)
-                except Exception as exc:  # a failing callback must not kill the thread
-                    logger.warning("watchdog callback failed: %s", type(exc).__name__)
+                timeout = heap[0][0] - now if heap else None
+                if self._coarse:
+                    timeout = COARSE_TICK if timeout is None else min(timeout, COARSE_TICK)
+                self._wake_at = float("inf") if timeout is None else now + timeout
+                self._cond.wait(timeout)
+
+    @staticmethod
+    def _run(callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+        try:
+            callback(*args)
+        except Exception as exc:  # a failing callback must not kill the thread
+            logger.warning("watchdog callback failed: %s", type(exc).__name__)
 
 
 def spawn(fn: Callable[[], Any]) -> None:

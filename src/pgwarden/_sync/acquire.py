@@ -59,7 +59,16 @@ class Lease:
     (a direct connection); released exactly once.
     """
 
-    __slots__ = ("_connections", "_timer", "acquire_wait", "acquired_at", "conn", "severed")
+    __slots__ = (
+        "_connections",
+        "_precise",
+        "_timer",
+        "_watch",
+        "acquire_wait",
+        "acquired_at",
+        "conn",
+        "severed",
+    )
 
     def __init__(
         self,
@@ -67,23 +76,36 @@ class Lease:
         conn: PgwConnection,
         until: float | None,
         acquire_wait: float = 0.0,
+        *,
+        precise: bool = True,
     ) -> None:
         self._connections = connections
         self.conn = conn
         self.severed = False
         self.acquired_at = monotonic()
         self.acquire_wait = acquire_wait
+        self._precise = precise
         self._timer: Any = None
+        self._watch: int | None = None
         self.rearm(until)
 
     def rearm(self, until: float | None) -> None:
-        """Move the sever timer to *until* (None: no bound)."""
+        """Move the sever timer to *until* (None: no bound). A lease that is not
+        *precise* (only the ``default_timeout`` backstop bounds it) uses the
+        watchdog's coarse, cheaper watch, which fires up to ``COARSE_TICK`` late."""
         watchdog = self._connections.watchdog
         if self._timer is not None:
             watchdog.disarm(self._timer)
             self._timer = None
-        if until is not None:
+        if self._watch is not None:
+            watchdog.unwatch(self._watch)
+            self._watch = None
+        if until is None:
+            return
+        if self._precise:
             self._timer = watchdog.arm(until + SEVER_GRACE, self._sever)
+        else:
+            self._watch = watchdog.watch(until, self._sever)
 
     def _sever(self) -> None:
         # Read the descriptor now, not at arm time: a connection closed
@@ -199,7 +221,7 @@ class Connections:
             raise HandleClosed(f"the database handle for {self.settings.safe_url} is not open")
         while True:
             conn = self._getconn(pool, deadline, explicit, started)
-            lease = Lease(self, conn, deadline, monotonic() - started)
+            lease = Lease(self, conn, deadline, monotonic() - started, precise=explicit)
             try:
                 usable = self._usable(lease)
             except BaseException:  # cancelled while validating: do not lose the connection
