@@ -278,6 +278,17 @@ async def warm(db: AsyncDatabase) -> None:
 # --- the phases -------------------------------------------------------------------------------
 
 
+async def heal_and_recover(
+    calls: Calls, db: AsyncDatabase, fault_proxy: FaultProxy
+) -> tuple[str, float | None]:
+    """Keep the silence a little longer, note what it swallowed, heal, and time the
+    handle's first success after healing."""
+    await outlast()
+    report = swallow_report(fault_proxy)
+    fault_proxy.heal()
+    return report, await recover(calls, db, time.monotonic())
+
+
 def test_connect(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
     """The handle's very first connect (its warmup) meets a server that never answers."""
     app = "pgw-bounded-connect"
@@ -296,10 +307,7 @@ def test_connect(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
                 placement.append(f"first swallowed chunk is not a connection opening: {swallowed}")
             if app_backends(pg_server, app):
                 placement.append("a session reached the server despite swallow()")
-            await outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = await recover(calls, db, time.monotonic())
+            report, recovery = await heal_and_recover(calls, db, fault_proxy)
         finally:
             await finish(calls, db, fault_proxy)
         judge(phase, (DeadlineExceeded,), calls, recovery, placement, report)
@@ -332,10 +340,7 @@ def test_begin(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
                 placement.append(f"the first swallowed chunk is not BEGIN: {swallowed[:1]}")
             if any(b"bounded-begin body" in chunk for chunk in swallowed):
                 placement.append("the transaction body was sent: BEGIN was answered")
-            await outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = await recover(calls, db, time.monotonic())
+            report, recovery = await heal_and_recover(calls, db, fault_proxy)
         finally:
             await finish(calls, db, fault_proxy)
         judge(phase, (DeadlineExceeded,), calls, recovery, placement, report)
@@ -363,10 +368,7 @@ def test_read(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
                 lambda: db.fetchval("SELECT 'bounded-read' FROM pg_sleep(0.3)"),
             )
             placement = watcher.placement()
-            await outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = await recover(calls, db, time.monotonic())
+            report, recovery = await heal_and_recover(calls, db, fault_proxy)
         finally:
             await finish(calls, db, fault_proxy)
         judge(phase, (DeadlineExceeded,), calls, recovery, placement, report)
@@ -403,10 +405,7 @@ def test_write(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
             states = [row[1] for row in app_backends(pg_server, app)]
             if "idle in transaction" not in states:
                 placement.append(f"no session left idle in the transaction: {states}")
-            await outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = await recover(calls, db, time.monotonic())
+            report, recovery = await heal_and_recover(calls, db, fault_proxy)
         finally:
             await finish(calls, db, fault_proxy)
         judge(phase, (DeadlineExceeded,), calls, recovery, placement, report)
@@ -453,10 +452,7 @@ def test_commit(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
 
             phase = await calls.call("COMMIT", DEADLINE, transaction)
             placement = watcher.placement()
-            await outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = await recover(calls, db, time.monotonic())
+            report, recovery = await heal_and_recover(calls, db, fault_proxy)
         finally:
             await finish(calls, db, fault_proxy)
         # The outcome is unknown to the client (the server did commit): AmbiguousCommitError
@@ -510,10 +506,7 @@ def test_commit_resolution(pg_server: PostgresServer, fault_proxy: FaultProxy) -
             seen = [row for row in app_backends(pg_server, app) if "txid_status" in row[2]]
             if seen:
                 placement.append(f"txid_status() reached the server: {seen}")
-            await outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = await recover(calls, db, time.monotonic())
+            report, recovery = await heal_and_recover(calls, db, fault_proxy)
             ambiguous = db.stats()["counters"]["ambiguous_commits"]
         finally:
             await finish(calls, db, fault_proxy)
@@ -555,10 +548,7 @@ def test_validation(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
             placement = []
             if not swallowed:
                 placement.append("nothing was sent on the idle connection")
-            await outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = await recover(calls, db, time.monotonic())
+            report, recovery = await heal_and_recover(calls, db, fault_proxy)
         finally:
             await finish(calls, db, fault_proxy)
         problems = []

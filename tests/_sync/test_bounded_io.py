@@ -280,6 +280,17 @@ def warm(db: Database) -> None:
 # --- the phases -------------------------------------------------------------------------------
 
 
+def heal_and_recover(
+    calls: Calls, db: Database, fault_proxy: FaultProxy
+) -> tuple[str, float | None]:
+    """Keep the silence a little longer, note what it swallowed, heal, and time the
+    handle's first success after healing."""
+    outlast()
+    report = swallow_report(fault_proxy)
+    fault_proxy.heal()
+    return report, recover(calls, db, time.monotonic())
+
+
 def test_connect(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
     """The handle's very first connect (its warmup) meets a server that never answers."""
     app = "pgw-bounded-connect"
@@ -298,10 +309,7 @@ def test_connect(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
                 placement.append(f"first swallowed chunk is not a connection opening: {swallowed}")
             if app_backends(pg_server, app):
                 placement.append("a session reached the server despite swallow()")
-            outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = recover(calls, db, time.monotonic())
+            report, recovery = heal_and_recover(calls, db, fault_proxy)
         finally:
             finish(calls, db, fault_proxy)
         judge(phase, (DeadlineExceeded,), calls, recovery, placement, report)
@@ -334,10 +342,7 @@ def test_begin(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
                 placement.append(f"the first swallowed chunk is not BEGIN: {swallowed[:1]}")
             if any(b"bounded-begin body" in chunk for chunk in swallowed):
                 placement.append("the transaction body was sent: BEGIN was answered")
-            outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = recover(calls, db, time.monotonic())
+            report, recovery = heal_and_recover(calls, db, fault_proxy)
         finally:
             finish(calls, db, fault_proxy)
         judge(phase, (DeadlineExceeded,), calls, recovery, placement, report)
@@ -365,10 +370,7 @@ def test_read(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
                 lambda: db.fetchval("SELECT 'bounded-read' FROM pg_sleep(0.3)"),
             )
             placement = watcher.placement()
-            outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = recover(calls, db, time.monotonic())
+            report, recovery = heal_and_recover(calls, db, fault_proxy)
         finally:
             finish(calls, db, fault_proxy)
         judge(phase, (DeadlineExceeded,), calls, recovery, placement, report)
@@ -405,10 +407,7 @@ def test_write(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
             states = [row[1] for row in app_backends(pg_server, app)]
             if "idle in transaction" not in states:
                 placement.append(f"no session left idle in the transaction: {states}")
-            outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = recover(calls, db, time.monotonic())
+            report, recovery = heal_and_recover(calls, db, fault_proxy)
         finally:
             finish(calls, db, fault_proxy)
         judge(phase, (DeadlineExceeded,), calls, recovery, placement, report)
@@ -455,10 +454,7 @@ def test_commit(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
 
             phase = calls.call("COMMIT", DEADLINE, transaction)
             placement = watcher.placement()
-            outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = recover(calls, db, time.monotonic())
+            report, recovery = heal_and_recover(calls, db, fault_proxy)
         finally:
             finish(calls, db, fault_proxy)
         # The outcome is unknown to the client (the server did commit): AmbiguousCommitError
@@ -512,10 +508,7 @@ def test_commit_resolution(pg_server: PostgresServer, fault_proxy: FaultProxy) -
             seen = [row for row in app_backends(pg_server, app) if "txid_status" in row[2]]
             if seen:
                 placement.append(f"txid_status() reached the server: {seen}")
-            outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = recover(calls, db, time.monotonic())
+            report, recovery = heal_and_recover(calls, db, fault_proxy)
             ambiguous = db.stats()["counters"]["ambiguous_commits"]
         finally:
             finish(calls, db, fault_proxy)
@@ -557,10 +550,7 @@ def test_validation(pg_server: PostgresServer, fault_proxy: FaultProxy) -> None:
             placement = []
             if not swallowed:
                 placement.append("nothing was sent on the idle connection")
-            outlast()
-            report = swallow_report(fault_proxy)
-            fault_proxy.heal()
-            recovery = recover(calls, db, time.monotonic())
+            report, recovery = heal_and_recover(calls, db, fault_proxy)
         finally:
             finish(calls, db, fault_proxy)
         problems = []
