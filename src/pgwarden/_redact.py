@@ -27,10 +27,15 @@ def redact(text: str, *secrets: str | None) -> str:
     """Return *text* with URL passwords, ``password=`` pairs and every given
     secret value masked. Empty or very short secrets are ignored to avoid
     masking ordinary words."""
+    # A password found in the text is masked wherever else it appears too (a
+    # database or user name that repeats it, an echoed fragment).
+    found = [m["pw"] for m in _URL_PASSWORD.finditer(text)]
+    found += [m["val"].strip("'") for m in _KV_PASSWORD.finditer(text)]
+    found += [m["val"] for m in _QUERY_PASSWORD.finditer(text)]
     out = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
     out = _KV_PASSWORD.sub(lambda m: f"{m['key']}{MASK}", out)
     out = _QUERY_PASSWORD.sub(lambda m: f"{m['key']}{MASK}", out)
-    for secret in secrets:
+    for secret in (*secrets, *found):
         if secret and len(secret) >= 3:
             out = out.replace(secret, MASK)
     return out

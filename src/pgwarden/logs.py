@@ -3,7 +3,8 @@
 pgwarden logs through the standard library logger ``"pgwarden"`` and tags every event with
 ``extra={"event": NAME, ...}``: ``warmup``, ``warmup_retry``, ``retry``,
 ``retry_budget_exhausted``, ``breaker``, ``overload``, ``reconnect``, ``ambiguous_commit``,
-``slow_query``, ``leak``, ``closed`` (see :data:`EVENTS`).  Nothing is logged on the
+``slow_query``, ``leak``, ``closed``, and ``pool_*`` for psycopg_pool's own log lines about
+pgwarden's pools (see :data:`EVENTS` and :data:`POOL_MESSAGES`).  Nothing is logged on the
 steady-state hot path.  This module makes those events easy to ship and to look at:
 
 * :class:`JsonFormatter`: one JSON object per line with ``ts``, ``level``, ``logger``,
@@ -11,7 +12,10 @@ steady-state hot path.  This module makes those events easy to ship and to look 
 * :func:`configure_json_logging`: attach a JSON handler to the ``pgwarden`` logger (or any);
 * :class:`EventBuffer`: a ring buffer of the last N events, as dicts (what the dashboard
   shows);
-* :func:`record_to_dict`: the dict behind both.
+* :func:`record_to_dict`: the dict behind both;
+* :func:`route_pool_logs` / :class:`PoolLogBridge`: psycopg_pool's records about a pgwarden
+  pool become ``pool_*`` events on the ``pgwarden`` logger (once each; the original is
+  dropped), while records of anyone else's psycopg_pool pools pass through untouched.
 
 Secrets
     Every string that leaves here (message, field values, keys, exception text) goes through
@@ -24,13 +28,17 @@ Secrets
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import itertools
 import json
 import logging
+import re
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from types import FrameType
 from typing import IO, Any
 
 from pgwarden._redact import MASK, redact
@@ -38,10 +46,15 @@ from pgwarden._redact import MASK, redact
 __all__ = [
     "EVENTS",
     "LOGGER_NAME",
+    "POOL_GENERIC_EVENT",
+    "POOL_LOGGERS",
+    "POOL_MESSAGES",
     "EventBuffer",
     "JsonFormatter",
+    "PoolLogBridge",
     "configure_json_logging",
     "record_to_dict",
+    "route_pool_logs",
 ]
 
 #: The logger pgwarden writes to.
@@ -249,3 +262,369 @@ class EventBuffer(logging.Handler):
             target.removeHandler(self)
             if previous is not None:
                 target.setLevel(previous)
+
+
+# --- psycopg_pool's own records, as pgwarden events --------------------------------------------
+#
+# psycopg_pool logs plain text on "psycopg.pool" (and "psycopg_pool.sched"). A filter on those
+# loggers turns each record emitted on behalf of a pgwarden pool into one event on the
+# "pgwarden" logger and drops the original; records of any other psycopg_pool pool pass
+# through untouched. See :func:`route_pool_logs`.
+
+#: The loggers psycopg_pool writes to (its schedulers use their module names).
+POOL_LOGGERS = ("psycopg.pool", "psycopg_pool.sched", "psycopg_pool.sched_async")
+
+#: Class attribute marking pgwarden's pool and connection classes (``PgwAsyncPool``,
+#: ``PgwPool`` and their connections): records about them are pgwarden's.
+OWNED_MARK = "_pgwarden_owned"
+#: Class attribute marking exceptions whose psycopg_pool records are dropped without an
+#: event (``CircuitOpen``: the breaker already logged the outage once).
+QUIET_MARK = "_pgwarden_quiet"
+
+_DEBUG, _INFO, _WARNING = logging.DEBUG, logging.INFO, logging.WARNING
+
+#: Every message psycopg_pool 3.3 logs (its format string, as psycopg-pool 3.3.0 to 3.3.3
+#: write it) -> (event, level pgwarden logs it at, what each ``%`` argument is).  The level is
+#: psycopg_pool's own except for the three messages logged on every ``getconn``/``putconn``,
+#: which pgwarden logs at DEBUG: nothing is logged on the steady-state hot path at INFO.
+#: A message not listed here (a newer psycopg_pool) becomes a ``pool_log`` event at its level.
+POOL_MESSAGES: dict[str, tuple[str, int, tuple[str, ...]]] = {
+    "waiting for pool %r initialization": ("pool_opening", _INFO, ("pool",)),
+    "pool %r is ready to use": ("pool_ready", _INFO, ("pool",)),
+    "connection requested from %r": ("pool_connection_requested", _DEBUG, ("pool",)),
+    "connection given by %r": ("pool_connection_given", _DEBUG, ("pool",)),
+    "returning connection to %r": ("pool_connection_returning", _DEBUG, ("pool",)),
+    "connection failed check: %s": ("pool_check_failed", _INFO, ("error",)),
+    "growing pool %r to %s": ("pool_growing", _INFO, ("pool", "size")),
+    "adding new connection to the pool": ("pool_connection_added", _INFO, ()),
+    "resizing %r to min_size=%s max_size=%s": (
+        "pool_resizing",
+        _INFO,
+        ("pool", "min_size", "max_size"),
+    ),
+    "shrinking pool %r to %s because %s unused connections in the last %s sec": (
+        "pool_shrinking",
+        _INFO,
+        ("pool", "size", "unused", "seconds"),
+    ),
+    "discarding expired connection %s": ("pool_connection_expired", _INFO, ("connection",)),
+    "discarding expired connection": ("pool_connection_expired", _INFO, ()),
+    "discarding broken connection: %s": ("pool_connection_broken", _WARNING, ("connection",)),
+    "not serving connection found broken": ("pool_broken_not_served", _INFO, ()),
+    "discarding closed connection: %s": ("pool_returned_broken", _WARNING, ("connection",)),
+    "rolling back returned connection: %s": (
+        "pool_returned_in_transaction",
+        _WARNING,
+        ("connection",),
+    ),
+    "rollback failed: %s: %s. Discarding connection %s": (
+        "pool_rollback_failed",
+        _WARNING,
+        ("error_type", "error", "connection"),
+    ),
+    "closing returned connection: %s": ("pool_returned_active", _WARNING, ("connection",)),
+    "error resetting connection: %s": ("pool_reset_failed", _WARNING, ("error",)),
+    "error connecting in %r: %s": ("pool_connect_failed", _WARNING, ("pool", "error")),
+    "reconnection attempt in pool %r failed after %s sec": (
+        "pool_reconnect_gave_up",
+        _WARNING,
+        ("pool", "seconds"),
+    ),
+    "task run %s failed: %s: %s": ("pool_task_failed", _WARNING, ("task", "error_type", "error")),
+    "scheduled task run %s failed: %s: %s": (
+        "pool_scheduled_task_failed",
+        _WARNING,
+        ("task", "error_type", "error"),
+    ),
+    "pool %r closed": ("pool_closed", _DEBUG, ("pool",)),
+    "terminating working task %s": ("pool_worker_stopped", _DEBUG, ("worker",)),
+    "task run discarded: %s": ("pool_task_discarded", _DEBUG, ("task",)),
+    "task tick discarded: %s": ("pool_task_discarded", _DEBUG, ("task",)),
+    "task running in %s: %s": ("pool_task_running", _DEBUG, ("worker", "task")),
+    "couldn't stop task %r within %s seconds": (
+        "pool_worker_stuck",
+        _WARNING,
+        ("worker", "seconds"),
+    ),
+    "couldn't stop thread %r within %s seconds": (
+        "pool_worker_stuck",
+        _WARNING,
+        ("worker", "seconds"),
+    ),
+    "hint: %s": ("pool_worker_stuck_hint", _WARNING, ("hint",)),
+}
+#: The event of a psycopg_pool message not in :data:`POOL_MESSAGES`.
+POOL_GENERIC_EVENT = "pool_log"
+
+for _template, (_event, *_rest) in POOL_MESSAGES.items():
+    EVENTS.setdefault(_event, f"psycopg_pool logged {_template!r} about a pgwarden pool")
+EVENTS[POOL_GENERIC_EVENT] = "psycopg_pool logged a message not in POOL_MESSAGES (pool, origin)"
+del _template, _event, _rest
+
+_NUMBERS = frozenset({"size", "min_size", "max_size", "unused", "seconds"})
+_STATUS = re.compile(r"\[([^\]]*)\]")
+_FRAME_DEPTH = 40  # how far up the emitting stack to look for the pool
+
+
+def _type_marked(obj: object, mark: str) -> bool:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return bool(getattr(cls, mark, False))
+
+
+class PoolLogBridge(logging.Filter):
+    """The filter on psycopg_pool's loggers that turns a pgwarden pool's records into events.
+
+    Installed once per process by :func:`route_pool_logs`; thread-safe; costs nothing unless
+    psycopg_pool emits a record (a logger's filters run only then).  Whose record is it, in
+    this order (the first answer wins):
+
+    1. an argument of the record: a connection (pgwarden's pools use their own connection
+       class), a pool task (it holds a reference to its pool), or the name of a pgwarden pool
+       or of one of its workers (``<name>-worker-N``);
+    2. the emitting call stack: the nearest frame whose ``self`` (or ``cls``) is a
+       psycopg_pool pool (or pool class) -- every psycopg_pool message is logged from inside
+       a pool method, except the two below;
+    3. the emitting thread's or asyncio task's name: psycopg_pool names its workers
+       ``<name>-worker-N`` and its scheduler ``<name>-scheduler`` (the scheduler's messages).
+
+    A record that none of these attributes to a pgwarden pool passes through untouched.
+    """
+
+    _pgwarden_pool_bridge = True  # recognised by route_pool_logs across module reloads
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mutex = threading.Lock()
+        self._names: frozenset[str] = frozenset()
+        self._secrets: tuple[str, ...] = ()
+        self._target = logging.getLogger(LOGGER_NAME)
+
+    # -- registry ---------------------------------------------------------------------------
+    def register(self, pool_name: str, secrets: Iterable[str | None] = ()) -> None:
+        """Remember *pool_name* as a pgwarden pool's and *secrets* as values to mask."""
+        with self._mutex:
+            self._names = self._names | {pool_name}
+            known = set(self._secrets)
+            self._secrets = self._secrets + tuple(
+                s for s in dict.fromkeys(secrets) if s and len(s) >= 3 and s not in known
+            )
+
+    @property
+    def pool_names(self) -> frozenset[str]:
+        return self._names
+
+    # -- the filter ---------------------------------------------------------------------------
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            owner = self.owner(record)
+        except Exception:  # never break psycopg_pool; a record we cannot place passes
+            return True
+        if owner is None:
+            return True
+        try:
+            self._emit(record, owner)
+        except Exception:  # one that cannot be rendered still becomes one (plainer) event
+            with contextlib.suppress(Exception):
+                self._emit_fallback(record, owner)
+        return False
+
+    def owner(self, record: logging.LogRecord) -> str | None:
+        """The pgwarden pool *record* is about: its name ("" when not known), or None when
+        the record is not about a pgwarden pool."""
+        for verdict in self._verdicts(record):
+            if verdict is not None:
+                return verdict if isinstance(verdict, str) else None
+        return None
+
+    # A verdict: a str (a pgwarden pool's; its name or ""), False (another pool's) or None
+    # (this clue says nothing). The clues are tried in order, the cheap ones first.
+    def _verdicts(self, record: logging.LogRecord) -> Iterator[str | bool | None]:
+        for arg in record.args if isinstance(record.args, tuple) else ():
+            yield self._about(arg)
+        yield self._from_stack()
+        yield self._context_name(record)
+
+    def _about(self, obj: object) -> str | bool | None:
+        """The verdict of one argument of the record."""
+        if isinstance(obj, str):
+            return self._matching_name(obj)
+        if isinstance(obj, (int, float, BaseException)) or obj is None:
+            return None
+        psycopg = sys.modules.get("psycopg")
+        if psycopg is not None and isinstance(obj, psycopg.BaseConnection):
+            if not _type_marked(obj, OWNED_MARK):
+                return False
+            pool = getattr(obj, "_pool", None)
+            return str(getattr(pool, "name", "") or "")
+        owner = getattr(obj, "__self__", obj)  # a bound method: the scheduler's task.tick
+        ref = getattr(owner, "pool", None)
+        if isinstance(ref, weakref.ref):
+            return self._pool_verdict(ref())
+        return self._pool_verdict(obj)
+
+    @staticmethod
+    def _pool_verdict(obj: object) -> str | bool | None:
+        base = sys.modules.get("psycopg_pool.base")
+        if base is None or obj is None:
+            return None
+        pool_class = base.BasePool
+        if isinstance(obj, pool_class):
+            return str(getattr(obj, "name", "") or "") if _type_marked(obj, OWNED_MARK) else False
+        if isinstance(obj, type) and issubclass(obj, pool_class):
+            return "" if _type_marked(obj, OWNED_MARK) else False
+        return None
+
+    def _from_stack(self) -> str | bool | None:
+        frame: FrameType | None = sys._getframe(1)
+        for _ in range(_FRAME_DEPTH):
+            if frame is None:
+                return None
+            code = frame.f_code
+            if code.co_argcount and code.co_varnames[0] in ("self", "cls"):
+                verdict = self._pool_verdict(frame.f_locals.get(code.co_varnames[0]))
+                if verdict is not None:
+                    return verdict
+            frame = frame.f_back
+        return None
+
+    def _matching_name(self, text: str) -> str | None:
+        for name in self._names:
+            if text == name or text.startswith(name + "-"):
+                return name
+        return None
+
+    def _context_name(self, record: logging.LogRecord) -> str | None:
+        name = self._matching_name(record.threadName or threading.current_thread().name)
+        if name is not None:
+            return name
+        aio = sys.modules.get("asyncio")
+        if aio is None:
+            return None
+        try:
+            task = aio.current_task()
+        except RuntimeError:  # no running loop in this thread
+            return None
+        return None if task is None else self._matching_name(task.get_name())
+
+    # -- the event ----------------------------------------------------------------------------
+    def _emit(self, record: logging.LogRecord, owner: str) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if any(_type_marked(arg, QUIET_MARK) for arg in args if isinstance(arg, BaseException)):
+            return
+        template = record.msg if isinstance(record.msg, str) else str(record.msg)
+        event, level, names = POOL_MESSAGES.get(template, (POOL_GENERIC_EVENT, record.levelno, ()))
+        target = self._target
+        if not target.isEnabledFor(level):
+            return
+        secrets = self._secrets
+        fields: dict[str, Any] = {}
+        rendered: list[Any] = []
+        for index, arg in enumerate(args):
+            role = names[index] if index < len(names) else ""
+            rendered.append(self._render(arg, role, fields, secrets))
+        if isinstance(record.args, tuple):
+            text = template % tuple(rendered) if rendered else template
+        else:
+            text = record.getMessage()
+        pool = fields.get("pool") or owner or self._context_name(record)
+        if not pool and len(self._names) == 1:
+            pool = next(iter(self._names))
+        extra: dict[str, Any] = {"event": event, **fields}
+        extra["pool"] = redact(str(pool), *secrets) if pool else None
+        extra["origin"] = record.name
+        for key, value in vars(record).items():  # extra= given to psycopg_pool's record
+            if key not in _STANDARD and not key.startswith("_") and key not in extra:
+                extra[key] = value
+        self._handle(record, level, redact(text, *secrets), extra)
+
+    @staticmethod
+    def _render(arg: Any, role: str, fields: dict[str, Any], secrets: tuple[str, ...]) -> Any:
+        """*arg* as it goes into the message, recording its structured form in *fields*."""
+        psycopg = sys.modules.get("psycopg")
+        if psycopg is not None and isinstance(arg, psycopg.BaseConnection):
+            # Not the connection's repr: it names host, port, user and database.
+            match = _STATUS.search(repr(arg))
+            status = match.group(1) if match else "?"
+            fields["connection_status"] = status
+            try:
+                pid = int(arg.pgconn.backend_pid)
+            except Exception:
+                pid = 0
+            if pid:
+                fields["backend_pid"] = pid
+            return f"<connection [{status}]" + (f" pid={pid}>" if pid else ">")
+        if isinstance(arg, BaseException):
+            fields.setdefault("error_type", type(arg).__name__)
+            sqlstate = getattr(arg, "sqlstate", None)
+            if isinstance(sqlstate, str) and sqlstate:
+                fields["sqlstate"] = sqlstate
+            return redact(str(arg), *secrets)
+        if role in ("pool", "worker", "error_type") and isinstance(arg, str):
+            fields[role] = redact(arg, *secrets)
+        elif role == "task":
+            fields["task"] = type(arg).__name__
+        elif role in _NUMBERS and isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            fields[role] = arg
+        return arg
+
+    def _handle(
+        self, record: logging.LogRecord, level: int, text: str, extra: dict[str, Any]
+    ) -> None:
+        target = self._target
+        event = target.makeRecord(
+            target.name,
+            level,
+            record.pathname,
+            record.lineno,
+            text,
+            (),
+            record.exc_info,
+            record.funcName,
+            extra,
+            record.stack_info,
+        )
+        event.created, event.msecs = record.created, record.msecs
+        event.relativeCreated = record.relativeCreated
+        target.handle(event)
+
+    def _emit_fallback(self, record: logging.LogRecord, owner: str) -> None:
+        """The event when the record could not be rendered: its template, redacted."""
+        level = record.levelno
+        if self._target.isEnabledFor(level):
+            text = redact(str(record.msg), *self._secrets)
+            extra = {"event": POOL_GENERIC_EVENT, "pool": owner or None, "origin": record.name}
+            self._handle(record, level, text, extra)
+
+
+_BRIDGE_LOCK = threading.Lock()
+_BRIDGE: PoolLogBridge | None = None
+
+
+def route_pool_logs(pool_name: str, *, secrets: Iterable[str | None] = ()) -> PoolLogBridge:
+    """Make psycopg_pool's records about the pool named *pool_name* pgwarden events.
+
+    Called by every pgwarden pool's constructor. The first call installs the
+    :class:`PoolLogBridge` filter on :data:`POOL_LOGGERS` (later calls, and a reloaded
+    module, find it there and reuse it: each record is turned into one event, however often
+    this runs). *secrets* (the pool's password) are masked in every event's text and fields.
+    Returns the bridge.
+    """
+    global _BRIDGE
+    with _BRIDGE_LOCK:
+        bridge: PoolLogBridge | None = None
+        for logger_name in POOL_LOGGERS:
+            for existing in logging.getLogger(logger_name).filters:
+                if getattr(existing, "_pgwarden_pool_bridge", False):
+                    bridge = existing  # type: ignore[assignment]
+                    break
+            if bridge is not None:
+                break
+        if bridge is None:
+            bridge = _BRIDGE or PoolLogBridge()
+        for logger_name in POOL_LOGGERS:
+            target = logging.getLogger(logger_name)
+            if not any(getattr(f, "_pgwarden_pool_bridge", False) for f in target.filters):
+                target.addFilter(bridge)
+        _BRIDGE = bridge
+    bridge.register(pool_name, secrets)
+    return bridge

@@ -205,7 +205,16 @@ class Settings:
         True, "Count and time operations for stats(); False installs a no-op tracker."
     )
     health_interval: float = _doc(
-        5.0, "health() results are cached this long and computed single-flight."
+        5.0,
+        "health() results are cached this long and computed single-flight; a connect "
+        "failure or a lost connection seen since a check began makes its result stale.",
+    )
+    health_timeout: float = _doc(
+        1.0,
+        "health() answers within this long, whatever the database does: the wait for "
+        "readiness, for a pooled connection and the round trip all fit in it. A health "
+        "endpoint must answer before its prober gives up; a known outage (open breaker, "
+        "failing connects) is reported at once, without a round trip.",
     )
     slow_query_threshold: float = _doc(
         1.0, "Statements slower than this emit a 'slow_query' event (without parameters)."
@@ -296,6 +305,7 @@ class Settings:
             "breaker_max_cooldown",
             "breaker_min_outage",
             "health_interval",
+            "health_timeout",
             "sizing_quiet_period",
             "leak_threshold",
         )

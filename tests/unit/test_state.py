@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import psycopg
 import pytest
 
 import pgwarden
@@ -26,8 +27,8 @@ from pgwarden._handle.state import (
     DEADLINE_ATTEMPTS_CAP,
     EXPLORE_AFTER_TIMEOUTS,
     FIRST_CONNECT_BOUND,
+    LEARNED_WRITES_MAX,
     HandleState,
-    RedactedCause,
 )
 from pgwarden._handle.waits import WaitTimeout
 from pgwarden.core.breaker import Admission, BreakerState
@@ -407,7 +408,7 @@ def test_unavailable_error_carries_a_redacted_cause(h: Handle) -> None:
     assert "next probe in 0.30s" in str(error)
     assert "db.internal" in str(error)
     assert SECRET not in str(error)
-    assert isinstance(error.__cause__, RedactedCause)
+    assert type(error.__cause__) is OSError  # the original error, not a stand-in
     assert "connection refused" in str(error.__cause__)
     assert SECRET not in str(error.__cause__)
 
@@ -784,7 +785,8 @@ def test_stats_shape_with_pool_stats() -> None:
     stats = Handle(pgbouncer="on").state.stats(pool_stats)
     assert set(stats) == STATS_KEYS
     pool = stats["pool"]
-    assert (pool["size"], pool["idle"], pool["in_use"], pool["waiting"]) == (4, 1, 3, 2)
+    # waiting is pgwarden's own count of callers, not psycopg_pool's requests_waiting (2).
+    assert (pool["size"], pool["idle"], pool["in_use"], pool["waiting"]) == (4, 1, 3, 0)
     assert (pool["max_size"], pool["utilization"]) == (8, 3 / 8)
     assert pool["connections_lost"] == 3
     assert stats["pgbouncer"] is True
@@ -1082,3 +1084,26 @@ def test_enter_and_leave_from_many_threads_lose_no_update(busy_switching: None) 
     assert stats["in_flight"] == 0
     requests = threads * (rounds + 1)
     assert stats["retry_budget_tokens"] == round(1e-4 * requests, 3)
+
+
+def test_redacted_cause_keeps_the_psycopg_error_its_sqlstate_and_diag(h: Handle) -> None:
+    exc = psycopg.errors.InvalidPassword(f"password authentication failed; password={SECRET}")
+    cause = h.state.redacted_cause(exc)
+    assert cause is exc
+    assert type(cause) is psycopg.errors.InvalidPassword
+    assert cause.sqlstate == "28P01"
+    assert cause.diag is not None
+    assert SECRET not in str(cause)
+    assert SECRET not in repr(cause)
+    assert "password authentication failed" in str(cause)
+
+
+def test_a_learnt_write_is_sent_as_a_write_and_the_set_is_bounded(h: Handle) -> None:
+    state = h.state
+    assert not state.statement_writes("SELECT add_row(1)")
+    state.learn_write("SELECT add_row(1)")
+    assert state.statement_writes("SELECT add_row(1)")
+    assert not state.statement_writes("SELECT 1")
+    for i in range(LEARNED_WRITES_MAX + 10):
+        state.learn_write(f"SELECT f{i}()")
+    assert len(state._learned_writes) == LEARNED_WRITES_MAX

@@ -199,13 +199,16 @@ class AsyncConnections:
         return AsyncLease(self, conn, until)
 
     # --- leases --------------------------------------------------------------------------------
-    async def lease(self, deadline: float | None, *, explicit: bool) -> AsyncLease:
+    async def lease(
+        self, deadline: float | None, *, explicit: bool, internal: bool = False
+    ) -> AsyncLease:
         """A usable connection under the deadline, as far as can be known without SQL.
 
         *explicit*: the caller set the deadline itself, so it may wait for the
         breaker's next probe; otherwise an open breaker fails fast. The caller
         reports the lease's ``acquire_wait`` and held time when it is a user's
-        (internal probes are not counted).
+        (internal probes are not counted). An *internal* lease (the health
+        check's) is not counted as a waiting caller either.
         """
         state = self.state
         started = monotonic()
@@ -218,7 +221,7 @@ class AsyncConnections:
         if pool is None:
             raise HandleClosed(f"the database handle for {self.settings.safe_url} is not open")
         while True:
-            conn = await self._getconn(pool, deadline, explicit, started)
+            conn = await self._getconn(pool, deadline, explicit, started, counted=not internal)
             lease = AsyncLease(self, conn, deadline, monotonic() - started, precise=explicit)
             try:
                 usable = await self._usable(lease)
@@ -256,22 +259,41 @@ class AsyncConnections:
         return True
 
     async def _getconn(
-        self, pool: PgwAsyncPool, deadline: float | None, explicit: bool, started: float
+        self,
+        pool: PgwAsyncPool,
+        deadline: float | None,
+        explicit: bool,
+        started: float,
+        *,
+        counted: bool = True,
     ) -> PgwAsyncConnection:
-        """`pool.getconn` in slices, so that a breaker that opens meanwhile ends the wait."""
+        """`pool.getconn` in slices, so that a breaker that opens meanwhile ends the wait.
+
+        A *counted* caller is in the ``waiting`` gauge from *started* until it has a
+        connection or gives up, however that ends (cancellation included). The gauge
+        is ours: psycopg_pool leaves each slice that timed out in its queue (and in
+        its ``requests_waiting``) until a returned connection pops it. A checkout
+        served at once shows in no gauge (`HandleState.WAITING_GRACE`); psycopg_pool
+        has no non-blocking getconn to tell it apart (``getconn(0)`` always times out).
+        """
         state = self.state
         end = started + self.settings.acquire_timeout
         if deadline is not None and deadline < end:
             end = deadline
-        while True:
-            left = end - monotonic()
-            if left <= 0:
-                state.acquire_timed_out()
-                raise state.deadline_error(state.last_connect_error, "acquire", AcquireTimeout)
-            try:
-                return await pool.getconn(left if left < WAIT_SLICE else WAIT_SLICE)
-            except PoolTimeout:
-                await self._admit(deadline, explicit)
+        token = state.wait_started(started) if counted else None
+        try:
+            while True:
+                left = end - monotonic()
+                if left <= 0:
+                    state.acquire_timed_out()
+                    raise state.deadline_error(state.last_connect_error, "acquire", AcquireTimeout)
+                try:
+                    return await pool.getconn(left if left < WAIT_SLICE else WAIT_SLICE)
+                except PoolTimeout:
+                    await self._admit(deadline, explicit)
+        finally:
+            if token is not None:
+                state.wait_ended(token)
 
     async def _admit(self, deadline: float | None, explicit: bool) -> None:
         """Pass the breaker: wait for its next probe if the caller's deadline allows,

@@ -31,16 +31,21 @@ connection ``_created_at``,          close reasons "drain" and "lifetime" (set b
 ``_expire_at``                       by the pool on every connection)
 ==================================== ==========================================================
 
-psycopg_pool's logger gets a filter (installed when the first pool opens, not
-at import) that drops its per-attempt warning for our own `CircuitOpen`
-refusals: the breaker already logged the outage once.
+psycopg_pool's own log records about our pools become pgwarden events: each
+pool's constructor calls `pgwarden.logs.route_pool_logs`, which installs (once
+per process, not at import) a filter on psycopg_pool's loggers that turns every
+record about a pgwarden pool into one ``pool_*`` event on the ``pgwarden``
+logger, redacted, and drops the original. It recognises our pools by the
+``_pgwarden_owned`` mark on `PgwAsyncPool` and `PgwAsyncConnection` (see
+`pgwarden.logs.PoolLogBridge`). Its per-attempt warning for our own
+`CircuitOpen` refusals is dropped without an event (``_pgwarden_quiet``): the
+breaker already logged the outage once.
 """
 
 from __future__ import annotations
 
-import logging
 from time import monotonic
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import psycopg_pool
 from psycopg import AsyncConnection, OperationalError
@@ -49,7 +54,9 @@ from psycopg_pool import AsyncConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 
 from pgwarden._async._compat import run_within
+from pgwarden._handle.config import password_of
 from pgwarden.core.metrics import CloseReason
+from pgwarden.logs import route_pool_logs
 
 __all__ = [
     "POOL_PRIVATE_ATTRIBUTES",
@@ -91,20 +98,8 @@ _check_internals(AsyncConnectionPool)
 class CircuitOpen(OperationalError):
     """Raised instead of connecting while the breaker is open (never reaches callers)."""
 
-
-class _HideCircuitOpen(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args if isinstance(record.args, tuple) else ()
-        return not any(isinstance(arg, CircuitOpen) for arg in args)
-
-
-_FILTER = _HideCircuitOpen()
-
-
-def _install_log_filter() -> None:
-    pool_logger = logging.getLogger("psycopg.pool")
-    if _FILTER not in pool_logger.filters:
-        pool_logger.addFilter(_FILTER)
+    #: psycopg_pool's "error connecting" record for it is dropped (see the module docstring).
+    _pgwarden_quiet: ClassVar[bool] = True
 
 
 class PoolObserver(Protocol):
@@ -140,19 +135,25 @@ class PgwAsyncConnection(AsyncConnection[DictRow]):
 
     last_used: float = 0.0
     poller: Any = None  # see pgwarden._handle.net.has_pending_input
+    _pgwarden_owned: ClassVar[bool] = True  # psycopg_pool's records about it are events
 
 
 class PgwAsyncPool(AsyncConnectionPool[PgwAsyncConnection]):
     """`AsyncConnectionPool` that reports connects and closes to its handle."""
+
+    _pgwarden_owned: ClassVar[bool] = True  # psycopg_pool's records about it are events
 
     def __init__(self, conninfo: str, *, observer: PoolObserver, **kwargs: Any) -> None:
         self._observer = observer
         #: The close reason of connections closed by the current drain.
         self.drain_reason = CloseReason.DRAIN
         super().__init__(conninfo, connection_class=PgwAsyncConnection, open=False, **kwargs)
+        connect_kwargs = kwargs.get("kwargs") or {}
+        route_pool_logs(
+            self.name, secrets=(password_of(conninfo), str(connect_kwargs.get("password") or ""))
+        )
 
     async def open(self, wait: bool = False, timeout: float = 30.0) -> None:
-        _install_log_filter()
         await super().open(wait=wait, timeout=timeout)
         # Instance attributes exist only once the pool is open (the lock is made then).
         missing = [name for name in POOL_PRIVATE_ATTRIBUTES if not hasattr(self, name)]

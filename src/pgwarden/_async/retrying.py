@@ -7,6 +7,7 @@ from pgwarden._async.acquire import AsyncConnections
 from pgwarden._handle.state import HandleState
 from pgwarden.core.classify import Phase, RetryContext
 from pgwarden.core.retry import Decision, GiveUp, GiveUpReason, RetryPolicy, Sleep
+from pgwarden.errors import OutcomeUnknown
 
 __all__ = ["act_on", "after_failed_attempt"]
 
@@ -50,6 +51,10 @@ async def act_on(
     if isinstance(decision, Sleep):
         await sleep(decision.seconds)
         return
-    if isinstance(decision, GiveUp) and decision.reason is GiveUpReason.DEADLINE:
+    if (
+        isinstance(decision, GiveUp)
+        and decision.reason is GiveUpReason.DEADLINE
+        and not isinstance(exc, OutcomeUnknown)  # "it may have committed" outranks the time
+    ):
         raise state.deadline_error(exc, operation) from exc
     raise exc

@@ -20,7 +20,7 @@ from pgwarden._async.acquire import AsyncConnections
 from pgwarden._async.pool import PgwAsyncConnection
 from pgwarden._handle.config import looks_like_pgbouncer
 from pgwarden._handle.state import HandleState
-from pgwarden.core.classify import FailureKind, Phase, RetryContext
+from pgwarden.core.classify import Phase, RetryContext
 from pgwarden.core.lifecycle import State
 from pgwarden.core.retry import Sleep
 
@@ -61,7 +61,7 @@ class AsyncWarmup:
                 conn = await self._connect_and_probe(give_up_at)
                 break
             except (psycopg.Error, OSError, WaitTimeout) as exc:
-                kind, decision = state.failed(
+                _, decision = state.failed(
                     exc,
                     Phase.CONNECT,
                     _PROBE_CONTEXT,
@@ -79,9 +79,9 @@ class AsyncWarmup:
                 elapsed = monotonic() - started
                 error = state.not_ready_error(exc, elapsed)
                 state.warmup_finished(elapsed, attempt, error)
-                if kind is FailureKind.PERMANENT:
-                    raise error from state.redacted_cause(exc)
-                raise error from None
+                # Permanent or not, the last failure is the cause (redacted in
+                # place: a psycopg error keeps its type, sqlstate and diag).
+                raise error from state.redacted_cause(exc)
         if state.state is not State.WARMING:
             # close() arrived while we were connecting: do not open a pool now.
             await conn.close()

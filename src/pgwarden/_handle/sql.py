@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 
 from psycopg.sql import SQL, Composed
 
-from pgwarden.core.classify import is_write_sql
+from pgwarden.core.classify import query_is_write
 from pgwarden.core.deadline import statement_timeout_ms
 
 __all__ = [
@@ -72,12 +72,3 @@ def begin_statement(isolation: str | None, readonly: bool) -> bytes:
 def statement_timeout_args(remaining: float) -> tuple[str]:
     """The parameters of `SET_STATEMENT_TIMEOUT` for *remaining* seconds."""
     return (str(statement_timeout_ms(remaining)),)
-
-
-def query_is_write(query: Query) -> bool:
-    """May the statement change data? By its text; a composed query is assumed to."""
-    if isinstance(query, str):
-        return is_write_sql(query)
-    if isinstance(query, bytes):
-        return is_write_sql(query.decode(errors="replace"))
-    return True

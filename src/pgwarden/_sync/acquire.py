@@ -201,13 +201,14 @@ class Connections:
         return Lease(self, conn, until)
 
     # --- leases --------------------------------------------------------------------------------
-    def lease(self, deadline: float | None, *, explicit: bool) -> Lease:
+    def lease(self, deadline: float | None, *, explicit: bool, internal: bool = False) -> Lease:
         """A usable connection under the deadline, as far as can be known without SQL.
 
         *explicit*: the caller set the deadline itself, so it may wait for the
         breaker's next probe; otherwise an open breaker fails fast. The caller
         reports the lease's ``acquire_wait`` and held time when it is a user's
-        (internal probes are not counted).
+        (internal probes are not counted). An *internal* lease (the health
+        check's) is not counted as a waiting caller either.
         """
         state = self.state
         started = monotonic()
@@ -220,7 +221,7 @@ class Connections:
         if pool is None:
             raise HandleClosed(f"the database handle for {self.settings.safe_url} is not open")
         while True:
-            conn = self._getconn(pool, deadline, explicit, started)
+            conn = self._getconn(pool, deadline, explicit, started, counted=not internal)
             lease = Lease(self, conn, deadline, monotonic() - started, precise=explicit)
             try:
                 usable = self._usable(lease)
@@ -258,22 +259,41 @@ class Connections:
         return True
 
     def _getconn(
-        self, pool: PgwPool, deadline: float | None, explicit: bool, started: float
+        self,
+        pool: PgwPool,
+        deadline: float | None,
+        explicit: bool,
+        started: float,
+        *,
+        counted: bool = True,
     ) -> PgwConnection:
-        """`pool.getconn` in slices, so that a breaker that opens meanwhile ends the wait."""
+        """`pool.getconn` in slices, so that a breaker that opens meanwhile ends the wait.
+
+        A *counted* caller is in the ``waiting`` gauge from *started* until it has a
+        connection or gives up, however that ends (cancellation included). The gauge
+        is ours: psycopg_pool leaves each slice that timed out in its queue (and in
+        its ``requests_waiting``) until a returned connection pops it. A checkout
+        served at once shows in no gauge (`HandleState.WAITING_GRACE`); psycopg_pool
+        has no non-blocking getconn to tell it apart (``getconn(0)`` always times out).
+        """
         state = self.state
         end = started + self.settings.acquire_timeout
         if deadline is not None and deadline < end:
             end = deadline
-        while True:
-            left = end - monotonic()
-            if left <= 0:
-                state.acquire_timed_out()
-                raise state.deadline_error(state.last_connect_error, "acquire", AcquireTimeout)
-            try:
-                return pool.getconn(left if left < WAIT_SLICE else WAIT_SLICE)
-            except PoolTimeout:
-                self._admit(deadline, explicit)
+        token = state.wait_started(started) if counted else None
+        try:
+            while True:
+                left = end - monotonic()
+                if left <= 0:
+                    state.acquire_timed_out()
+                    raise state.deadline_error(state.last_connect_error, "acquire", AcquireTimeout)
+                try:
+                    return pool.getconn(left if left < WAIT_SLICE else WAIT_SLICE)
+                except PoolTimeout:
+                    self._admit(deadline, explicit)
+        finally:
+            if token is not None:
+                state.wait_ended(token)
 
     def _admit(self, deadline: float | None, explicit: bool) -> None:
         """Pass the breaker: wait for its next probe if the caller's deadline allows,

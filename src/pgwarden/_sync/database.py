@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from pgwarden._handle.config import call_site
 from pgwarden._handle.sql import ManyParams, Mode, Params, Query
-from pgwarden._handle.state import HandleState
+from pgwarden._handle.state import HandleState, HealthMark
 from pgwarden._sync._compat import SingleFlight, WaitTimeout, on_signals, sleep
 from pgwarden._sync.acquire import Connections
 from pgwarden._sync.execute import Statements
@@ -46,8 +46,10 @@ __all__ = ["Database", "Transaction"]
 
 T = TypeVar("T")
 
-# health() never waits longer than this for its round trip (nor than connect_timeout).
-HEALTH_TIMEOUT = 2.0
+# The health check's own deadline ends this long before the caller's bound
+# (``health_timeout``), so that its outcome, with its own error, reaches the caller
+# within the bound: a silent server's socket is severed SEVER_GRACE past a deadline.
+HEALTH_MARGIN = 0.1
 
 
 class Database:
@@ -69,7 +71,6 @@ class Database:
         self._transactions = Transactions(state, self._connections, self._warmup)
         self._statements = Statements(state, self._connections, self._warmup, self._transactions)
         self._health_flight: SingleFlight[dict[str, Any]] = SingleFlight()
-        self._health_cache: tuple[float, dict[str, Any]] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.settings.safe_url} {self._state.state.value}>"
@@ -100,10 +101,23 @@ class Database:
         *,
         timeout: float | None = None,
         idempotent: bool = False,
+        write: bool | None = None,
     ) -> list[dict[str, Any]]:
-        """All rows as dicts. Retried when safe (reads; writes only if *idempotent*)."""
+        """All rows as dicts.
+
+        Sent again after a failure only when it cannot have written: nothing
+        reached the server, or the server proved it a read, or the caller said
+        so. *write*: None (the default) decides by the SQL text, and a read by
+        text that may have run is re-sent only inside ``BEGIN READ ONLY`` (a
+        hidden write such as ``SELECT add_row()`` is then refused and raises
+        `OutcomeUnknown`); True: it writes (never re-sent once it may have
+        run; under a deadline its COMMIT is resolved by id); False: the caller
+        vouches it writes nothing. *idempotent*: running it twice is harmless,
+        so it is re-sent like a read. The same arguments apply to `fetchrow`,
+        `fetchval` and `execute`.
+        """
         result: list[dict[str, Any]] = self._statements.run(
-            Mode.ROWS, query, params, timeout, idempotent
+            Mode.ROWS, query, params, timeout, idempotent, write
         )
         return result
 
@@ -114,10 +128,11 @@ class Database:
         *,
         timeout: float | None = None,
         idempotent: bool = False,
+        write: bool | None = None,
     ) -> dict[str, Any] | None:
         """The first row as a dict, or None."""
         result: dict[str, Any] | None = self._statements.run(
-            Mode.ROW, query, params, timeout, idempotent
+            Mode.ROW, query, params, timeout, idempotent, write
         )
         return result
 
@@ -128,9 +143,10 @@ class Database:
         *,
         timeout: float | None = None,
         idempotent: bool = False,
+        write: bool | None = None,
     ) -> Any:
         """The first column of the first row, or None when there is no row."""
-        return self._statements.run(Mode.VALUE, query, params, timeout, idempotent)
+        return self._statements.run(Mode.VALUE, query, params, timeout, idempotent, write)
 
     def execute(
         self,
@@ -139,10 +155,12 @@ class Database:
         *,
         timeout: float | None = None,
         idempotent: bool = False,
+        write: bool | None = None,
     ) -> int:
-        """Run a statement; return its rowcount. Once a write reached the server it is
-        not re-run unless the caller passes ``idempotent=True``."""
-        result: int = self._statements.run(Mode.COUNT, query, params, timeout, idempotent)
+        """Run a statement; return its rowcount. A write that may have reached the
+        server is never sent again unless ``idempotent=True``; if its connection
+        is lost after it was sent, `OutcomeUnknown` (see `fetch` for *write*)."""
+        result: int = self._statements.run(Mode.COUNT, query, params, timeout, idempotent, write)
         return result
 
     def executemany(
@@ -224,46 +242,69 @@ class Database:
 
     # --- health, stats, shutdown ---------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        """A health report (ok, state, breaker, latency, error, pool), from one real
-        round trip bounded by ``min(connect_timeout, 2 s)``. Cached for
-        ``health_interval`` and single-flight, so a busy health endpoint costs the
-        database at most one query per interval; an open breaker is reported at
-        once, without a round trip."""
+        """A health report (ok, state, breaker, latency, error, pool), within
+        ``health_timeout`` whatever the database does (readiness, acquire and the
+        round trip all fit in it).
+
+        A known outage is reported at once, without waiting: an open breaker, or a
+        last connect attempt that failed with no success since (its error, redacted).
+        Otherwise one real round trip decides; its report is cached for
+        ``health_interval`` and computed single-flight, so a busy health endpoint
+        costs the database at most one query per interval. A connect failure, a
+        connection found lost or a query failing as lost/stale/nothing ran/failover
+        after the cached check began makes it stale: the next call checks again.
+        """
+        entered = monotonic()
         state = self._state
         if state.breaker_state is not BreakerState.CLOSED:
             return self._health_report(False, 0.0, state.last_connect_error)
-        cached = self._health_cache
-        if cached is not None and monotonic() - cached[0] < self.settings.health_interval:
-            return cached[1]
-        bound = min(self.settings.connect_timeout, HEALTH_TIMEOUT)
+        cached = state.cached_health()
+        if cached is not None:
+            return cached
+        bound = self.settings.health_timeout
+        down = state.known_down()
+        # Known down: answer now, and let the check run on in the background
+        # (single-flight) so that a recovery is seen even if nothing else connects.
+        wait = 0.0 if down is not None else bound - (monotonic() - entered)
         try:
-            return self._health_flight.run(self._check_health, bound + 0.1)
+            return self._health_flight.run(self._check_health, wait)
         except WaitTimeout:
-            return self._health_report(False, bound, state.last_connect_error)
+            if down is not None:
+                return self._health_report(False, 0.0, down)
+            return self._health_report(
+                False, monotonic() - entered, state.health_timeout_error(bound)
+            )
 
     def _check_health(self) -> dict[str, Any]:
+        mark = self._state.health_check_began()
         started = monotonic()
-        deadline = started + min(self.settings.connect_timeout, HEALTH_TIMEOUT)
+        bound = self.settings.health_timeout
+        deadline = started + max(bound - HEALTH_MARGIN, bound / 2)
         error: BaseException | None = None
         try:
             self._warmup.wait(deadline)
-            lease = self._connections.lease(deadline, explicit=True)
+            lease = self._connections.lease(deadline, explicit=True, internal=True)
             try:
                 lease.conn.execute("SELECT 1")
             finally:
                 lease.release()
         except Exception as exc:
             error = exc
-        report = self._health_report(error is None, monotonic() - started, error)
-        self._health_cache = (monotonic(), report)
-        return report
+        return self._health_report(error is None, monotonic() - started, error, began=mark)
 
     def _health_report(
-        self, ok: bool, latency: float, error: BaseException | None
+        self,
+        ok: bool,
+        latency: float,
+        error: BaseException | None,
+        *,
+        began: HealthMark | None = None,
     ) -> dict[str, Any]:
+        """Count and build a report; one from a round trip that *began* is cached."""
         state = self._state
-        state.health_checked(ok)
-        return state.health_report(ok, latency, error, self._connections.pool_stats())
+        report = state.health_report(ok, latency, error, self._connections.pool_stats())
+        state.health_checked(ok, report, began)
+        return report
 
     def stats(self) -> dict[str, Any]:
         """A plain-dict snapshot of every gauge, counter and histogram."""

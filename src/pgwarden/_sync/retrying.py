@@ -9,6 +9,7 @@ from pgwarden._sync._compat import sleep
 from pgwarden._sync.acquire import Connections
 from pgwarden.core.classify import Phase, RetryContext
 from pgwarden.core.retry import Decision, GiveUp, GiveUpReason, RetryPolicy, Sleep
+from pgwarden.errors import OutcomeUnknown
 
 __all__ = ["act_on", "after_failed_attempt"]
 
@@ -50,6 +51,10 @@ def act_on(state: HandleState, decision: Decision, exc: BaseException, operation
     if isinstance(decision, Sleep):
         sleep(decision.seconds)
         return
-    if isinstance(decision, GiveUp) and decision.reason is GiveUpReason.DEADLINE:
+    if (
+        isinstance(decision, GiveUp)
+        and decision.reason is GiveUpReason.DEADLINE
+        and not isinstance(exc, OutcomeUnknown)  # "it may have committed" outranks the time
+    ):
         raise state.deadline_error(exc, operation) from exc
     raise exc

@@ -1,6 +1,6 @@
 # WARNING: generated from src/pgwarden/_async/transaction.py by scripts/async_to_sync.py.
 # Edit the async file and run `python scripts/async_to_sync.py`.
-"""Transactions: ``transaction()``, ``run_transaction()``, COMMIT and commit resolution.
+"""Transactions: ``transaction()``, ``run_transaction()``, savepoints, COMMIT, its resolution.
 
 A transaction holds one lease from BEGIN to the pool's reset after COMMIT or
 ROLLBACK, so all of it is under the call's deadline. BEGIN is retried on a
@@ -14,13 +14,61 @@ What a plain ``transaction()`` costs: BEGIN (pipelined with the statement
 timeout when there is an explicit deadline), your statements, and before
 COMMIT one ``txid_current_if_assigned()`` query when ``resolve_commits`` is
 on and the transaction is not read-only.
+
+Nesting. While a transaction of this handle is open in the current asyncio
+task (threads: the current thread), ``transaction()`` and ``run_transaction()``
+do not take a second connection: they run in a SAVEPOINT on the open one
+(``pgw_sp_1``, ``pgw_sp_2``, ... per outermost transaction). An exception
+rolls back to the savepoint only and is re-raised; a normal exit releases it;
+only the outermost COMMIT commits. Which transaction is open is kept in a
+context variable per handle, together with the task (thread) that opened it:
+a task created inside a transaction inherits the variable (asyncio copies the
+context), but is not its owner, so it opens a transaction of its own on
+another connection instead of sharing one connection between two tasks.
+(So does a coroutine that ``asyncio.wait_for`` runs as a task of its own on
+Python < 3.12.) A child awaited while its parent holds the pool's last
+connection therefore waits for a connection, as any other caller does. A
+nested call is part of the open one: it waits for no readiness and is not a
+call of its own in ``in_flight`` or for the retry budget.
+
+A savepoint cannot change what BEGIN fixed: a nested call asking for another
+``isolation`` than the open transaction's, or for ``readonly=True`` inside a
+read-write transaction, raises ValueError before doing anything; a nested
+call without ``readonly`` inside a read-only one is read-only too. A nested
+call's deadline never extends the open transaction's; an explicit shorter one
+(``timeout=``, ``pgwarden.deadline()``) is enforced by a ``statement_timeout``
+set inside the savepoint and restored when it is released: the statement is
+cancelled (a nested ``run_transaction()`` then raises `DeadlineExceeded`) and
+the open transaction goes on.
+
+A nested ``run_transaction()`` re-runs its function in a fresh savepoint only
+after a deadlock (40P01): the server aborted just the statement that waited,
+and rolling back to the savepoint releases the locks the function took (a
+deadlock on locks taken before the savepoint recurs, and after the nested
+attempts it reaches the outer level). Everything else propagates to the outer
+level: a serialization failure (40001) would fail again on the same snapshot,
+a lock timeout (55P03) is a timeout, and a lost connection took the whole
+transaction with it; an outer ``run_transaction()`` re-runs the whole
+function.
+
+What is counted. ``run_transaction()`` counts (``errors``), and may re-run,
+only the database failing: psycopg's errors, connection and timeout errors
+from the network, and `NotCommitted`. Any other exception from the function
+(``ValueError("insufficient funds")``) propagates at once, uncounted and not
+re-run; so do pgwarden's verdicts (`DatabaseUnusable`: the breaker is open,
+the deadline passed, ...; `OutcomeUnknown`, counted as an ambiguous commit),
+a failure a nested call already counted, and a write refused (25006) by a
+transaction the caller asked to be read-only (not a failover).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
+from threading import current_thread as _current_owner
 from time import monotonic
 from typing import Any, TypeVar
 
@@ -54,8 +102,9 @@ from pgwarden.core.classify import (
     sqlstate_of,
 )
 from pgwarden.core.commit import RESOLVE_POLL_SECONDS, CommitOutcome, commit_outcome
+from pgwarden.core.retry import MIN_ATTEMPT_SECONDS, RetryPolicy, deadline_ran_out
 from pgwarden.core.tracing import NOOP_STATEMENT_OBSERVER, StatementObserver
-from pgwarden.errors import AmbiguousCommitError, NotCommitted
+from pgwarden.errors import AmbiguousCommitError, DatabaseUnusable, NotCommitted, OutcomeUnknown
 
 __all__ = [
     "Transaction",
@@ -78,6 +127,24 @@ _WHOLE_CONTEXT = RetryContext(is_write=True, idempotent=True)
 # Commit resolution asks for at most this long (within the call's deadline).
 RESOLVE_FOR_AT_LEAST = 2.0
 
+# A nested run_transaction re-runs its savepoint after a deadlock only: the
+# server aborted the waiting statement, and rolling back to the savepoint
+# releases what the function locked. 40001 would fail again on the same snapshot.
+DEADLOCK_DETECTED = "40P01"
+# statement_timeout fired: at a nested call's own deadline, it is DeadlineExceeded.
+QUERY_CANCELED = "57014"
+# A write refused by a transaction the caller asked to be read-only: their own
+# doing, not a failover (BEGIN READ ONLY refuses it on a primary too).
+READ_ONLY_SQL_TRANSACTION = "25006"
+
+# What run_transaction counts and may re-run: the database failing. Anything
+# else the function raises is the caller's own and propagates at once.
+_DATABASE_FAILURES = (psycopg.Error, NotCommitted, ConnectionError, TimeoutError)
+# pgwarden's verdicts, already made (and counted where they are made).
+_VERDICTS = (DatabaseUnusable, OutcomeUnknown)
+# Set on an exception a nested run_transaction counted, so no outer level counts it again.
+_COUNTED = "_pgwarden_counted"
+
 
 def set_statement_timeout(conn: PgwConnection, deadline: float) -> None:
     """Set a transaction-local ``statement_timeout`` of the time left before *deadline*
@@ -92,13 +159,52 @@ class Transaction:
     ``transaction``), as the handle's own query methods are.
     """
 
-    __slots__ = ("_observer", "connection")
+    __slots__ = ("_names", "_observer", "connection")
 
     def __init__(
         self, connection: PgwConnection, observer: StatementObserver | None = None
     ) -> None:
         self.connection = connection
         self._observer = observer or NOOP_STATEMENT_OBSERVER
+        self._names = itertools.count(1)  # savepoint numbers, shared by every nested level
+
+    @contextmanager
+    def savepoint(self) -> Iterator[Transaction]:
+        """A SAVEPOINT in this transaction: an exception inside rolls back to it
+        (and is re-raised), a normal exit releases it. Yields this transaction."""
+        with self._savepoint(None):
+            yield self
+
+    @contextmanager
+    def _savepoint(self, deadline: float | None) -> Iterator[None]:
+        """A savepoint; with *deadline*, a ``statement_timeout`` of the time left
+        inside it, restored to the enclosing level's on release (on rollback the
+        server restores it itself)."""
+        conn = self.connection
+        name = b'"pgw_sp_%d"' % next(self._names)  # our own name: nothing to escape
+        restore: str | None = None
+        try:
+            if deadline is None:
+                conn.execute(b"SAVEPOINT " + name)
+            else:
+                cur = conn.cursor(row_factory=tuple_row)
+                with conn.pipeline():
+                    conn.execute(b"SAVEPOINT " + name)
+                    cur.execute(b"SELECT current_setting('statement_timeout')")
+                    set_statement_timeout(conn, deadline)
+                row = cur.fetchone()
+                restore = None if row is None else row[0]
+            yield
+        except BaseException:
+            _rollback_to_quietly(conn, name)
+            raise
+        if restore is None:
+            conn.execute(b"RELEASE SAVEPOINT " + name)
+        else:
+            # A SET LOCAL made inside a savepoint outlives its RELEASE: put it back.
+            with conn.pipeline():
+                conn.execute(b"RELEASE SAVEPOINT " + name)
+                conn.execute(SET_STATEMENT_TIMEOUT, (restore,))
 
     def _run(self, mode: Mode, query: Query, params: Params) -> Any:
         token = self._observer.statement_started("transaction", query)
@@ -156,6 +262,64 @@ def cursor_for(conn: PgwConnection, mode: Mode) -> Any:
     return conn.cursor(row_factory=tuple_row) if mode is Mode.VALUE else conn.cursor()
 
 
+class _Open:
+    """The transaction open on one handle in one task (thread): what nested calls share."""
+
+    __slots__ = ("deadline", "explicit", "isolation", "lease", "owner", "readonly", "tx")
+
+    def __init__(
+        self,
+        tx: Transaction,
+        lease: Lease,
+        isolation: str | None,
+        readonly: bool,
+        deadline: float | None,
+        explicit: bool,
+    ) -> None:
+        self.owner = _current_owner()
+        self.tx = tx
+        self.lease = lease
+        self.isolation = isolation  # None: the server's default, asked for when needed
+        self.readonly = readonly
+        self.deadline = deadline
+        self.explicit = explicit
+
+    def check(self, isolation: str | None, readonly: bool) -> None:
+        """ValueError if a call nested in this transaction asks for what a savepoint
+        cannot give: another isolation level, or read-only in a read-write one."""
+        begin_statement(isolation, readonly)  # a bad level: the same error as outside
+        if readonly and not self.readonly:
+            raise ValueError(
+                "readonly=True inside a read-write transaction: a savepoint cannot make "
+                "it read-only; open the read-only transaction outside the other one"
+            )
+        if isolation is None or isolation == self.isolation:
+            return
+        if self.isolation is None:
+            cur = self.tx.connection.execute(b"SHOW transaction_isolation")
+            row = cur.fetchone()
+            self.isolation = None if row is None else str(row["transaction_isolation"])
+            if isolation == self.isolation:
+                return
+        raise ValueError(
+            f"isolation={isolation!r} inside a {self.isolation} transaction: a savepoint "
+            "cannot change the isolation level; pass it to the outermost transaction"
+        )
+
+    def bounds(self, deadline: float | None, explicit: bool) -> tuple[float | None, float | None]:
+        """``(deadline, server_deadline)`` of a nested call whose own bound is
+        *deadline*: never later than this transaction's; *server_deadline* is
+        set when the call's explicit bound is the earlier (None: inherit)."""
+        outer = self.deadline
+        if not explicit or deadline is None:
+            return outer, None
+        if outer is not None and deadline >= outer:
+            if self.explicit:
+                return outer, None  # this transaction's statement_timeout already bounds it
+            deadline = outer  # only the client backstop bounds it: let the server too
+        return deadline, deadline
+
+
 class Transactions:
     def __init__(self, state: HandleState, connections: Connections, warmup: Warmup) -> None:
         self.state = state
@@ -163,12 +327,30 @@ class Transactions:
         self.connections = connections
         self.warmup = warmup
         self.observer: StatementObserver = NOOP_STATEMENT_OBSERVER
+        # The transaction open in the current task (thread), for nested calls.
+        self._open: ContextVar[_Open | None] = ContextVar("pgwarden_transaction", default=None)
+
+    def _open_here(self) -> _Open | None:
+        """The transaction this task (thread) has open, if any. One inherited from
+        the task that created this one is not ours: using it would put two tasks
+        on one connection at once."""
+        frame = self._open.get()
+        if frame is None or frame.owner is not _current_owner():
+            return None
+        return frame
 
     # --- transaction() -----------------------------------------------------------------------
     @contextmanager
     def transaction(
         self, isolation: str | None, readonly: bool, timeout: float | None
     ) -> Iterator[Transaction]:
+        frame = self._open_here()
+        if frame is not None:
+            frame.check(isolation, readonly)
+            _, server_deadline = frame.bounds(*self.state.deadline_for(timeout))
+            with frame.tx._savepoint(server_deadline):
+                yield frame.tx
+            return
         deadline, explicit = self.state.deadline_for(timeout)
         with self._begin(isolation, readonly, deadline, explicit) as tx:
             yield tx
@@ -186,11 +368,25 @@ class Transactions:
             lease = self._begin_on_fresh_lease(begin, deadline, explicit)
             with self.connections.held(lease, call_site()):
                 conn = lease.conn
+                tx = Transaction(conn, self.observer)
                 try:
-                    yield Transaction(conn, self.observer)
+                    token = self._open.set(
+                        _Open(tx, lease, isolation, readonly, deadline, explicit)
+                    )
+                    try:
+                        yield tx
+                    finally:
+                        self._open.reset(token)
                 except BaseException as exc:
                     _rollback_quietly(conn)
-                    if lease.severed:
+                    if lease.severed or (
+                        explicit
+                        and isinstance(exc, psycopg.errors.QueryCanceled)
+                        and deadline_ran_out(FailureKind.TIMEOUT, monotonic(), deadline)
+                    ):
+                        # The deadline ended it (client sever or the server's
+                        # statement timeout at the deadline): the same error as
+                        # every other entry point gives for a deadline.
                         raise state.deadline_error(exc, "transaction") from exc
                     if _lost_before_commit(exc, lease):
                         raise NotCommitted(
@@ -246,10 +442,14 @@ class Transactions:
         timeout: float | None,
         attempts: int | None,
     ) -> T:
+        """``fn(tx)`` in a transaction, re-run whole on the failures that certainly
+        did not commit; inside an open transaction, in a savepoint (`_run_nested`)."""
         state = self.state
+        policy = self._policy(attempts)
+        frame = self._open_here()
+        if frame is not None:
+            return self._run_nested(frame, fn, isolation, readonly, timeout, policy)
         deadline, explicit = state.deadline_for(timeout)
-        limit = attempts if attempts is not None else max(self.settings.retry_attempts, 5)
-        policy = dataclasses.replace(state.statement_policy, attempts=limit)
         attempt = 1
         while True:
             try:
@@ -257,6 +457,8 @@ class Transactions:
                     result = fn(tx)
                 return result
             except Exception as exc:
+                if not _database_failure(exc, readonly=readonly):
+                    raise
                 after_failed_attempt(
                     self.connections,
                     exc,
@@ -268,6 +470,67 @@ class Transactions:
                     operation="transaction",
                     whole_transaction=True,
                 )
+                attempt += 1
+
+    def _policy(self, attempts: int | None) -> RetryPolicy:
+        # Conflicts are expected under contention: at least 5 attempts by default.
+        limit = attempts if attempts is not None else max(self.settings.retry_attempts, 5)
+        return dataclasses.replace(self.state.statement_policy, attempts=limit)
+
+    def _run_nested(
+        self,
+        frame: _Open,
+        fn: Callable[[Transaction], T],
+        isolation: str | None,
+        readonly: bool,
+        timeout: float | None,
+        policy: RetryPolicy,
+    ) -> T:
+        """``fn(tx)`` in a savepoint of the open transaction, re-run in a new one
+        after a deadlock while attempts and time are left. A statement timeout at
+        the call's own (shorter) deadline is `DeadlineExceeded`. Everything else,
+        and the last deadlock, propagates uncounted, for the outer level to decide."""
+        frame.check(isolation, readonly)
+        deadline, server_deadline = frame.bounds(*self.state.deadline_for(timeout))
+        tx = frame.tx
+        attempt = 1
+        while True:
+            try:
+                with tx._savepoint(server_deadline):
+                    result = fn(tx)
+                return result
+            except Exception as exc:
+                if frame.lease.lost or not _database_failure(exc, readonly=frame.readonly):
+                    raise
+                sqlstate = sqlstate_of(exc)
+                rerun = (
+                    sqlstate == DEADLOCK_DETECTED
+                    and attempt < policy.attempts
+                    and (deadline is None or deadline - monotonic() >= MIN_ATTEMPT_SECONDS)
+                )
+                # Our own statement_timeout fired: decide() makes it DeadlineExceeded.
+                timed_out = (
+                    sqlstate == QUERY_CANCELED
+                    and server_deadline is not None
+                    and monotonic() >= server_deadline
+                )
+                if not (rerun or timed_out):
+                    raise
+                try:
+                    after_failed_attempt(
+                        self.connections,
+                        exc,
+                        Phase.STATEMENT,
+                        _WHOLE_CONTEXT,
+                        attempt=attempt,
+                        deadline=deadline,
+                        policy=policy,
+                        operation="savepoint",
+                        whole_transaction=True,
+                    )
+                except Exception as raised:  # counted here: the outer level must not again
+                    _mark_counted(raised)
+                    raise
                 attempt += 1
 
     def executemany(
@@ -410,10 +673,27 @@ def _marker(row: dict[str, Any] | None) -> _TxMarker | None:
     return None if row is None else (row["txid"], row["started"])
 
 
+def _database_failure(exc: Exception, *, readonly: bool) -> bool:
+    """Is *exc* the database failing this attempt, for run_transaction to count and
+    perhaps re-run? Not the caller's own exceptions, not pgwarden's verdicts, not a
+    failure already counted, not a write the caller's read-only transaction refused."""
+    if isinstance(exc, _VERDICTS) or getattr(exc, _COUNTED, False):
+        return False
+    if readonly and sqlstate_of(exc) == READ_ONLY_SQL_TRANSACTION:
+        return False
+    return isinstance(exc, _DATABASE_FAILURES)
+
+
+def _mark_counted(exc: BaseException) -> None:
+    with suppress(Exception):  # an exception class that refuses attributes: count it twice
+        setattr(exc, _COUNTED, True)
+
+
 def _lost_before_commit(exc: BaseException, lease: Lease) -> bool:
-    """A psycopg error on a connection that is now gone, with no SQLSTATE from the
-    server: the connection died before COMMIT was sent, so the server rolled back."""
-    return isinstance(exc, psycopg.OperationalError) and lease.lost and sqlstate_of(exc) is None
+    """A psycopg error on a connection that is now gone, before COMMIT was sent:
+    the server rolled the transaction back. With or without a SQLSTATE (a backend
+    the server terminated says 57P01 on its way out; a dead socket says nothing)."""
+    return isinstance(exc, psycopg.OperationalError) and lease.lost
 
 
 def _rollback_quietly(conn: PgwConnection) -> None:
@@ -422,3 +702,12 @@ def _rollback_quietly(conn: PgwConnection) -> None:
     # On failure the pool discards a connection left in a bad state.
     with suppress(psycopg.Error):
         conn.execute(b"ROLLBACK")
+
+
+def _rollback_to_quietly(conn: PgwConnection, name: bytes) -> None:
+    """Undo a savepoint's work and drop it; if that fails, the enclosing level
+    finds its transaction aborted (or its connection gone) and fails in turn."""
+    if conn.closed or conn.broken:
+        return
+    with suppress(psycopg.Error):
+        conn.execute(b"ROLLBACK TO SAVEPOINT " + name + b"; RELEASE SAVEPOINT " + name)

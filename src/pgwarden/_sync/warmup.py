@@ -22,7 +22,7 @@ from pgwarden._handle.state import HandleState
 from pgwarden._sync._compat import SingleFlight, WaitTimeout, sleep
 from pgwarden._sync.acquire import Connections
 from pgwarden._sync.pool import PgwConnection
-from pgwarden.core.classify import FailureKind, Phase, RetryContext
+from pgwarden.core.classify import Phase, RetryContext
 from pgwarden.core.lifecycle import State
 from pgwarden.core.retry import Sleep
 
@@ -63,7 +63,7 @@ class Warmup:
                 conn = self._connect_and_probe(give_up_at)
                 break
             except (psycopg.Error, OSError, WaitTimeout) as exc:
-                kind, decision = state.failed(
+                _, decision = state.failed(
                     exc,
                     Phase.CONNECT,
                     _PROBE_CONTEXT,
@@ -81,9 +81,9 @@ class Warmup:
                 elapsed = monotonic() - started
                 error = state.not_ready_error(exc, elapsed)
                 state.warmup_finished(elapsed, attempt, error)
-                if kind is FailureKind.PERMANENT:
-                    raise error from state.redacted_cause(exc)
-                raise error from None
+                # Permanent or not, the last failure is the cause (redacted in
+                # place: a psycopg error keeps its type, sqlstate and diag).
+                raise error from state.redacted_cause(exc)
         if state.state is not State.WARMING:
             # close() arrived while we were connecting: do not open a pool now.
             conn.close()

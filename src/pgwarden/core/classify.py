@@ -179,6 +179,7 @@ __all__ = [
     "is_retryable",
     "is_transaction_retryable",
     "is_write_sql",
+    "query_is_write",
     "sqlstate_of",
 ]
 
@@ -689,3 +690,13 @@ def is_write_sql(sql: str) -> bool:
         else:
             statement.append(word)
     return _statement_writes(statement)
+
+
+def query_is_write(query: object) -> bool:
+    """May the statement change data? By its text (:func:`is_write_sql`) for
+    ``str`` and ``bytes``; any other query (a composed one) is assumed to."""
+    if isinstance(query, str):
+        return is_write_sql(query)
+    if isinstance(query, bytes):
+        return is_write_sql(query.decode(errors="replace"))
+    return True

@@ -28,6 +28,7 @@ __all__ = [
     "RetryBudget",
     "RetryPolicy",
     "Sleep",
+    "deadline_ran_out",
     "decide",
 ]
 
@@ -216,6 +217,15 @@ _GIVE_UP_BUDGET = GiveUp(GiveUpReason.BUDGET)
 _TIMEOUT_SLACK = 0.01
 
 
+def deadline_ran_out(kind: FailureKind, now: float, deadline: float | None) -> bool:
+    """Is a failure of *kind* at *now* the deadline's doing? The deadline passed,
+    or it is a statement timeout that fired at the deadline (the server's half
+    of the deadline). Then the caller gets `DeadlineExceeded`, whatever the path."""
+    if deadline is None:
+        return False
+    return now >= deadline or (kind is FailureKind.TIMEOUT and now >= deadline - _TIMEOUT_SLACK)
+
+
 def decide(
     kind: FailureKind,
     ctx: RetryContext,
@@ -250,9 +260,7 @@ def decide(
         raise ValueError(f"attempt must be at least 1, got {attempt}")
     retryable = is_transaction_retryable(kind) if whole_transaction else is_retryable(kind, ctx)
     if not retryable:
-        if deadline is not None and (
-            now >= deadline or (kind is FailureKind.TIMEOUT and now >= deadline - _TIMEOUT_SLACK)
-        ):
+        if deadline_ran_out(kind, now, deadline):
             return _GIVE_UP_DEADLINE
         return _RAISE
     if attempt >= policy.attempts:

@@ -302,9 +302,12 @@ _MESSAGE_KINDS: tuple[tuple[str, str], ...] = (
 
 _PGWARDEN_KINDS = {
     "DeadlineExceeded": "deadline",
+    "AcquireTimeout": "pool_timeout",
     "DatabaseUnavailable": "breaker_open",
     "NotReady": "not_ready",
     "AmbiguousCommitError": "ambiguous_commit",
+    "OutcomeUnknown": "outcome_unknown",
+    "NotCommitted": "not_committed",
     "HandleClosed": "handle_closed",
 }
 

@@ -1,0 +1,219 @@
+"""A statement is sent again only if it cannot have written (real server, fault proxy).
+
+``SELECT add_row(...)`` (a SQL function that inserts) and ``SELECT nextval(...)`` read
+as reads by their text. The proxy cuts the connection right after the server ran them,
+so the client never hears the answer; pgwarden must not run them a second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pgwarden import AsyncDatabase, DatabaseUnusable, OutcomeUnknown, Settings
+
+from ._compat import run
+
+METHODS = ["fetch", "fetchrow", "fetchval", "execute"]
+
+
+def make(url: str, **overrides: Any) -> AsyncDatabase:
+    overrides.setdefault("retry_base_delay", 0.01)
+    return AsyncDatabase(Settings(url=url, **overrides))
+
+
+@pytest.fixture
+def writer(pg_server: Any) -> Iterator[str]:
+    """A table, a function that inserts into it and a sequence, all named by one suffix."""
+    name = "rs_" + uuid.uuid4().hex[:10]
+    pg_server.execute(f"CREATE TABLE {name} (id serial primary key, v int)")
+    pg_server.execute(
+        f"CREATE FUNCTION {name}_add(v int) RETURNS int LANGUAGE sql "
+        f"AS $$ INSERT INTO {name}(v) VALUES (v) RETURNING id $$"
+    )
+    pg_server.execute(f"CREATE SEQUENCE {name}_seq")
+    yield name
+    pg_server.execute(f"DROP FUNCTION {name}_add(int)")
+    pg_server.execute(f"DROP TABLE {name}")
+    pg_server.execute(f"DROP SEQUENCE {name}_seq")
+
+
+def rows_in(pg_server: Any, name: str) -> int:
+    return int(pg_server.execute(f"SELECT count(*) FROM {name}")[0][0])
+
+
+def sequence_calls(pg_server: Any, name: str) -> int:
+    """How many times nextval() ran on the sequence (0 if never)."""
+    last, called = pg_server.execute(f"SELECT last_value, is_called FROM {name}_seq")[0]
+    return int(last) if called else 0
+
+
+async def call(db: AsyncDatabase, method: str, query: str, params: Any, **kwargs: Any) -> Any:
+    return await getattr(db, method)(query, params, **kwargs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_hidden_insert_cut_after_it_ran_is_not_run_again_without_a_deadline(
+    pg_server: Any, fault_proxy: Any, writer: str, method: str
+) -> None:
+    async def main() -> None:
+        async with make(fault_proxy.url_for(pg_server.url)) as db:
+            await db.ready()
+            fault_proxy.cut_on(f"{writer}_add".encode(), when="after")
+            with pytest.raises(OutcomeUnknown) as caught:
+                await call(db, method, f"SELECT {writer}_add(%s)", [1])
+            assert caught.value.__cause__ is not None
+            assert fault_proxy.cuts == 1
+
+    run(main)
+    assert rows_in(pg_server, writer) == 1  # it ran once, and only once
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_hidden_insert_cut_after_it_ran_is_not_run_twice_under_a_deadline(
+    pg_server: Any, fault_proxy: Any, writer: str, method: str
+) -> None:
+    async def main() -> Any:
+        async with make(fault_proxy.url_for(pg_server.url)) as db:
+            await db.ready()
+            fault_proxy.cut_on(f"{writer}_add".encode(), when="after")
+            # Under a deadline the read-shaped statement runs READ ONLY: the server
+            # refuses it (nothing written), and it is sent again as a write whose
+            # COMMIT is resolved by transaction id.
+            return await call(db, method, f"SELECT {writer}_add(%s)", [1], timeout=10)
+
+    result = run(main)
+    assert rows_in(pg_server, writer) == 1
+    assert result is not None
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("timeout", [None, 10.0])
+def test_nextval_cut_after_it_ran_is_not_run_again(
+    pg_server: Any, fault_proxy: Any, writer: str, method: str, timeout: float | None
+) -> None:
+    async def main() -> None:
+        async with make(fault_proxy.url_for(pg_server.url)) as db:
+            await db.ready()
+            fault_proxy.cut_on(f"{writer}_seq".encode(), when="after")
+            query = f"SELECT nextval('{writer}_seq')"
+            if timeout is None:
+                with pytest.raises(OutcomeUnknown):
+                    await call(db, method, query, None)
+            else:
+                await call(db, method, query, None, timeout=timeout)
+
+    run(main)
+    if timeout is None:
+        assert sequence_calls(pg_server, writer) == 1
+    else:
+        # The first attempt ran READ ONLY and was refused before nextval() ran;
+        # the write attempt ran it exactly once.
+        assert sequence_calls(pg_server, writer) == 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("timeout", [None, 10.0])
+def test_plain_read_cut_after_it_ran_is_sent_again_and_served(
+    pg_server: Any, fault_proxy: Any, method: str, timeout: float | None
+) -> None:
+    async def main() -> Any:
+        async with make(fault_proxy.url_for(pg_server.url)) as db:
+            await db.ready()
+            fault_proxy.cut_on(b"plain_read_marker", when="after")
+            result = await call(
+                db, method, "SELECT 42 AS answer /* plain_read_marker */", None, timeout=timeout
+            )
+            assert fault_proxy.cuts == 1  # the cut did happen; the retry served the read
+            return result, db.stats()
+
+    result, stats = run(main)
+    expected = {"fetch": [{"answer": 42}], "fetchrow": {"answer": 42}, "fetchval": 42}
+    assert result == expected.get(method, 1)
+    assert stats["counters"]["retries"]["total"] >= 1
+
+
+def test_a_text_write_cut_after_it_ran_raises_outcome_unknown_and_is_not_resent(
+    pg_server: Any, fault_proxy: Any, writer: str
+) -> None:
+    async def main() -> None:
+        async with make(fault_proxy.url_for(pg_server.url)) as db:
+            await db.ready()
+            fault_proxy.cut_on(b"INSERT INTO", when="after")
+            with pytest.raises(OutcomeUnknown) as caught:
+                await db.execute(f"INSERT INTO {writer}(v) VALUES (%s)", [7])
+            assert not isinstance(caught.value, DatabaseUnusable)
+
+    run(main)
+    assert rows_in(pg_server, writer) == 1
+
+
+def test_a_text_write_cut_before_commit_under_a_deadline_is_resent_once(
+    pg_server: Any, fault_proxy: Any, writer: str
+) -> None:
+    async def main() -> int:
+        async with make(fault_proxy.url_for(pg_server.url)) as db:
+            await db.ready()
+            fault_proxy.cut_on(b"INSERT INTO", when="after")
+            # BEGIN ... INSERT ran, the connection died before COMMIT was sent: the
+            # server rolled back, so sending it again is safe.
+            count: int = await db.execute(f"INSERT INTO {writer}(v) VALUES (%s)", [7], timeout=10)
+            return count
+
+    assert run(main) == 1
+    assert rows_in(pg_server, writer) == 1
+
+
+def test_write_true_marks_a_read_shaped_statement_as_a_write(
+    pg_server: Any, fault_proxy: Any, writer: str
+) -> None:
+    async def main() -> None:
+        async with make(fault_proxy.url_for(pg_server.url)) as db:
+            await db.ready()
+            fault_proxy.cut_on(f"{writer}_add".encode(), when="after")
+            with pytest.raises(OutcomeUnknown):
+                await db.fetchval(f"SELECT {writer}_add(%s)", [1], write=True)
+
+    run(main)
+    assert rows_in(pg_server, writer) == 1
+
+
+def test_idempotent_true_lets_the_caller_have_it_sent_again(
+    pg_server: Any, fault_proxy: Any, writer: str
+) -> None:
+    async def main() -> Any:
+        async with make(fault_proxy.url_for(pg_server.url)) as db:
+            await db.ready()
+            fault_proxy.cut_on(f"{writer}_add".encode(), when="after")
+            return await db.fetchval(f"SELECT {writer}_add(%s)", [1], idempotent=True)
+
+    assert run(main) == 2  # the caller vouched: sent again, and it ran twice
+    assert rows_in(pg_server, writer) == 2
+
+
+def test_a_hidden_write_is_learnt_and_sent_as_a_write_next_time(
+    pg_server: Any, writer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pgwarden")
+    query = f"SELECT {writer}_add(%s)"
+
+    async def main() -> tuple[Any, Any, dict[str, Any]]:
+        async with make(pg_server.url) as db:
+            await db.ready()
+            first = await db.fetchval(query, [1], timeout=10)  # refused READ ONLY, then a write
+            second = await db.fetchval(query, [2], timeout=10)  # straight to the write path
+            assert db._state.statement_writes(query)
+            return first, second, db.stats()
+
+    first, second, stats = run(main)
+    assert (first, second) == (1, 2)
+    assert rows_in(pg_server, writer) == 2
+    events = [r for r in caplog.records if getattr(r, "event", None) == "hidden_write"]
+    assert len(events) == 1
+    assert "%s" in events[0].getMessage() or "?" in events[0].getMessage()
+    # The refusal is not a database error: nothing is counted for it.
+    assert sum(stats["counters"]["errors"].values()) == 0
