@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Extras that the test suite needs; kept in one place so demo and test agree.
-EXTRAS := dev,cli,prometheus,otel,stress
+EXTRAS := dev,cli,prometheus,otel,stress,sqlalchemy,fastapi
 # A second venv with the lowest psycopg and psycopg-pool that pyproject.toml's
 # lower bounds allow (same extras, everything else newest), so `make test` proves
 # that the lower bounds tell the truth. docs/versions.md says why they are what they are.

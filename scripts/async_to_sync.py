@@ -57,6 +57,7 @@ SUBS: list[tuple[str, str]] = [
     (r"\bAsyncTransactions\b", "Transactions"),
     (r"\bAsyncConnections\b", "Connections"),
     (r"\bAsyncLease\b", "Lease"),
+    (r"\bAsyncCheckout\b", "Checkout"),
     (r"\bAsyncStatements\b", "Statements"),
     (r"\bAsyncWarmup\b", "Warmup"),
     (r"\bPgwAsyncPool\b", "PgwPool"),

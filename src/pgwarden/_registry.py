@@ -34,8 +34,10 @@ class _Handle(Protocol):
 H = TypeVar("H", bound=_Handle)
 
 _lock = threading.Lock()
-_async_handles: dict[Settings, AsyncDatabase] = {}
-_sync_handles: dict[Settings, Database] = {}
+# Keyed by the settings and the consumer's adapters map (None for pgwarden's own
+# shape): an ORM's JSON loaders must not leak into another consumer's rows.
+_async_handles: dict[tuple[Settings, Any], AsyncDatabase] = {}
+_sync_handles: dict[tuple[Settings, Any], Database] = {}
 # Every handle ever made in this process, so a fork can reset them all.
 _all_handles: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -46,39 +48,51 @@ def _settings(url: str | None, overrides: dict[str, Any]) -> Settings:
     return Settings.from_env(**overrides)
 
 
-def connect_async(url: str | None = None, **settings: Any) -> AsyncDatabase:
+def connect_async(
+    url: str | None = None, *, adapters: Any = None, **settings: Any
+) -> AsyncDatabase:
     """The process's `AsyncDatabase` for *url* (default ``DATABASE_URL``) and *settings*.
 
     Does no I/O: the first query (or ``await db.ready()``) connects. Pass
-    ``settings=Settings(...)`` to use a prepared `Settings` object.
+    ``settings=Settings(...)`` to use a prepared `Settings` object. *adapters*
+    (a psycopg ``AdaptersMap``, for integrations) gives a separate handle whose
+    connections start from it.
     """
     from pgwarden._async.database import AsyncDatabase
 
-    return _handle(_async_handles, AsyncDatabase, url, settings)
+    def make(key: Settings) -> AsyncDatabase:
+        return AsyncDatabase(key, adapters=adapters)
+
+    return _handle(_async_handles, make, url, settings, adapters)
 
 
-def connect(url: str | None = None, **settings: Any) -> Database:
+def connect(url: str | None = None, *, adapters: Any = None, **settings: Any) -> Database:
     """The process's sync `Database` for *url* and *settings*; see `connect_async`.
 
     Sync handles close themselves at interpreter exit.
     """
     from pgwarden._sync.database import Database
 
-    return _handle(_sync_handles, Database, url, settings)
+    def make(key: Settings) -> Database:
+        return Database(key, adapters=adapters)
+
+    return _handle(_sync_handles, make, url, settings, adapters)
 
 
 def _handle(
-    handles: dict[Settings, H],
+    handles: dict[tuple[Settings, Any], H],
     make: Callable[[Settings], H],
     url: str | None,
     given: dict[str, Any],
+    adapters: Any,
 ) -> H:
     prepared = given.pop("settings", None)
-    key = prepared if isinstance(prepared, Settings) else _settings(url, given)
+    settings = prepared if isinstance(prepared, Settings) else _settings(url, given)
+    key = (settings, adapters)
     with _lock:
         handle = handles.get(key)
         if handle is None or handle.state.value in ("closing", "closed"):
-            handle = handles[key] = make(key)
+            handle = handles[key] = make(settings)
             _all_handles.add(handle)
         return handle
 

@@ -26,7 +26,7 @@ from time import monotonic
 from typing import Any, TypeVar
 
 from pgwarden._async._compat import SingleFlight, WaitTimeout, on_signals, sleep
-from pgwarden._async.acquire import AsyncConnections
+from pgwarden._async.acquire import AsyncCheckout, AsyncConnections
 from pgwarden._async.execute import AsyncStatements
 from pgwarden._async.transaction import AsyncTransaction, AsyncTransactions
 from pgwarden._async.warmup import AsyncWarmup
@@ -40,7 +40,7 @@ from pgwarden.core.metrics import MetricsTracker
 from pgwarden.core.tracing import StatementObserver, with_observer, without_observer
 from pgwarden.settings import Settings
 
-__all__ = ["AsyncDatabase", "AsyncTransaction"]
+__all__ = ["AsyncCheckout", "AsyncDatabase", "AsyncTransaction"]
 
 T = TypeVar("T")
 
@@ -58,13 +58,22 @@ class AsyncDatabase:
     the caller's deadline, and raises permanent errors unchanged.
     """
 
-    def __init__(self, settings: Settings, *, tracker: MetricsTracker | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        tracker: MetricsTracker | None = None,
+        adapters: Any = None,
+    ) -> None:
         self.settings = settings
+        #: A consumer's psycopg ``AdaptersMap`` (an ORM's JSON and HSTORE adapters)
+        #: that every connection of this handle starts from; None for psycopg's.
+        self.adapters = adapters
         self._build(HandleState(settings, tracker))
 
     def _build(self, state: HandleState) -> None:
         self._state = state
-        self._connections = AsyncConnections(state)
+        self._connections = AsyncConnections(state, self.adapters)
         self._warmup = AsyncWarmup(state, self._connections)
         self._transactions = AsyncTransactions(state, self._connections, self._warmup)
         self._statements = AsyncStatements(
@@ -241,6 +250,50 @@ class AsyncDatabase:
                 yield lease.conn
         finally:
             state.leave()
+
+    async def checkout(
+        self,
+        *,
+        timeout: float | None = None,
+        autocommit: bool = True,
+        row_factory: Any = None,
+    ) -> AsyncCheckout:
+        """Lend a pooled connection to a consumer (an ORM, a framework) until it
+        calls ``release()`` or ``discard()``: the building block of integrations.
+
+        Like `connection`, it waits for readiness, passes the breaker and is
+        validated pgwarden's way; it is counted in flight and watched for leaks
+        until released. *autocommit* and *row_factory* (default: dict rows) shape
+        it for the consumer; ``release()`` rolls back whatever is open and puts
+        pgwarden's shape back. An explicit deadline (*timeout* or
+        ``pgwarden.deadline()``) bounds every byte until release (the socket is
+        shut down when it passes; ``checkout.deadline`` says when, for a
+        server-side timeout); ``default_timeout`` bounds only getting it.
+        """
+        state = self._state
+        deadline, explicit = state.deadline_for(timeout)
+        state.enter()
+        try:
+            if not state.fast_path:
+                await self._warmup.wait(deadline)
+            lease = await self._connections.lease(deadline, explicit=explicit)
+        except BaseException:
+            state.leave()
+            raise
+        if not explicit:
+            lease.rearm(None)
+        try:
+            return await self._connections.lend(
+                lease,
+                call_site(),
+                deadline if explicit else None,
+                autocommit=autocommit,
+                row_factory=row_factory,
+            )
+        except BaseException:
+            state.lease_returned(lease.acquire_wait, await lease.release())
+            state.leave()
+            raise
 
     # --- health, stats, shutdown ---------------------------------------------------------------
     async def health(self) -> dict[str, Any]:

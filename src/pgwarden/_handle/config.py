@@ -37,11 +37,15 @@ def libpq_connect_timeout(seconds: float) -> int:
     return max(LIBPQ_MIN_CONNECT_TIMEOUT, math.ceil(seconds))
 
 
-def connect_kwargs(settings: Settings, *, pgbouncer: bool) -> dict[str, Any]:
-    """Keyword arguments for every new psycopg connection of a handle."""
+def connect_kwargs(settings: Settings, *, pgbouncer: bool, adapters: Any = None) -> dict[str, Any]:
+    """Keyword arguments for every new psycopg connection of a handle. *adapters*:
+    a consumer's ``psycopg.adapt.AdaptersMap`` (an ORM's loaders and dumpers),
+    the ``context`` every connection of the handle starts from."""
     from psycopg.rows import dict_row
 
+    extra: dict[str, Any] = {} if adapters is None else {"context": adapters}
     return {
+        **extra,
         "autocommit": True,
         "row_factory": dict_row,
         "prepare_threshold": None if pgbouncer else settings.prepare_threshold,

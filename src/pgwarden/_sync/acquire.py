@@ -35,7 +35,7 @@ from pgwarden.core.classify import FailureKind
 from pgwarden.core.metrics import CloseReason
 from pgwarden.errors import AcquireTimeout, HandleClosed
 
-__all__ = ["SEVER_GRACE", "Connections", "Lease"]
+__all__ = ["SEVER_GRACE", "Checkout", "Connections", "Lease"]
 
 # Extra time past the deadline before the client severs a connection whose
 # server stopped answering. With an explicit deadline the server-side
@@ -153,9 +153,11 @@ class Lease:
 class Connections:
     """The handle's pool and everything between a call and a usable connection."""
 
-    def __init__(self, state: HandleState) -> None:
+    def __init__(self, state: HandleState, adapters: Any = None) -> None:
         self.state = state
         self.settings = state.settings
+        #: The consumer's psycopg AdaptersMap every connection starts from (or None).
+        self.adapters = adapters
         self.pool: PgwPool | None = None
         self.watchdog = Watchdog()
         self._resize_lock = Lock()
@@ -168,7 +170,9 @@ class Connections:
             self.pool = PgwPool(
                 self.settings.url or "",
                 observer=state,
-                kwargs=connect_kwargs(self.settings, pgbouncer=state.pgbouncer),
+                kwargs=connect_kwargs(
+                    self.settings, pgbouncer=state.pgbouncer, adapters=self.adapters
+                ),
                 **pool_kwargs(
                     self.settings, max_size=state.applied_limit, max_lifetime=state.max_lifetime
                 ),
@@ -184,7 +188,9 @@ class Connections:
         self, timeout: float, *, feed_breaker: bool = True, explorer: bool = False
     ) -> PgwConnection:
         """One connection outside the pool, within *timeout*; the outcome is reported."""
-        kwargs = connect_kwargs(self.settings, pgbouncer=self.state.pgbouncer)
+        kwargs = connect_kwargs(
+            self.settings, pgbouncer=self.state.pgbouncer, adapters=self.adapters
+        )
         kwargs["connect_timeout"] = libpq_connect_timeout(timeout)
         conninfo = self.settings.url or ""
         started = monotonic()
@@ -378,8 +384,102 @@ class Connections:
             self.watchdog.disarm(leak)
             self.state.lease_returned(lease.acquire_wait, lease.release())
 
+    def lend(
+        self,
+        lease: Lease,
+        site: str,
+        deadline: float | None,
+        *,
+        autocommit: bool,
+        row_factory: Any,
+    ) -> Checkout:
+        """*lease* as an `Checkout` in the consumer's shape, watched for leaks."""
+        conn = lease.conn
+        if not autocommit:
+            conn.set_autocommit(False)  # idle: no round trip
+        if row_factory is not None:
+            conn.row_factory = row_factory
+        now = monotonic()
+        leak = self.watchdog.arm(now + self.settings.leak_threshold, self.state.leaked, site, now)
+        return Checkout(self, lease, leak, deadline)
+
     def close(self, timeout: float) -> None:
         pool = self.pool
         if pool is not None:
             pool.close(timeout=max(0.0, timeout))
         self.watchdog.close()
+
+
+class Checkout:
+    """A pooled connection lent to a consumer until `release` or `discard`.
+
+    Created by `Database.checkout`. ``connection`` is the psycopg
+    connection; ``deadline`` the monotonic time its socket is shut down at (an
+    explicit deadline), or None. Release exactly once; a second call is a no-op.
+    """
+
+    __slots__ = ("_connections", "_leak", "_lease", "connection", "deadline", "released")
+
+    def __init__(
+        self, connections: Connections, lease: Lease, leak: Any, deadline: float | None
+    ) -> None:
+        self._connections = connections
+        self._lease = lease
+        self._leak = leak
+        self.connection = lease.conn
+        self.deadline = deadline
+        self.released = False
+
+    @property
+    def lost(self) -> bool:
+        """The connection is broken or closed (the server, the network or a sever)."""
+        return self._lease.lost
+
+    def release(self) -> None:
+        """Roll back whatever is open, put pgwarden's shape back (autocommit, dict
+        rows, default isolation and access mode) and return it to the pool."""
+        if self.released:
+            return
+        conn = self.connection
+        try:
+            if not self._lease.lost:
+                _restore_shape(conn)
+        except psycopg.Error:
+            conn.close()  # a connection that cannot be reset is not reused
+        self._finish()
+
+    def discard(self) -> None:
+        """Close the connection (the consumer found it unusable: an invalidated
+        ORM connection) and let the pool open a replacement."""
+        if self.released:
+            return
+        self._connections.state.connection_closed(CloseReason.BROKEN.value)
+        self.connection.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        self.released = True
+        connections = self._connections
+        connections.watchdog.disarm(self._leak)
+        state = connections.state
+        try:
+            state.lease_returned(self._lease.acquire_wait, self._lease.release())
+        finally:
+            state.leave()
+
+
+def _restore_shape(conn: PgwConnection) -> None:
+    from psycopg.pq import TransactionStatus
+    from psycopg.rows import dict_row
+
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        conn.rollback()
+    if not conn.autocommit:
+        conn.set_autocommit(True)
+    if conn.isolation_level is not None:
+        conn.set_isolation_level(None)
+    if conn.read_only is not None:
+        conn.set_read_only(None)
+    if conn.deferrable is not None:
+        conn.set_deferrable(None)
+    conn.row_factory = dict_row

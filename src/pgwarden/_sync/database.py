@@ -31,7 +31,7 @@ from pgwarden._handle.config import call_site
 from pgwarden._handle.sql import ManyParams, Mode, Params, Query
 from pgwarden._handle.state import HandleState, HealthMark
 from pgwarden._sync._compat import SingleFlight, WaitTimeout, on_signals, sleep
-from pgwarden._sync.acquire import Connections
+from pgwarden._sync.acquire import Checkout, Connections
 from pgwarden._sync.execute import Statements
 from pgwarden._sync.transaction import Transaction, Transactions
 from pgwarden._sync.warmup import Warmup
@@ -42,7 +42,7 @@ from pgwarden.core.metrics import MetricsTracker
 from pgwarden.core.tracing import StatementObserver, with_observer, without_observer
 from pgwarden.settings import Settings
 
-__all__ = ["Database", "Transaction"]
+__all__ = ["Checkout", "Database", "Transaction"]
 
 T = TypeVar("T")
 
@@ -60,13 +60,22 @@ class Database:
     the caller's deadline, and raises permanent errors unchanged.
     """
 
-    def __init__(self, settings: Settings, *, tracker: MetricsTracker | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        tracker: MetricsTracker | None = None,
+        adapters: Any = None,
+    ) -> None:
         self.settings = settings
+        #: A consumer's psycopg ``AdaptersMap`` (an ORM's JSON and HSTORE adapters)
+        #: that every connection of this handle starts from; None for psycopg's.
+        self.adapters = adapters
         self._build(HandleState(settings, tracker))
 
     def _build(self, state: HandleState) -> None:
         self._state = state
-        self._connections = Connections(state)
+        self._connections = Connections(state, self.adapters)
         self._warmup = Warmup(state, self._connections)
         self._transactions = Transactions(state, self._connections, self._warmup)
         self._statements = Statements(state, self._connections, self._warmup, self._transactions)
@@ -239,6 +248,50 @@ class Database:
                 yield lease.conn
         finally:
             state.leave()
+
+    def checkout(
+        self,
+        *,
+        timeout: float | None = None,
+        autocommit: bool = True,
+        row_factory: Any = None,
+    ) -> Checkout:
+        """Lend a pooled connection to a consumer (an ORM, a framework) until it
+        calls ``release()`` or ``discard()``: the building block of integrations.
+
+        Like `connection`, it waits for readiness, passes the breaker and is
+        validated pgwarden's way; it is counted in flight and watched for leaks
+        until released. *autocommit* and *row_factory* (default: dict rows) shape
+        it for the consumer; ``release()`` rolls back whatever is open and puts
+        pgwarden's shape back. An explicit deadline (*timeout* or
+        ``pgwarden.deadline()``) bounds every byte until release (the socket is
+        shut down when it passes; ``checkout.deadline`` says when, for a
+        server-side timeout); ``default_timeout`` bounds only getting it.
+        """
+        state = self._state
+        deadline, explicit = state.deadline_for(timeout)
+        state.enter()
+        try:
+            if not state.fast_path:
+                self._warmup.wait(deadline)
+            lease = self._connections.lease(deadline, explicit=explicit)
+        except BaseException:
+            state.leave()
+            raise
+        if not explicit:
+            lease.rearm(None)
+        try:
+            return self._connections.lend(
+                lease,
+                call_site(),
+                deadline if explicit else None,
+                autocommit=autocommit,
+                row_factory=row_factory,
+            )
+        except BaseException:
+            state.lease_returned(lease.acquire_wait, lease.release())
+            state.leave()
+            raise
 
     # --- health, stats, shutdown ---------------------------------------------------------------
     def health(self) -> dict[str, Any]:

@@ -1,0 +1,144 @@
+# WARNING: generated from tests/_async/test_checkout.py by scripts/async_to_sync.py.
+# Edit the async file and run `python scripts/async_to_sync.py`.
+"""`checkout()`: a pooled connection lent to a consumer (an ORM), against a real server."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.adapt import AdaptersMap
+from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
+from psycopg.types.json import set_json_loads
+
+import pgwarden
+from pgwarden import Database, DeadlineExceeded, Settings
+
+from ._compat import run
+
+
+def make(url: str, **overrides: Any) -> Database:
+    return Database(Settings(url=url, **overrides))
+
+
+def test_checkout_in_the_consumers_shape_and_release_puts_pgwardens_back(pg_server: Any) -> None:
+    def main() -> None:
+        with make(pg_server.url, max_size=1) as db:
+            out = db.checkout(autocommit=False, row_factory=tuple_row)
+            conn = out.connection
+            assert db.stats()["in_flight"] == 1
+            cur = conn.execute("SELECT 1, 'a'")
+            assert cur.fetchone() == (1, "a")
+            assert conn.info.transaction_status == TransactionStatus.INTRANS  # not autocommit
+            conn.rollback()
+            conn.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+            conn.execute("SELECT 2")  # and leave a transaction open
+            out.release()
+            out.release()  # idempotent
+            assert db.stats()["in_flight"] == 0
+            # max_size=1: the same connection, back in pgwarden's own shape.
+            with db.connection() as same:
+                assert same is conn
+                assert same.autocommit
+                assert same.isolation_level is None
+                cur = same.execute("SELECT 1 AS one")
+                assert cur.fetchone() == {"one": 1}
+
+    run(main)
+
+
+def test_discard_closes_the_connection_and_the_pool_replaces_it(pg_server: Any) -> None:
+    def main() -> None:
+        with make(pg_server.url, max_size=1) as db:
+            out = db.checkout()
+            pid = out.connection.info.backend_pid
+            out.discard()
+            assert out.connection.closed
+            assert db.fetchval("SELECT pg_backend_pid()") != pid
+
+    run(main)
+
+
+def test_an_explicit_deadline_bounds_every_byte_until_release(pg_server: Any) -> None:
+    def main() -> None:
+        with make(pg_server.url) as db:
+            out = db.checkout(timeout=0.5)
+            assert out.deadline is not None
+            started = time.monotonic()
+            with pytest.raises(psycopg.OperationalError):
+                out.connection.execute("SELECT pg_sleep(5)")
+            assert time.monotonic() - started < 2.0  # severed at the deadline
+            assert out.lost
+            out.release()
+            assert db.fetchval("SELECT 1") == 1
+
+    run(main)
+
+
+def test_a_checkout_without_a_deadline_is_not_severed(pg_server: Any) -> None:
+    def main() -> None:
+        with make(pg_server.url, default_timeout=0.3) as db:
+            out = db.checkout()
+            assert out.deadline is None
+            out.connection.execute("SELECT pg_sleep(0.6)")
+            assert not out.lost
+            out.release()
+
+    run(main)
+
+
+def test_checkout_waits_for_readiness_and_raises_pgwardens_errors(pg_server: Any) -> None:
+    def main() -> None:
+        with make(pg_server.url, max_size=1, acquire_timeout=0.3) as db:
+            held = db.checkout()
+            with pytest.raises(pgwarden.AcquireTimeout):
+                db.checkout()
+            assert db.stats()["in_flight"] == 1  # the failed checkout left nothing behind
+            held.release()
+            with pytest.raises(DeadlineExceeded):
+                with make("postgresql://nobody@127.0.0.1:1/x", ready_timeout=5) as down:
+                    down.checkout(timeout=0.3)
+
+    run(main)
+
+
+def test_a_handle_with_a_consumers_adapters_uses_them_and_others_do_not(pg_server: Any) -> None:
+    adapters = AdaptersMap(psycopg.adapters)
+    set_json_loads(
+        lambda raw: ("custom", raw if isinstance(raw, str) else bytes(raw).decode()), adapters
+    )
+
+    def main() -> None:
+        with (
+            Database(Settings(url=pg_server.url), adapters=adapters) as orm,
+            make(pg_server.url) as plain,
+        ):
+            assert orm.fetchval("""SELECT '{"a": 1}'::json""") == ("custom", '{"a": 1}')
+            assert plain.fetchval("""SELECT '{"a": 1}'::json""") == {"a": 1}
+
+    run(main)
+
+
+def test_the_registry_keeps_a_separate_handle_per_adapters_map(pg_server: Any) -> None:
+    adapters = AdaptersMap(psycopg.adapters)
+    a = pgwarden.connect(pg_server.url, application_name="co-test")
+    b = pgwarden.connect(pg_server.url, application_name="co-test", adapters=adapters)
+    assert a is not b
+    assert b is pgwarden.connect(pg_server.url, application_name="co-test", adapters=adapters)
+    assert b.adapters is adapters
+
+
+def test_a_checkout_held_past_the_leak_threshold_is_reported(
+    pg_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def main() -> None:
+        with make(pg_server.url, leak_threshold=0.1) as db:
+            out = db.checkout()
+            out.connection.execute("SELECT pg_sleep(0.3)")
+            out.release()
+            assert db.stats()["counters"]["leaked_connections"] == 1
+
+    run(main)
