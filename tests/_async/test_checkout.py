@@ -96,9 +96,12 @@ def test_checkout_waits_for_readiness_and_raises_pgwardens_errors(pg_server: Any
                 await db.checkout()
             assert db.stats()["in_flight"] == 1  # the failed checkout left nothing behind
             await held.release()
-            with pytest.raises(DeadlineExceeded):
-                async with make("postgresql://nobody@127.0.0.1:1/x", ready_timeout=5) as down:
+            down = make("postgresql://nobody@127.0.0.1:1/x", ready_timeout=5)
+            try:
+                with pytest.raises(DeadlineExceeded):
                     await down.checkout(timeout=0.3)
+            finally:
+                await down.close()
 
     run(main)
 
