@@ -29,7 +29,8 @@ def test_checkout_in_the_consumers_shape_and_release_puts_pgwardens_back(pg_serv
             conn = out.connection
             assert db.stats()["in_flight"] == 1
             cur = await conn.execute("SELECT 1, 'a'")
-            assert await cur.fetchone() == (1, "a")
+            row: Any = await cur.fetchone()  # the connection is typed for pgwarden's dict rows
+            assert row == (1, "a")
             assert conn.info.transaction_status == TransactionStatus.INTRANS  # not autocommit
             await conn.rollback()
             await conn.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)

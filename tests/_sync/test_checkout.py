@@ -31,7 +31,8 @@ def test_checkout_in_the_consumers_shape_and_release_puts_pgwardens_back(pg_serv
             conn = out.connection
             assert db.stats()["in_flight"] == 1
             cur = conn.execute("SELECT 1, 'a'")
-            assert cur.fetchone() == (1, "a")
+            row: Any = cur.fetchone()  # the connection is typed for pgwarden's dict rows
+            assert row == (1, "a")
             assert conn.info.transaction_status == TransactionStatus.INTRANS  # not autocommit
             conn.rollback()
             conn.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
