@@ -26,7 +26,13 @@ from typing import Any, TypeVar
 import pytest
 
 import pgwarden
-from pgwarden import AmbiguousCommitError, AsyncDatabase, DeadlineExceeded, Settings
+from pgwarden import (
+    AmbiguousCommitError,
+    AsyncDatabase,
+    DatabaseUnavailable,
+    DeadlineExceeded,
+    Settings,
+)
 from pgwarden.testing import FaultProxy, PostgresServer
 
 from ._compat import gather, run, sleep, spawn
@@ -603,7 +609,15 @@ def test_silent_connections_are_never_handed_out_again(
         print(f"{opened} pooled connections silenced, {statements} statements swallowed")
         assert not placement, placement
         after = [c for c in calls.calls if c.label.startswith("after heal")]
-        failed = [c.describe() for c in after if not c.ok]
+        # Right after heal() the breaker may still be open from the swallowed connects
+        # (its probe can be one of them); refusing is not handing out a silent
+        # connection. Every other failure is: a silent connection reused.
+        failed = [
+            c.describe()
+            for c in after
+            if not c.ok
+            and not (isinstance(c.error, DatabaseUnavailable) and c.started - healed_at < RECOVERY)
+        ]
         first = next((c.finished - healed_at for c in after if c.ok and c.finished), None)
         problems = [f"{len(failed)} of 50 failed after heal: {failed[:5]}"] if failed else []
         problems += [f"not within deadline + {SLACK}s: {d}" for d in calls.late()]
