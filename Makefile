@@ -115,8 +115,8 @@ demo: $(STAMP) sysdeps
 	$(BIN)/pgwarden stress --quick --out pgwarden-report
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts examples
+	$(BIN)/ruff format --check src tests bench scripts examples
 
 types: $(STAMP)
 	$(BIN)/mypy
@@ -147,6 +147,7 @@ test-lowest: $(LOWEST_STAMP) sysdeps
 # appended to it (the reading of who wins where is kept in docs/stress.md).
 bench: $(STAMP) sysdeps
 	$(BIN)/python bench/micro.py --write docs/benchmarks.md
+	$(BIN)/python bench/sqlalchemy_bench.py --write docs/benchmarks.md
 	$(BIN)/pgwarden stress --size full --out pgwarden-report/bench \
 	  --markdown pgwarden-report/bench/stress.md; status=$$?; \
 	  printf '\n' >> docs/benchmarks.md; cat pgwarden-report/bench/stress.md >> docs/benchmarks.md; \

@@ -73,6 +73,12 @@ EVENTS: dict[str, str] = {
     "slow_query": "a statement exceeded slow_query_threshold (seconds, statement sanitised)",
     "leak": "a connection was held past leak_threshold (held_seconds, site)",
     "closed": "the handle closed (cut_off = operations still in flight)",
+    "hidden_write": "a statement that reads as a read was refused read-only: sent as a write "
+    "from now on (statement sanitised)",
+    "startup_not_ready": "pgwarden.asgi: the app started before the database was ready",
+    "draining": "pgwarden.asgi: SIGTERM received; /readyz fails while requests drain",
+    "drain_delay_ignored": "pgwarden.asgi: the server handles SIGTERM itself; no drain delay",
+    "http_error": "pgwarden.asgi: a database error became an HTTP error response (status)",
 }
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.

@@ -108,11 +108,14 @@ def check_report(
             assert set(r["latency_ms"]) == {"p50", "p95", "p99", "max"}
             assert r["series"]["connections"], "the sampler recorded nothing"
             assert re.search(rf"^{client}\s+{r['requests']}\s", stdout, re.M)
-        pgw = entry["results"].get("pgwarden")
-        if pgw is not None:
-            assert pgw["duplicates"] == 0, f"{entry['name']}: pgwarden wrote duplicates"
-            assert pgw["lost_writes"] == 0, f"{entry['name']}: pgwarden lost acked writes"
+        for name in clients.PGWARDEN_CLIENTS:
+            pgw = entry["results"].get(name)
+            if pgw is None:
+                continue
+            assert pgw["duplicates"] == 0, f"{entry['name']}: {name} wrote duplicates"
+            assert pgw["lost_writes"] == 0, f"{entry['name']}: {name} lost acked writes"
             assert pgw["harness_errors"] == [], pgw["harness_errors"]
+            assert not (pgw["orm"] or {}).get("torn"), f"{entry['name']}: {name} tore a unit"
     assert "pgwarden invariants" in stdout
 
 
@@ -124,7 +127,7 @@ def check_report(
 def test_flagship_all_clients(
     postgres_binaries: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``--quick`` (storm + restart) with all four clients: what ``make demo`` runs."""
+    """``--quick`` (storm + restart) with every client: what ``make demo`` runs."""
     markdown = tmp_path / "bench.md"
     code, out, err, data = run_cli(capsys, tmp_path, "--quick", "--markdown", str(markdown))
     check_report(data, ["storm", "restart"], list(clients.CLIENTS), out)
@@ -144,6 +147,43 @@ def test_flagship_all_clients(
     assert "### storm: cold-start storm" in text
     assert "### restart: restart under load" in text
     assert len(HEADER.findall(text)) == 2
+
+
+@pytest.mark.slow
+def test_sqlalchemy_clients_with_the_orm_workload(
+    postgres_binaries: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """restart and kills with both SQLAlchemy clients: Core reads and writes plus ORM units of
+    work; sqlalchemy-pgwarden (run_transaction) has no duplicate, lost or torn write."""
+    names = ["sqlalchemy", "sqlalchemy-pgwarden"]
+    code, out, _, data = run_cli(
+        capsys, tmp_path, "--scenario", "restart,kills", "--clients", ",".join(names), "-q"
+    )
+    check_report(data, ["restart", "kills"], names, out)
+    assert code == 0
+    assert re.search(r"^pgwarden invariants \(.*sqlalchemy-pgwarden\): held", out, re.M)
+    for entry in data["scenarios"]:
+        assert entry["params"]["orm_share"] == scenarios.ORM_SHARE
+        for client in names:
+            r = entry["results"][client]
+            orm = r["orm"]
+            assert orm is not None, f"{entry['name']}/{client}: no unit of work ran"
+            assert orm["units"] > 0
+            assert orm["ok"] > 0
+            assert orm["torn"] == 0, f"{entry['name']}/{client}: a unit committed in pieces"
+            ops = {rec[3] for rec in r["series"]["requests"]}
+            assert "o" in ops
+            stats = r["client_stats"]
+            assert stats["orm_units"] == orm["units"], stats
+            assert stats["orm_attempts"] >= stats["orm_units"]
+            assert re.search(rf"^   {client}: ORM units of work {orm['units']} ", out, re.M)
+        pgw = entry["results"]["sqlalchemy-pgwarden"]
+        assert pgw["duplicates"] == 0
+        assert pgw["lost_writes"] == 0
+        assert pgw["orm"]["duplicates"] == 0
+        assert pgw["orm"]["lost"] == 0
+    check_html(tmp_path / "report.html")
+    assert "ORM units of work" in (tmp_path / "report.html").read_text()
 
 
 OTHER_SCENARIOS = [
@@ -606,6 +646,190 @@ def test_summarize_never_recovered() -> None:
     assert report.fmt_recovery(result) == "never"
 
 
+def test_summarize_orm_units_duplicates_lost_and_torn() -> None:
+    records = [
+        [0.0, 0.01, "o", "ok"],  # a: whole
+        [0.1, 0.01, "o", "ok"],  # b: ran twice (2 parents, 4 lines): a duplicate, not torn
+        [0.2, 0.01, "o", "ok"],  # c: acked but missing: lost
+        [0.3, 0.01, "o", "ok"],  # d: a parent without its lines: torn
+        [0.4, 0.01, "o", "conn_lost"],  # e: failed, committed anyway
+        [0.5, 0.01, "w", "ok"],  # f: a plain write
+        [0.6, 0.01, "r", "ok"],
+    ]
+    result = analysis.summarize(
+        records,
+        deadline=5.0,
+        faults=[],
+        samples=[],
+        acked=["a", "b", "c", "d", "f"],
+        unacked=["e"],
+        rows={"a": 1, "b": 2, "d": 1, "e": 1, "f": 1},
+        orm_acked=["a", "b", "c", "d"],
+        orm_unacked=["e"],
+        line_rows={"a": 2, "b": 4, "d": 0, "e": 2},
+        lines_per_unit=2,
+    )
+    assert result["writes"] == 6
+    assert result["duplicates"] == 1
+    assert result["lost_writes"] == 1
+    assert result["unacked_writes_committed"] == 1
+    assert result["orm"] == {
+        "units": 5,
+        "ok": 4,
+        "failed": 1,
+        "acked": 4,
+        "duplicates": 1,
+        "lost": 1,
+        "torn": 1,
+        "unacked_committed": 1,
+        "lines_per_unit": 2,
+    }
+    plain = analysis.summarize(
+        records[5:], deadline=5.0, faults=[], samples=[], acked=["f"], unacked=[], rows={"f": 1}
+    )
+    assert plain["orm"] is None
+
+
+def test_invariants_cover_sqlalchemy_pgwarden_and_torn_units() -> None:
+    data = _fake_report()
+    entry = data["scenarios"][0]
+    broken = json.loads(json.dumps(entry["results"]["pgwarden"]))
+    broken["duplicates"] = 1
+    broken["orm"] = {
+        "units": 3,
+        "ok": 3,
+        "failed": 0,
+        "acked": 3,
+        "duplicates": 1,
+        "lost": 0,
+        "torn": 1,
+        "unacked_committed": 0,
+        "lines_per_unit": 2,
+    }
+    broken["client_stats"] = {"orm_units": 3, "orm_attempts": 4}
+    entry["results"]["sqlalchemy"] = broken  # a baseline's duplicates are not pgwarden's
+    entry["results"]["sqlalchemy-pgwarden"] = broken
+    assert report.invariant_failures(data) == [
+        "restart (sqlalchemy-pgwarden): 1 duplicate write(s)",
+        "restart (sqlalchemy-pgwarden): 1 torn unit(s) of work",
+    ]
+    assert report.invariant_failures(data, "pgwarden") == []
+    text = report.format_scenario(entry)
+    assert (
+        "   sqlalchemy-pgwarden: ORM units of work 3 (3 ok, 0 failed, 1 re-run(s)): "
+        "1 duplicate(s), 0 lost, 1 torn"
+    ) in text
+    assert re.search(r"^sqlalchemy-pgwarden\s+51\s", text, re.M)
+    md = report.render_markdown(data)
+    assert "for pgwarden and sqlalchemy-pgwarden): **FAILED**: restart (sqlalchemy" in md
+    page = report.render_html(data)
+    assert "<b>FAILED</b>" in page
+    assert "ORM units of work 3" in page
+
+
+def test_sqlalchemy_clients_share_their_code() -> None:
+    """sqlalchemy-pgwarden runs the sqlalchemy client's code: it overrides only how the engine
+    is made, how the deadline is expressed, how a unit of work commits, its stats and closing
+    its pgwarden handle."""
+    base, ours = clients.SqlAlchemyClient, clients.SqlAlchemyPgwardenClient
+    assert issubclass(ours, base)
+    own = {k for k in vars(ours) if not k.startswith("__")}
+    assert own == {"_make_engine", "_scope", "_unit_of_work", "stats", "close"}
+    assert set(clients.ORM_CLIENTS) == {"sqlalchemy", "sqlalchemy-pgwarden"}
+    assert set(clients.PGWARDEN_CLIENTS) <= set(clients.CLIENTS)
+
+
+class _Recording:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def read(self, key: str, work: float) -> None:
+        self.calls.append(("r", key))
+
+    def write(self, run: str, req_id: str, worker: int) -> None:
+        self.calls.append(("w", req_id))
+
+
+class _RecordingOrm(_Recording):
+    def orm_write(self, run: str, req_id: str, worker: int) -> None:
+        self.calls.append(("o", req_id))
+
+
+def test_every_client_gets_the_same_requests(tmp_path: Path) -> None:
+    """With orm_share, a client without an ORM does a plain write where the SQLAlchemy ones
+    run a unit of work: the same requests, in the same order, with the same ids."""
+    import random
+
+    from pgwarden.stress.worker import WorkerConfig, _Worker
+
+    cfg = WorkerConfig(
+        client="naive",
+        url="postgresql://u:p@127.0.0.1:1/db",
+        worker=0,
+        run="r",
+        out=str(tmp_path / "out.json"),
+        threads=1,
+        pool_size=1,
+        deadline=5.0,
+        write_ratio=0.5,
+        read_work=0.0,
+        phases=(),
+        max_requests=1,
+        hard_limit=1.0,
+        seed=1,
+        application_name="pgwstress-test",
+        orm_share=0.5,
+    )
+
+    def run(client: _Recording, orm: bool) -> tuple[list[tuple[str, str]], Any]:
+        worker = _Worker(cfg)
+        worker.client = client
+        worker.orm = orm
+        rng = random.Random(7)
+        for _ in range(300):
+            worker.one_request(0, rng)
+        return client.calls, worker.rec
+
+    plain, _ = run(_Recording(), False)
+    orm, rec = run(_RecordingOrm(), True)
+    assert [rid for _, rid in plain] == [rid for _, rid in orm]
+    assert [("w" if op == "o" else op) for op, _ in orm] == [op for op, _ in plain]
+    assert {op for op, _ in orm} == {"r", "w", "o"}
+    assert rec.orm_acked == [rid for op, rid in orm if op == "o"]
+    assert set(rec.orm_acked) <= set(rec.acked)
+    assert [r[2] for r in rec.records] == [op for op, _ in orm]
+
+
+def test_missing_requirement(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    assert clients.missing_requirement("naive") is None
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> Any:
+        return None if name.startswith("pgwarden.sqlalchemy") else real(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert clients.missing_requirement("sqlalchemy") is None
+    why = clients.missing_requirement("sqlalchemy-pgwarden")
+    assert why is not None
+    assert "postgresql+pgwarden" in why
+
+
+def test_a_client_that_cannot_run_is_left_out(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing is started when no client can run; the reason is printed (exit 2)."""
+    monkeypatch.setattr(harness, "missing_requirement", lambda name: f"{name} is not here")
+    code = main(["stress", "--clients", "sqlalchemy-pgwarden", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no client left to run: sqlalchemy-pgwarden is not here" in err
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["options"]["left_out"] == {"sqlalchemy-pgwarden": "sqlalchemy-pgwarden is not here"}
+    assert data["scenarios"] == []
+
+
 def test_classify_common_errors() -> None:
     import psycopg
     from psycopg_pool import PoolTimeout
@@ -621,6 +845,7 @@ def test_classify_common_errors() -> None:
     assert clients.classify(op("FATAL:  sorry, too many clients already")) == "too_many_clients"
     assert clients.classify(op("connection failed: Connection refused")) == "refused"
     assert clients.classify(op("server closed the connection unexpectedly")) == "conn_lost"
+    assert clients.classify(op("cannot exit pipeline mode while busy")) == "conn_lost"
     assert clients.classify(op("the database system is shutting down")) == "server_starting"
     assert (
         clients.classify(op("server login has been failing, try again later"))

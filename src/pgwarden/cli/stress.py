@@ -47,8 +47,9 @@ def build_parser(prog: str = "pgwarden stress") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(
-            "Run fault scenarios with four clients (pgwarden, psycopg_pool with its defaults, "
-            "SQLAlchemy QueuePool with pool_pre_ping, a naive connect-per-request client) "
+            "Run fault scenarios with five clients (pgwarden, psycopg_pool with its defaults, "
+            "SQLAlchemy QueuePool with pool_pre_ping, the same SQLAlchemy code on pgwarden's "
+            "postgresql+pgwarden:// dialect, a naive connect-per-request client) "
             "and report success, errors, latency, server connections, recovery time, "
             "duplicate writes and lost acknowledged writes."
         ),
@@ -166,15 +167,17 @@ def run(argv: Sequence[str], prog: str = "pgwarden stress") -> int:
             f"unknown client(s): {', '.join(bad) or '(none)'}; choose from {', '.join(CLIENTS)}"
         )
     clients = list(dict.fromkeys(clients))
-    if "sqlalchemy" in clients and importlib.util.find_spec("sqlalchemy") is None:
-        clients.remove("sqlalchemy")
-        print(
-            f"{prog}: SQLAlchemy is not installed, so the sqlalchemy client is left out "
-            "(pip install 'pgwarden[stress]')",
-            file=sys.stderr,
-        )
-        if not clients:
-            return 2
+    if importlib.util.find_spec("sqlalchemy") is None:
+        left_out = [c for c in clients if c.startswith("sqlalchemy")]
+        if left_out:
+            clients = [c for c in clients if c not in left_out]
+            print(
+                f"{prog}: SQLAlchemy is not installed, so {', '.join(left_out)} "
+                "left out (pip install 'pgwarden[stress]')",
+                file=sys.stderr,
+            )
+            if not clients:
+                return 2
     url: str | None = args.url
     if url is not None:
         problem = loopback_problem(url)

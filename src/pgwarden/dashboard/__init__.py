@@ -14,8 +14,12 @@ Routes, relative to wherever it is mounted:
   :func:`pgwarden.exporters.snapshot` (``db.stats()`` plus histogram buckets) and ``events``
   the last 50 structured events from the ``pgwarden`` logger; with ``?history=1`` also
   ``history``, up to five minutes of compact one-second samples, so a page opened late starts
-  with full charts (sampled in the background once the ASGI lifespan starts, or by
-  :meth:`DashboardApp.start_sampling`; otherwise while a page polls);
+  with full charts. The background sampler starts with whichever comes first: the app's own
+  ASGI lifespan (a top-level app), ``async with dashboard:`` (or
+  ``pgwarden.asgi.lifespan(db, dashboard=dashboard)``) in the host app's lifespan, or the
+  first request to the dashboard. A mounted app gets no lifespan of its own (Starlette's
+  ``Mount`` passes only ``http`` and ``websocket`` scopes on), so without one of the first two
+  history begins with the first request;
 * ``/events.json?since=N``: buffered events with a sequence number above N.
 
 *source* is a handle (``AsyncDatabase`` or ``Database``), a callable returning a stats dict
@@ -121,13 +125,32 @@ class DashboardApp:
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
         self._last_sample = 0.0
         self._sampler: asyncio.Task[None] | None = None
+        self._sampler_loop: asyncio.AbstractEventLoop | None = None
 
     def close(self) -> None:
         """Stop sampling and detach the event buffer from the ``pgwarden`` logger."""
-        if self._sampler is not None:
-            self._sampler.cancel()
-            self._sampler = None
+        sampler, loop = self._sampler, self._sampler_loop
+        self._sampler = self._sampler_loop = None
+        if sampler is not None and loop is not None and not loop.is_closed():
+            try:
+                running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                sampler.cancel()
+            else:  # closed from another thread (a sync shutdown hook)
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(sampler.cancel)
         self.buffer.uninstall()
+
+    async def __aenter__(self) -> DashboardApp:
+        """Sample in the background until ``__aexit__``, for the host app's lifespan
+        (``async with pgwarden.asgi.lifespan(db), dashboard: yield``)."""
+        self.start_sampling()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
 
     # --- history -----------------------------------------------------------------------------
     def _remember(self, payload: Mapping[str, Any]) -> None:
@@ -145,11 +168,20 @@ class DashboardApp:
 
     def start_sampling(self, interval: float = 1.0) -> asyncio.Task[None]:
         """Sample every *interval* seconds in the running loop, so a page opened later shows
-        the last five minutes at once.  Started by the ASGI lifespan startup and by
-        ``pgwarden dashboard``; without it, history accrues only while a page polls."""
-        if self._sampler is None or self._sampler.done():
-            self._sampler = asyncio.get_running_loop().create_task(self._sample_forever(interval))
-        return self._sampler
+        the last five minutes at once.  Idempotent.  Called by the app's ASGI lifespan, by
+        ``async with dashboard``, on the first request, and by ``pgwarden dashboard``.  A
+        sampler left on a loop that is gone (each request of a test client used without
+        ``with`` runs in a loop of its own) is replaced by one on the running loop."""
+        loop = asyncio.get_running_loop()
+        sampler = self._sampler
+        if sampler is None or sampler.done() or self._sampler_loop is not loop:
+            old_loop = self._sampler_loop
+            if sampler is not None and not sampler.done() and old_loop is not None:
+                with contextlib.suppress(RuntimeError):  # its loop is closed
+                    old_loop.call_soon_threadsafe(sampler.cancel)
+            self._sampler = sampler = loop.create_task(self._sample_forever(interval))
+            self._sampler_loop = loop
+        return sampler
 
     async def _sample_forever(self, interval: float) -> None:
         while True:
@@ -214,6 +246,9 @@ class DashboardApp:
                     return
         if scope["type"] != "http":
             return
+        if self._sampler is None or self._sampler_loop is not asyncio.get_running_loop():
+            # Mounted in a host app, whose lifespan never reaches us: start on first use.
+            self.start_sampling()
         method = str(scope.get("method", "GET"))
         path = str(scope.get("path", "/"))
         root = str(scope.get("root_path", "") or "")

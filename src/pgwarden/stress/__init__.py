@@ -1,16 +1,20 @@
 """``pgwarden stress``: fault scenarios that compare pgwarden with the clients it replaces.
 
-Every scenario runs the same workload with four clients in turn (pgwarden, psycopg_pool
-with its defaults, SQLAlchemy's QueuePool with ``pool_pre_ping=True``, and a naive
-connect-per-request client), each in real worker processes, while the harness injects a
-fault (a restart, killed backends, an overloaded server, a flaky network...). Writes carry
-unique ids, so duplicates and lost acknowledged writes are counted from the table itself.
+Every scenario runs the same workload with five clients in turn (pgwarden, psycopg_pool
+with its defaults, SQLAlchemy's QueuePool with ``pool_pre_ping=True``, the same SQLAlchemy
+code on pgwarden's ``postgresql+pgwarden://`` dialect, and a naive connect-per-request
+client), each in real worker processes, while the harness injects a fault (a restart,
+killed backends, an overloaded server, a flaky network...). Writes carry unique ids, so
+duplicates and lost acknowledged writes are counted from the table itself; in some
+scenarios the SQLAlchemy clients also run ORM units of work (:mod:`.orm`), counted the
+same way and checked for torn units.
 
 Modules:
 
 * :mod:`.worker`: the worker process (``python -m pgwarden.stress.worker CONFIG``). It
   imports only the standard library until the start signal, so a cold start is real.
-* :mod:`.clients`: the four client adapters the worker drives.
+* :mod:`.clients`: the five client adapters the worker drives.
+* :mod:`.orm`: the declarative models and the unit of work of the ORM workload.
 * :mod:`.scenarios`: scenario definitions, sizes and fault schedules.
 * :mod:`.harness`: servers, worker processes, the connection sampler, fault injection.
 * :mod:`.analysis`: turning request records into figures (pure).

@@ -18,6 +18,11 @@ Definitions (they are also in ``docs/stress.md``):
   success.
 * **duplicates**: rows beyond the first for one request id (a write that ran twice).
 * **lost writes**: writes the client acknowledged whose row is not in the table.
+* **ORM units of work** (the SQLAlchemy clients, in some scenarios): each is also a write
+  (its parent row carries the request id), so it counts in duplicates and lost writes; on
+  their own they are reported as ``orm`` with their duplicates, lost ones, and **torn**
+  ones: request ids whose child rows are not ``lines_per_unit`` times their parent rows (a
+  unit committed in pieces).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 
 __all__ = [
     "DEADLINE_LEFT_SHARE",
+    "orm_summary",
     "percentile",
     "recoveries",
     "summarize",
@@ -68,6 +74,45 @@ def recoveries(
     return out
 
 
+def orm_summary(
+    records: Sequence[Record],
+    acked: Iterable[str],
+    unacked: Iterable[str],
+    rows: Mapping[str, int],
+    line_rows: Mapping[str, int],
+    *,
+    lines_per_unit: int,
+) -> dict[str, Any] | None:
+    """The ORM units of work of one run (records with op ``o``), None if there were none.
+
+    ``duplicates`` and ``lost`` as for every write, over the units' request ids; ``torn``:
+    units whose child rows (``line_rows``) are not ``lines_per_unit`` per parent row.
+    """
+    units = [r for r in records if r[2] == "o"]
+    if not units:
+        return None
+    acked_list = list(acked)
+    unacked_list = list(unacked)
+    ok = sum(1 for r in units if r[3] == "ok")
+    torn = 0
+    for rid in {*acked_list, *unacked_list}:
+        if line_rows.get(rid, 0) != lines_per_unit * rows.get(rid, 0):
+            torn += 1
+    return {
+        "units": len(units),
+        "ok": ok,
+        "failed": len(units) - ok,
+        "acked": len(acked_list),
+        "duplicates": sum(
+            rows[rid] - 1 for rid in set(acked_list + unacked_list) if rows.get(rid, 0) > 1
+        ),
+        "lost": sum(1 for rid in acked_list if rid not in rows),
+        "torn": torn,
+        "unacked_committed": sum(1 for rid in unacked_list if rid in rows),
+        "lines_per_unit": lines_per_unit,
+    }
+
+
 def _r(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -97,12 +142,18 @@ def summarize(
     unacked: Iterable[str],
     rows: Mapping[str, int],
     first_ok: Sequence[float | None] = (),
+    orm_acked: Iterable[str] = (),
+    orm_unacked: Iterable[str] = (),
+    line_rows: Mapping[str, int] | None = None,
+    lines_per_unit: int = 2,
 ) -> dict[str, Any]:
     """The result of one client in one scenario.
 
     ``records`` have their start relative to the run's start; ``rows`` maps each request
     id found in the table to how many rows it has; ``first_ok`` is, per worker process,
-    the time of its first success (None if it had none).
+    the time of its first success (None if it had none). ``orm_acked``/``orm_unacked``
+    are the request ids of the ORM units of work (also in ``acked``/``unacked``) and
+    ``line_rows`` their child rows per request id (see :func:`orm_summary`).
     """
     total = len(records)
     kinds = Counter(str(r[3]) for r in records)
@@ -123,7 +174,7 @@ def summarize(
     duplicates = sum(n - 1 for n in rows.values() if n > 1)
     lost = sum(1 for rid in acked_list if rid not in rows)
     committed_anyway = sum(1 for rid in unacked_list if rid in rows)
-    writes = sum(1 for r in records if r[2] == "w")
+    writes = sum(1 for r in records if r[2] in ("w", "o"))
     reached = [t for t in first_ok if t is not None]
     reached.sort()
 
@@ -148,6 +199,14 @@ def summarize(
         "duplicates": duplicates,
         "lost_writes": lost,
         "unacked_writes_committed": committed_anyway,
+        "orm": orm_summary(
+            records,
+            orm_acked,
+            orm_unacked,
+            rows,
+            line_rows or {},
+            lines_per_unit=lines_per_unit,
+        ),
         "processes": len(first_ok),
         "processes_without_success": len(first_ok) - len(reached),
         "first_success_s": {

@@ -1,4 +1,4 @@
-"""The four clients a stress worker drives, behind one tiny interface.
+"""The five clients a stress worker drives, behind one tiny interface.
 
 Each client runs the same two operations:
 
@@ -6,6 +6,13 @@ Each client runs the same two operations:
   lookup), optionally joined with ``pg_sleep(work)`` so a request holds its connection;
 * a write: ``INSERT INTO pgwarden_stress_writes (run, req_id, worker) VALUES (...)`` with a
   fresh uuid, committed before the call returns (an acknowledged write).
+
+and the two SQLAlchemy clients, in scenarios with ``orm_share``, a third one:
+
+* an ORM unit of work (``orm_write``, :mod:`pgwarden.stress.orm`): declarative models,
+  ``session.add`` + ``flush`` of a parent row (in the same table, with the request id) and
+  ``add_all`` of its child rows, committed before the call returns. The other clients do a
+  plain write instead, so every client sees the same mix of requests.
 
 and honours the same per-request deadline as far as the library lets it:
 
@@ -17,26 +24,41 @@ and honours the same per-request deadline as far as the library lets it:
 * **sqlalchemy**: ``create_engine`` with QueuePool, ``pool_pre_ping=True``,
   ``pool_size=max_size``, ``max_overflow=0``, ``pool_timeout=D``, and the same libpq
   timeouts (connections come from ``psycopg.connect`` through ``creator``).
+* **sqlalchemy-pgwarden**: the same SQLAlchemy code on ``postgresql+pgwarden://`` (pgwarden's
+  dialect: connections from its shared handle, ``max_size`` as above, pgwarden's defaults
+  otherwise), each call inside ``with pgwarden.deadline(D)``.
 * **naive**: ``psycopg.connect`` per request (autocommit), the same libpq timeouts.
 
-None of the three baselines retries: that is their default, and an application that adds
-blind retries around writes is exactly what duplicates come from. Imports happen in the
-constructors, after the worker's start signal, so they are part of the cold start.
+None of the baselines retries a read or a write: that is their default, and an application
+that adds blind retries around writes is exactly what duplicates come from. Units of work
+are the exception, on both sides, because that is what ORM code does: the plain
+``sqlalchemy`` client re-runs a unit on a disconnect-class error (up to 3 attempts, the
+loop SQLAlchemy users write), ``sqlalchemy-pgwarden`` commits it with
+``pgwarden.sqlalchemy.run_transaction``. Imports happen in the constructors, after the
+worker's start signal, so they are part of the cold start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 __all__ = [
     "CLIENTS",
+    "LINES_PER_UNIT",
+    "LINES_TABLE",
+    "ORM_CLIENTS",
+    "PGWARDEN_CLIENTS",
     "TABLE",
     "Client",
     "ClientConfig",
     "classify",
     "make_client",
+    "missing_requirement",
 ]
 
 # The table name is a constant, never input: the f-strings below are not injectable.
@@ -46,7 +68,20 @@ READ_WORK_SQL = f"SELECT count(*) FROM {TABLE}, pg_sleep(%s) WHERE req_id = CAST
 WRITE_SQL = f"INSERT INTO {TABLE} (run, req_id, worker) VALUES (%s, CAST(%s AS uuid), %s)"  # noqa: S608
 
 #: Client names, in the order the harness runs them.
-CLIENTS = ("pgwarden", "psycopg_pool", "sqlalchemy", "naive")
+CLIENTS = ("pgwarden", "psycopg_pool", "sqlalchemy", "sqlalchemy-pgwarden", "naive")
+
+#: The clients whose invariants (no duplicate, no lost acknowledged write, no torn unit of
+#: work) are pgwarden's: ``pgwarden stress`` exits 1 when one of them breaks one.
+PGWARDEN_CLIENTS = ("pgwarden", "sqlalchemy-pgwarden")
+
+#: The clients that run the ORM workload (``Workload.orm_share``); the others do a plain
+#: write for each unit of work, so every client sees the same mix of requests.
+ORM_CLIENTS = ("sqlalchemy", "sqlalchemy-pgwarden")
+
+#: The child rows of the ORM units of work (see :mod:`pgwarden.stress.orm`).
+LINES_TABLE = "pgwarden_stress_lines"
+#: Child rows in every unit of work.
+LINES_PER_UNIT = 2
 
 
 class ClientConfig(Protocol):
@@ -61,6 +96,9 @@ class ClientConfig(Protocol):
 
     @property
     def application_name(self) -> str: ...
+
+    @property
+    def orm_share(self) -> float: ...
 
 
 class Client(Protocol):
@@ -161,10 +199,47 @@ def _named(sql: str, names: tuple[str, ...]) -> str:
     return out
 
 
+#: Attempts of a unit of work in the plain ``sqlalchemy`` client: the retry loop SQLAlchemy
+#: users write around a session (see ``SqlAlchemyClient._unit_of_work``).
+ORM_NAIVE_ATTEMPTS = 3
+#: Its sleep before the second attempt (doubled for each further one).
+ORM_NAIVE_BACKOFF = 0.1
+
+
 class SqlAlchemyClient:
+    """SQLAlchemy Core (and, with ``orm_share``, the ORM) on QueuePool over psycopg.
+
+    ``sqlalchemy-pgwarden`` (:class:`SqlAlchemyPgwardenClient`) runs this very code; it
+    differs only where the methods below say so: how the engine is made
+    (:meth:`_make_engine`), how the request deadline is expressed (:meth:`_scope`), and
+    how a unit of work is committed (:meth:`_unit_of_work`).
+    """
+
     def __init__(self, cfg: ClientConfig) -> None:
+        from sqlalchemy import text
+
+        self._deadline = cfg.deadline
+        self.engine = self._make_engine(cfg)
+        self._read = text(_named(READ_SQL, ("key",)))
+        self._read_work = text(_named(READ_WORK_SQL, ("work", "key")))
+        self._write = text(_named(WRITE_SQL, ("run", "req_id", "worker")))
+        self._session: Any = None
+        self._unit: Any = None
+        self.orm_units = 0  # orm_write calls
+        self.orm_attempts = 0  # times the unit of work ran (re-runs included)
+        if cfg.orm_share > 0:
+            from sqlalchemy.orm import sessionmaker
+
+            from pgwarden.stress.orm import unit_of_work
+
+            self._session = sessionmaker(self.engine)
+            self._unit = unit_of_work
+
+    # -- what differs between the two SQLAlchemy clients --------------------------------
+    def _make_engine(self, cfg: ClientConfig) -> Any:
+        """QueuePool with pre-ping, ``pool_size`` connections, libpq's timeouts."""
         import psycopg
-        from sqlalchemy import create_engine, text
+        from sqlalchemy import create_engine
 
         kwargs = libpq_kwargs(cfg)
         url = cfg.url
@@ -172,7 +247,7 @@ class SqlAlchemyClient:
         def creator() -> psycopg.Connection[Any]:
             return psycopg.connect(url, **kwargs)
 
-        self.engine = create_engine(
+        return create_engine(
             "postgresql+psycopg://",
             creator=creator,
             pool_size=cfg.pool_size,
@@ -180,26 +255,141 @@ class SqlAlchemyClient:
             pool_timeout=cfg.deadline,
             pool_pre_ping=True,
         )
-        self._read = text(_named(READ_SQL, ("key",)))
-        self._read_work = text(_named(READ_WORK_SQL, ("work", "key")))
-        self._write = text(_named(WRITE_SQL, ("run", "req_id", "worker")))
 
+    def _scope(self) -> AbstractContextManager[Any]:
+        """Around each request: nothing (the deadline is in the pool and libpq timeouts)."""
+        return contextlib.nullcontext()
+
+    def _unit_of_work(self, fn: Callable[[Any], None]) -> None:
+        """Run ``fn(session)`` and commit, the way SQLAlchemy users make it survive a
+        restart: the whole unit again on a disconnect-class error (``OperationalError``,
+        ``InterfaceError``, or any ``DBAPIError`` that invalidated its connection), up to
+        :data:`ORM_NAIVE_ATTEMPTS` times with a short backoff, within the deadline. It
+        cannot tell a COMMIT that was lost after it committed from one that never ran, so
+        a retry after a lost COMMIT writes the unit twice (a duplicate)."""
+        from sqlalchemy import exc
+
+        started = time.monotonic()
+        for attempt in range(ORM_NAIVE_ATTEMPTS):
+            try:
+                with self._session() as session:
+                    fn(session)
+                    session.commit()
+                return
+            except exc.DBAPIError as error:
+                retryable = error.connection_invalidated or isinstance(
+                    error, (exc.OperationalError, exc.InterfaceError)
+                )
+                pause = ORM_NAIVE_BACKOFF * 2**attempt
+                last = attempt + 1 >= ORM_NAIVE_ATTEMPTS
+                if not retryable or last or time.monotonic() - started + pause > self._deadline:
+                    raise
+                time.sleep(pause)
+
+    # -- the workload (the same for both) -----------------------------------------------
     def read(self, key: str, work: float) -> None:
-        with self.engine.connect() as conn:
+        with self._scope(), self.engine.connect() as conn:
             if work > 0:
                 conn.execute(self._read_work, {"work": work, "key": key}).scalar()
             else:
                 conn.execute(self._read, {"key": key}).scalar()
 
     def write(self, run: str, req_id: str, worker: int) -> None:
-        with self.engine.begin() as conn:
+        with self._scope(), self.engine.begin() as conn:
             conn.execute(self._write, {"run": run, "req_id": req_id, "worker": worker})
 
+    def orm_write(self, run: str, req_id: str, worker: int) -> None:
+        """One ORM unit of work (see :mod:`pgwarden.stress.orm`), committed."""
+        if self._unit is None:
+            raise RuntimeError("this client was built without the ORM workload")
+        unit = self._unit
+        self.orm_units += 1
+
+        def fn(session: Any) -> None:
+            self.orm_attempts += 1
+            unit(session, run, req_id, worker)
+
+        with self._scope():
+            self._unit_of_work(fn)
+
     def stats(self) -> dict[str, Any]:
-        return {"pool": self.engine.pool.status()}
+        return {"pool": self.engine.pool.status(), "counters": self._orm_counters()}
+
+    def _orm_counters(self) -> dict[str, int]:
+        if self._unit is None:
+            return {}
+        return {"orm_units": self.orm_units, "orm_attempts": self.orm_attempts}
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+class SqlAlchemyPgwardenClient(SqlAlchemyClient):
+    """The same SQLAlchemy code on pgwarden's dialect (``postgresql+pgwarden://``):
+    connections come from pgwarden's shared handle (``max_size`` = the common ceiling,
+    everything else pgwarden's default), each request runs inside
+    ``pgwarden.deadline(D)``, and a unit of work is committed by
+    ``pgwarden.sqlalchemy.run_transaction``, which re-runs it on conflicts and on a
+    connection lost before COMMIT and resolves a lost COMMIT by its transaction id, so it
+    never re-runs a committed unit."""
+
+    def _make_engine(self, cfg: ClientConfig) -> Any:
+        import pgwarden
+
+        self._pgw = pgwarden
+        return pgwarden_engine(cfg)
+
+    def _scope(self) -> AbstractContextManager[Any]:
+        return self._pgw.deadline(self._deadline)
+
+    def _unit_of_work(self, fn: Callable[[Any], None]) -> None:
+        from pgwarden.sqlalchemy import run_transaction
+
+        run_transaction(self._session, fn)
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        handle = _pgwarden_handle(self.engine)
+        if handle is not None:
+            stats = handle.stats()
+            out["handle"] = {k: v for k, v in stats.items() if k != "counters"}
+            counters = dict(stats.get("counters") or {})
+            counters.update(out["counters"])
+            out["counters"] = counters
+        return out
+
+    def close(self) -> None:
+        handle = _pgwarden_handle(self.engine)
+        super().close()
+        if handle is not None:  # the engine's NullPool holds nothing; the handle does
+            handle.close(timeout=2)
+
+
+def pgwarden_engine(cfg: ClientConfig) -> Any:
+    """``create_engine("postgresql+pgwarden://...")`` for the stress URL, with pgwarden's
+    defaults except ``max_size`` and ``application_name``.
+
+    The URL's parts go in ``connect_args`` (the dialect takes libpq parameters there), so a
+    ``--url`` in conninfo form (``host=/run/postgresql dbname=app``) works as well.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+    from sqlalchemy import create_engine
+
+    return create_engine(
+        "postgresql+pgwarden://",
+        connect_args={
+            **conninfo_to_dict(cfg.url),
+            "pgwarden_max_size": cfg.pool_size,
+            "application_name": cfg.application_name,
+        },
+    )
+
+
+def _pgwarden_handle(engine: Any) -> Any:
+    """The pgwarden handle behind an engine of the dialect (None before its first use)."""
+    from pgwarden.sqlalchemy import handle_of
+
+    return handle_of(engine)
 
 
 class NaiveClient:
@@ -232,8 +422,29 @@ _FACTORIES: dict[str, Callable[[ClientConfig], Any]] = {
     "pgwarden": PgwardenClient,
     "psycopg_pool": PsycopgPoolClient,
     "sqlalchemy": SqlAlchemyClient,
+    "sqlalchemy-pgwarden": SqlAlchemyPgwardenClient,
     "naive": NaiveClient,
 }
+
+
+def missing_requirement(name: str) -> str | None:
+    """Why client ``name`` cannot run here (a library that is not installed), or None.
+
+    Looks the modules up without running the client libraries' own code, except
+    ``pgwarden.sqlalchemy``'s package (to find its dialect module).
+    """
+    import importlib.util
+
+    if name in ORM_CLIENTS and importlib.util.find_spec("sqlalchemy") is None:
+        return "SQLAlchemy is not installed (pip install 'pgwarden[stress]')"
+    if name == "sqlalchemy-pgwarden":
+        try:
+            found = importlib.util.find_spec("pgwarden.sqlalchemy.dialect") is not None
+        except ImportError:
+            found = False
+        if not found:
+            return "pgwarden.sqlalchemy (the postgresql+pgwarden:// dialect) is not available"
+    return None
 
 
 def make_client(name: str, cfg: ClientConfig) -> Any:
@@ -246,7 +457,7 @@ def make_client(name: str, cfg: ClientConfig) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Error kinds: one vocabulary for the four clients
+# Error kinds: one vocabulary for the five clients
 
 #: Kinds that mean "the time ran out" (the request used its deadline).
 TIMEOUT_KINDS = frozenset(
@@ -297,6 +508,8 @@ _MESSAGE_KINDS: tuple[tuple[str, str], ...] = (
     ("sending query failed", "conn_lost"),
     ("eof detected", "conn_lost"),
     ("bad file descriptor", "conn_lost"),
+    # psycopg, when the connection dies under a pipeline (pgwarden classifies it as lost).
+    ("cannot exit pipeline mode while busy", "conn_lost"),
     ("connection to server", "refused"),
 )
 
@@ -322,7 +535,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def classify(exc: BaseException) -> str:
-    """One short kind for an exception from any of the four clients."""
+    """One short kind for an exception from any of the clients."""
     cls = type(exc)
     if cls.__module__.startswith("sqlalchemy") and cls.__name__ == "TimeoutError":
         return "pool_timeout"  # QueuePool limit reached, pool_timeout expired

@@ -65,7 +65,13 @@ from psycopg.conninfo import conninfo_to_dict
 
 from pgwarden._redact import redact
 from pgwarden.stress.analysis import summarize
-from pgwarden.stress.clients import CLIENTS, TABLE
+from pgwarden.stress.clients import (
+    CLIENTS,
+    LINES_PER_UNIT,
+    LINES_TABLE,
+    TABLE,
+    missing_requirement,
+)
 from pgwarden.stress.live import LIVE_STATS_INTERVAL, MAX_STATS_LINE, LiveStats
 from pgwarden.stress.scenarios import SCENARIOS, FaultStep, Plan, Scenario, Size
 from pgwarden.stress.worker import WorkerConfig
@@ -201,6 +207,15 @@ _SCHEMA = (
     " created_at timestamptz NOT NULL DEFAULT now())",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_req_id ON {TABLE} (req_id)",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_run ON {TABLE} (run, req_id)",
+    # The child rows of the ORM units of work (pgwarden.stress.orm).
+    f"CREATE TABLE IF NOT EXISTS {LINES_TABLE} ("
+    " seq bigserial PRIMARY KEY,"
+    f" write_seq bigint NOT NULL REFERENCES {TABLE} (seq),"
+    " run text NOT NULL,"
+    " req_id uuid NOT NULL,"
+    " n integer NOT NULL)",
+    f"CREATE INDEX IF NOT EXISTS {LINES_TABLE}_run ON {LINES_TABLE} (run, req_id)",
+    f"CREATE INDEX IF NOT EXISTS {LINES_TABLE}_write ON {LINES_TABLE} (write_seq)",
 )
 
 
@@ -279,16 +294,17 @@ def _own_server(target: Target, plan: Plan, say: Say) -> None:
                 sql.Identifier(ROLE), sql.Literal(password)
             )
         )
-        conn.execute(
-            sql.SQL("GRANT SELECT, INSERT ON {} TO {}").format(
-                sql.Identifier(TABLE), sql.Identifier(ROLE)
+        for table in (TABLE, LINES_TABLE):
+            conn.execute(
+                sql.SQL("GRANT SELECT, INSERT ON {} TO {}").format(
+                    sql.Identifier(table), sql.Identifier(ROLE)
+                )
             )
-        )
-        conn.execute(
-            sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(
-                sql.Identifier(f"{TABLE}_seq_seq"), sql.Identifier(ROLE)
+            conn.execute(
+                sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(
+                    sql.Identifier(f"{table}_seq_seq"), sql.Identifier(ROLE)
+                )
             )
-        )
         row = conn.execute("SHOW max_connections").fetchone()
         target.max_connections = int(row[0]) if row else None
     target.client_url = server.url_for(user=ROLE, password=password)
@@ -335,7 +351,8 @@ def _given_server(target: Target, url: str) -> None:
 
         def drop() -> None:
             with target.admin() as conn:
-                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(TABLE)))
+                for table in (LINES_TABLE, TABLE):  # the lines refer to the writes
+                    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
 
         target.closers.append(drop)
     target.description = f"PostgreSQL {target.server_version} at {redact(url)}"
@@ -704,6 +721,7 @@ def _run_client(
             seed=options.seed + i,
             application_name=APP_PREFIX + client,
             stats_interval=LIVE_STATS_INTERVAL if live is not None else 0.0,
+            orm_share=wl.orm_share,
         )
         for i in range(wl.processes)
     ]
@@ -773,6 +791,8 @@ def _collect(
     records: list[list[Any]] = []
     acked: list[str] = []
     unacked: list[str] = []
+    orm_acked: list[str] = []
+    orm_unacked: list[str] = []
     first_ok: list[float | None] = []
     samples: dict[str, str] = {}
     worker_errors: list[str] = []
@@ -793,6 +813,8 @@ def _collect(
             records.append([float(r[0]) - t_go, r[1], r[2], r[3]])
         acked.extend(data["acked"])
         unacked.extend(data["unacked"])
+        orm_acked.extend(data.get("orm_acked", []))
+        orm_unacked.extend(data.get("orm_unacked", []))
         t_first = data.get("t_first_ok")
         first_ok.append(None if t_first is None else float(t_first) - t_go)
         if data.get("t_client") is not None:
@@ -805,6 +827,7 @@ def _collect(
             stats.append(data["stats"])
     records.sort(key=lambda r: float(r[0]))
     rows = _rows_for(target, run_id)
+    line_rows = _rows_for(target, run_id, LINES_TABLE) if orm_acked or orm_unacked else {}
     faults = list(injector.faults) if injector is not None else []
     for fault in faults:
         if fault["end"] is None:
@@ -818,6 +841,10 @@ def _collect(
         unacked=unacked,
         rows=rows,
         first_ok=first_ok,
+        orm_acked=orm_acked,
+        orm_unacked=orm_unacked,
+        line_rows=line_rows,
+        lines_per_unit=LINES_PER_UNIT,
     )
     client_setup.sort()
     result.update(
@@ -860,9 +887,10 @@ def _merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _rows_for(target: Target, run_id: str) -> dict[str, int]:
-    """Request id -> rows in the table, for one run (retrying while the server restarts)."""
-    query = f"SELECT req_id::text, count(*) FROM {TABLE} WHERE run = %s GROUP BY 1"  # noqa: S608
+def _rows_for(target: Target, run_id: str, table: str = TABLE) -> dict[str, int]:
+    """Request id -> rows in ``table`` (one of ours, a constant), for one run (retrying
+    while the server restarts)."""
+    query = f"SELECT req_id::text, count(*) FROM {table} WHERE run = %s GROUP BY 1"  # noqa: S608
     last: Exception | None = None
     for _ in range(50):
         try:
@@ -901,6 +929,7 @@ def _params(scenario: Scenario, plan: Plan, size: Size) -> dict[str, Any]:
         "deadline_s": plan.deadline,
         "write_ratio": wl.write_ratio,
         "read_work_s": wl.read_work,
+        "orm_share": wl.orm_share,
         "phases": [p.__dict__ for p in wl.phases],
         "hard_limit_s": round(plan.hard_limit, 2),
         "server_settings": dict(plan.server_settings),
@@ -1044,6 +1073,15 @@ def run_stress(options: Options, report: dict[str, Any] | None = None) -> dict[s
     if unknown:
         raise ValueError(f"unknown client(s): {', '.join(unknown)}")
     report = new_report(options) if report is None else report
+    left_out = {c: why for c in options.clients if (why := missing_requirement(c)) is not None}
+    for client, why in left_out.items():
+        options.say(f"client {client} left out: {why}")
+    options.clients = [c for c in options.clients if c not in left_out]
+    report["options"]["clients"] = list(options.clients)
+    if left_out:
+        report["options"]["left_out"] = left_out
+    if not options.clients:
+        raise HarnessError("no client left to run: " + "; ".join(left_out.values()))
     random.seed(options.seed)
     workdir = Path(tempfile.mkdtemp(prefix="pgwarden-stress-"))
     try:

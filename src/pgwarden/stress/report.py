@@ -13,7 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pgwarden.stress.clients import PGWARDEN_CLIENTS
+
 __all__ = [
+    "fmt_orm",
     "format_scenario",
     "format_summary",
     "invariant_failures",
@@ -44,6 +47,7 @@ CLIENT_COLORS = {
     "pgwarden": "#2563eb",
     "psycopg_pool": "#d97706",
     "sqlalchemy": "#7c3aed",
+    "sqlalchemy-pgwarden": "#db2777",
     "naive": "#059669",
 }
 _KIND_COLORS = {"ok": "#16a34a", "late": "#f59e0b", "hung": "#7f1d1d"}
@@ -90,6 +94,24 @@ def fmt_success(r: dict[str, Any]) -> str:
     if r["ok"] == r["requests"]:
         return "100%"
     return f"{math.floor(10000 * r['ok'] / r['requests']) / 100:.2f}%"
+
+
+def fmt_orm(r: dict[str, Any]) -> str | None:
+    """The ORM units of work of one result in a line, None if it ran none."""
+    orm = r.get("orm")
+    if not orm:
+        return None
+    counters = r.get("client_stats") or {}
+    reruns = ""
+    if isinstance(counters.get("orm_attempts"), int) and isinstance(counters.get("orm_units"), int):
+        reruns = f", {counters['orm_attempts'] - counters['orm_units']} re-run(s)"
+    text = (
+        f"ORM units of work {orm['units']} ({orm['ok']} ok, {orm['failed']} failed{reruns}): "
+        f"{orm['duplicates']} duplicate(s), {orm['lost']} lost, {orm['torn']} torn"
+    )
+    if orm.get("unacked_committed"):
+        text += f", {orm['unacked_committed']} failed but committed"
+    return text
 
 
 def _row(client: str, r: dict[str, Any]) -> list[str]:
@@ -164,6 +186,9 @@ def format_scenario(entry: dict[str, Any]) -> str:
         lines.append("   first success per process (from start): " + "; ".join(firsts))
     for client, r in results.items():
         notes = []
+        orm = fmt_orm(r)
+        if orm is not None:
+            notes.append(orm)
         if r.get("unacked_writes_committed"):
             notes.append(f"{r['unacked_writes_committed']} failed write(s) committed anyway")
         if r.get("worker_errors"):
@@ -179,35 +204,59 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
-def invariant_failures(report: dict[str, Any], client: str = "pgwarden") -> list[str]:
-    """pgwarden's hard invariants that failed: duplicates and lost acknowledged writes."""
+def invariant_failures(report: dict[str, Any], client: str | None = None) -> list[str]:
+    """pgwarden's hard invariants that failed: duplicates, lost acknowledged writes, and
+    torn units of work, for ``client`` or (None) every client on pgwarden
+    (:data:`~pgwarden.stress.clients.PGWARDEN_CLIENTS`)."""
+    names = PGWARDEN_CLIENTS if client is None else (client,)
     out = []
     for entry in report["scenarios"]:
-        r = entry.get("results", {}).get(client)
-        if r is None:
-            continue
-        if r["duplicates"]:
-            out.append(f"{entry['name']}: {r['duplicates']} duplicate write(s)")
-        if r["lost_writes"]:
-            out.append(f"{entry['name']}: {r['lost_writes']} lost acknowledged write(s)")
+        for name in names:
+            r = entry.get("results", {}).get(name)
+            if r is None:
+                continue
+            where = entry["name"] if name == "pgwarden" else f"{entry['name']} ({name})"
+            if r["duplicates"]:
+                out.append(f"{where}: {r['duplicates']} duplicate write(s)")
+            if r["lost_writes"]:
+                out.append(f"{where}: {r['lost_writes']} lost acknowledged write(s)")
+            orm = r.get("orm") or {}
+            if orm.get("torn"):
+                out.append(f"{where}: {orm['torn']} torn unit(s) of work")
     return out
+
+
+def _pgwarden_clients(report: dict[str, Any]) -> list[str]:
+    """The clients on pgwarden that ran in some scenario, in order."""
+    ran = {c for e in report["scenarios"] if not e.get("skipped") for c in e["results"]}
+    return [c for c in PGWARDEN_CLIENTS if c in ran]
+
+
+def _invariants_line(report: dict[str, Any], failures: list[str]) -> str:
+    clients = _pgwarden_clients(report)
+    which = f", for {' and '.join(clients)}" if clients and clients != ["pgwarden"] else ""
+    return f"pgwarden invariants (no duplicates, no lost acknowledged writes{which}): " + (
+        "held" if not failures else "FAILED: " + "; ".join(failures)
+    )
 
 
 def format_summary(report: dict[str, Any], json_path: Path, html_path: Path) -> str:
     lines = []
     failures = invariant_failures(report)
     ran = [e for e in report["scenarios"] if not e.get("skipped")]
-    if any("pgwarden" in e["results"] for e in ran):
-        left = sum(
-            e["results"]["pgwarden"]["failed_with_deadline_left"]
-            for e in ran
-            if "pgwarden" in e["results"]
-        )
-        verdict = "held" if not failures else "FAILED: " + "; ".join(failures)
-        lines.append(
-            f"pgwarden invariants (no duplicates, no lost acknowledged writes): {verdict}; "
-            f"failures with deadline left: {left}"
-        )
+    clients = _pgwarden_clients(report)
+    if clients:
+        left = {
+            c: sum(e["results"][c]["failed_with_deadline_left"] for e in ran if c in e["results"])
+            for c in clients
+        }
+        if clients == ["pgwarden"]:
+            counts = str(left["pgwarden"])
+        else:
+            counts = ", ".join(f"{c} {n}" for c, n in left.items())
+        lines.append(f"{_invariants_line(report, failures)}; failures with deadline left: {counts}")
+    for client, why in (report.get("options", {}).get("left_out") or {}).items():
+        lines.append(f"left out: {client}: {why}")
     lines.append(f"JSON:   {json_path}")
     lines.append(f"report: {html_path}")
     return "\n".join(lines)
@@ -244,10 +293,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     failures = invariant_failures(report)
-    lines.append(
-        "pgwarden invariants (no duplicates, no lost acknowledged writes): "
-        + ("held." if not failures else "**FAILED**: " + "; ".join(failures) + ".")
-    )
+    verdict = _invariants_line(report, failures)
+    if failures:
+        head, _, rest = verdict.partition(": FAILED: ")
+        verdict = f"{head}: **FAILED**: {rest}"
+    lines.append(verdict + ".")
     lines.append("")
     for entry in report["scenarios"]:
         lines += [f"### {entry['name']}: {entry['title']}", ""]
@@ -539,6 +589,9 @@ def _scenario_html(entry: dict[str, Any]) -> str:
                 f"<li>{r['unacked_writes_committed']} write(s) reported as failed were "
                 "committed anyway (outcome unknown to the caller)</li>"
             )
+        orm = fmt_orm(r)
+        if orm is not None:
+            bits.append(f"<li>{_esc(orm)}</li>")
         if bits:
             details.append(f"<h3>{_esc(client)}</h3><ul>{''.join(bits)}</ul>")
     if details:
@@ -555,8 +608,9 @@ def render_html(report: dict[str, Any]) -> str:
         f'<a href="#{_esc(e["name"])}">{_esc(e["name"])}</a>' for e in report["scenarios"]
     )
     failures = invariant_failures(report)
+    head = _invariants_line(report, failures).partition(": ")[0]
     verdict = (
-        "<p>pgwarden invariants (no duplicates, no lost acknowledged writes): "
+        f"<p>{_esc(head)}: "
         + ("<b>held</b>" if not failures else "<b>FAILED</b>: " + _esc("; ".join(failures)))
         + "</p>"
     )
@@ -578,7 +632,9 @@ def render_html(report: dict[str, Any]) -> str:
         "left; latencies are of every request, successful or not; <b>conns</b> peak client "
         "backends on the server; <b>recovery</b> worst time from the end of a fault to the "
         "next success; <b>dups</b> writes that ran twice; <b>lost</b> acknowledged writes "
-        "missing from the table.</p>"
+        "missing from the table. ORM units of work (the SQLAlchemy clients, in some "
+        "scenarios) count in dups and lost like any write; the notes add their own figures "
+        "and <b>torn</b> units (committed in pieces).</p>"
     )
     body = [_scenario_html(e) for e in report["scenarios"]]
     return head + "\n".join(body) + "</body></html>\n"

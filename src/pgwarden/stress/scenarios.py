@@ -52,6 +52,9 @@ class Workload:
     write_ratio: float = 0.3
     read_work: float = 0.0  # seconds of pg_sleep in each read (holds the connection)
     max_requests: int = 20_000  # per thread, whatever the phases say
+    #: Of the writes, the share that the SQLAlchemy clients run as ORM units of work
+    #: (:mod:`pgwarden.stress.orm`); the other clients do a plain write for each.
+    orm_share: float = 0.0
 
     def end(self, deadline: float) -> float:
         """When the last phase should be over, in seconds after the start (an estimate for
@@ -146,18 +149,25 @@ def _restart_faults(size: Size) -> tuple[FaultStep, ...]:
     )
 
 
-def _steady(size: Size, *, tiny: float, small: float, full: float) -> Workload:
+#: The ORM share of the writes in the scenarios that run units of work (restart, kills).
+ORM_SHARE = 0.5
+
+
+def _steady(
+    size: Size, *, tiny: float, small: float, full: float, orm_share: float = 0.0
+) -> Workload:
     return Workload(
         processes=_ipick(size, 3, 4, 8),
         threads=_ipick(size, 3, 4, 4),
         pool_size=4,
         phases=(Phase(start=0.0, interval=0.02, duration=_pick(size, tiny, small, full)),),
+        orm_share=orm_share,
     )
 
 
 def _restart(size: Size, deadline: float) -> Plan:
     return Plan(
-        workload=_steady(size, tiny=6.0, small=12.0, full=40.0),
+        workload=_steady(size, tiny=6.0, small=12.0, full=40.0, orm_share=ORM_SHARE),
         faults=_restart_faults(size),
         server_settings={"max_connections": 100},
         deadline=deadline,
@@ -178,7 +188,7 @@ def _kills(size: Size, deadline: float) -> Plan:
         )
         at += every
     return Plan(
-        workload=_steady(size, tiny=5.0, small=12.0, full=30.0),
+        workload=_steady(size, tiny=5.0, small=12.0, full=30.0, orm_share=ORM_SHARE),
         faults=tuple(faults),
         server_settings={"max_connections": 100},
         deadline=deadline,
@@ -289,7 +299,8 @@ SCENARIOS: dict[str, Scenario] = {
             "restart",
             "restart under load",
             "Steady reads and writes while the server is restarted, first fast (SIGINT), then "
-            "immediate (SIGQUIT, a crash with recovery).",
+            "immediate (SIGQUIT, a crash with recovery); the SQLAlchemy clients run half of "
+            "their writes as ORM units of work.",
             frozenset({"control", "own_server"}),
             _restart,
         ),
@@ -297,7 +308,8 @@ SCENARIOS: dict[str, Scenario] = {
             "kills",
             "backend kills",
             "Steady load while half of the clients' backends are killed with "
-            "pg_terminate_backend, again and again.",
+            "pg_terminate_backend, again and again; the SQLAlchemy clients run half of their "
+            "writes as ORM units of work.",
             frozenset(),
             _kills,
         ),

@@ -11,9 +11,13 @@ the workload from ``threads`` threads.
 The workload is a list of phases; in each, every thread issues requests paced at one per
 ``interval`` (never catching up after a slow one), until the phase's request count or
 duration is reached. Each request is a read or, with probability ``write_ratio``, a write of
-a fresh uuid. A request is recorded as ``[start, latency, op, kind]`` (start in
-``time.monotonic()`` seconds, which on Linux and macOS is one clock for every process), and
-every write's id goes into ``acked`` (the call returned) or ``unacked`` (it raised).
+a fresh uuid; with ``orm_share`` that share of the writes are ORM units of work (op ``o``)
+for a client that has ``orm_write`` (the SQLAlchemy ones), plain writes for the others (the
+random draws are the same for every client, so every client sees the same mix). A request
+is recorded as ``[start, latency, op, kind]`` (start in ``time.monotonic()`` seconds, which
+on Linux and macOS is one clock for every process), and every write's id goes into
+``acked`` (the call returned) or ``unacked`` (it raised); a unit of work's id also goes into
+``orm_acked`` or ``orm_unacked``.
 
 stdout carries ``ready``, then ``p <ok> <failed>`` every half second (live progress), then
 ``done``. With ``stats_interval`` set (``pgwarden stress --dashboard``) and a client that has
@@ -73,6 +77,7 @@ class WorkerConfig:
     seed: int
     application_name: str
     stats_interval: float = 0.0  # > 0: send the client's live stats this often (pgwarden)
+    orm_share: float = 0.0  # of the writes: ORM units of work (clients with orm_write)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerConfig:
@@ -91,6 +96,8 @@ class _Recorder:
     records: list[list[Any]] = field(default_factory=list)
     acked: list[str] = field(default_factory=list)
     unacked: list[str] = field(default_factory=list)
+    orm_acked: list[str] = field(default_factory=list)
+    orm_unacked: list[str] = field(default_factory=list)
     samples: dict[str, str] = field(default_factory=dict)
     ok: int = 0
     failed: int = 0
@@ -108,6 +115,7 @@ class _Worker:
         self.t_client: float | None = None
         self.client_error: str | None = None
         self.client: Any = None
+        self.orm = False  # the client runs units of work (set once it is built)
         self.dumped = threading.Lock()
         self.stats: dict[str, Any] = {}
 
@@ -145,11 +153,16 @@ class _Worker:
         cfg = self.cfg
         is_write = rng.random() < cfg.write_ratio
         rid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        # Drawn whatever the client, so that every client gets the same requests.
+        unit = is_write and cfg.orm_share > 0 and rng.random() < cfg.orm_share
+        op = ("o" if unit and self.orm else "w") if is_write else "r"
         started = time.monotonic()
-        self.inflight[index] = (started, "w" if is_write else "r", rid)
+        self.inflight[index] = (started, op, rid)
         kind = "ok"
         try:
-            if is_write:
+            if op == "o":
+                self.client.orm_write(cfg.run, rid, cfg.worker)
+            elif is_write:
                 self.client.write(cfg.run, rid, cfg.worker)
             else:
                 self.client.read(rid, cfg.read_work)
@@ -165,19 +178,21 @@ class _Worker:
         rec = self.rec
         with rec.lock:
             self.inflight[index] = None
-            rec.records.append(
-                [round(started, 6), round(latency, 6), "w" if is_write else "r", kind]
-            )
+            rec.records.append([round(started, 6), round(latency, 6), op, kind])
             if kind in ("ok", "late"):
                 rec.ok += 1
                 if kind == "ok" and rec.first_ok is None:
                     rec.first_ok = started + latency
                 if is_write:
                     rec.acked.append(rid)
+                if op == "o":
+                    rec.orm_acked.append(rid)
             else:
                 rec.failed += 1
                 if is_write:
                     rec.unacked.append(rid)
+                if op == "o":
+                    rec.orm_unacked.append(rid)
 
     # -- output --------------------------------------------------------------------------
     def dump(self, reason: str) -> None:
@@ -189,12 +204,15 @@ class _Worker:
         with rec.lock:
             records = list(rec.records)
             unacked = list(rec.unacked)
+            orm_unacked = list(rec.orm_unacked)
             for slot in self.inflight:
                 if slot is not None:
                     started, op, rid = slot
                     records.append([round(started, 6), round(now - started, 6), op, "hung"])
-                    if op == "w":
+                    if op in ("w", "o"):
                         unacked.append(rid)
+                    if op == "o":
+                        orm_unacked.append(rid)
             data = {
                 "worker": self.cfg.worker,
                 "client": self.cfg.client,
@@ -207,6 +225,8 @@ class _Worker:
                 "records": records,
                 "acked": list(rec.acked),
                 "unacked": unacked,
+                "orm_acked": list(rec.orm_acked),
+                "orm_unacked": orm_unacked,
                 "samples": dict(rec.samples),
                 "stats": self.stats,
             }
@@ -300,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=target, daemon=True).start()
     try:
         worker.client = make_client(cfg.client, _ClientSettings(cfg))
+        worker.orm = cfg.orm_share > 0 and callable(getattr(worker.client, "orm_write", None))
         worker.t_client = time.monotonic()
     except Exception as exc:  # an import or configuration error: report it, serve nothing
         worker.client_error = describe(exc)
@@ -346,6 +367,10 @@ class _ClientSettings:
     @property
     def application_name(self) -> str:
         return self.cfg.application_name
+
+    @property
+    def orm_share(self) -> float:
+        return self.cfg.orm_share
 
 
 def _jsonable(value: Any) -> Any:
