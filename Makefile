@@ -6,10 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Extras that the test suite needs; kept in one place so demo and test agree.
-EXTRAS := dev,cli,prometheus,otel,stress,sqlalchemy,fastapi
-# A second venv with the lowest psycopg and psycopg-pool that pyproject.toml's
-# lower bounds allow (same extras, everything else newest), so `make test` proves
-# that the lower bounds tell the truth. docs/versions.md says why they are what they are.
+EXTRAS := dev,cli,prometheus,otel,stress,sqlalchemy,fastapi,django,aws
+# A second venv with the lowest versions that pyproject.toml's lower bounds allow:
+# psycopg, psycopg-pool and every library of the extras below (the test tools
+# newest; see LOWEST_CONSTRAINTS_PY), so `make test` proves that the lower bounds
+# tell the truth. docs/versions.md says why they are what they are.
 LOWEST_VENV := .venv-lowest
 LOWEST_BIN := $(LOWEST_VENV)/bin
 LOWEST_STAMP := $(LOWEST_VENV)/.installed
@@ -20,7 +21,7 @@ LOWEST_CONSTRAINTS := $(LOWEST_VENV)/constraints.txt
 help:
 	@echo "make demo   - set up and run pgwarden's main job on an embedded PostgreSQL"
 	@echo "make test   - set up and run lint, types and the whole test suite (what CI runs),"
-	@echo "              then the suite again against the lowest psycopg/psycopg-pool allowed"
+	@echo "              then the suite again against the lowest versions pyproject.toml allows"
 	@echo "make bench  - micro-benchmarks and full-size stress scenarios (about 20 minutes;"
 	@echo "              writes docs/benchmarks.md)"
 
@@ -32,8 +33,17 @@ $(STAMP): pyproject.toml
 
 # Every runtime dependency in [project].dependencies pinned to its lower bound
 # (`>=X`, `==X` or `~=X`); one without a lower bound is an error, since "the lowest
-# version allowed" would then mean nothing. Constraints files take no extras:
-# psycopg==X pulls psycopg-binary==X through the [binary] extra itself.
+# version allowed" would then mean nothing. The same for every requirement of the
+# extras the suite installs ($(EXTRAS), given as the argument): those are the
+# libraries pgwarden integrates with (SQLAlchemy, FastAPI, Django, prometheus-client,
+# OpenTelemetry) and the ones its tests drive them with (uvicorn, httpx), and each
+# lower bound is a claim the suite must prove. A requirement listed in several
+# extras must have the same bound in each (pinned once). The test tools themselves
+# (LOWEST_NEWEST_TOOLS: pytest, its plugin, hypothesis, mypy, ruff) stay newest:
+# they check pgwarden rather than run under it, and an old pytest would only test
+# the tools. Requirements whose environment marker does not apply are left out.
+# Constraints files take no extras: psycopg==X pulls psycopg-binary==X through the
+# [binary] extra itself, sqlalchemy==X gets greenlet (newest) from [asyncio].
 # (pip's own vendored tomli/packaging: this runs before anything is installed.)
 define LOWEST_CONSTRAINTS_PY
 import sys
@@ -42,17 +52,32 @@ try:
 except ImportError:  # Python 3.10
     from pip._vendor import tomli as tomllib
 from pip._vendor.packaging.requirements import Requirement
+from pip._vendor.packaging.utils import canonicalize_name
 
+newest = {canonicalize_name(n) for n in sys.argv[2].split(",")}
 with open("pyproject.toml", "rb") as f:
-    deps = tomllib.load(f)["project"]["dependencies"]
-for dep in deps:
+    project = tomllib.load(f)["project"]
+sources = [("[project].dependencies", dep) for dep in project["dependencies"]]
+for extra in sys.argv[1].split(","):
+    sources += [(f"[{extra}]", dep) for dep in project["optional-dependencies"][extra]]
+pins = {}
+for where, dep in sources:
     req = Requirement(dep)
+    name = canonicalize_name(req.name)
+    if name in newest or (req.marker is not None and not req.marker.evaluate()):
+        continue
     low = [s.version for s in req.specifier if s.operator in (">=", "==", "~=")]
     if len(low) != 1:
-        sys.exit(f"pyproject.toml: {dep!r} needs exactly one lower bound (>=, == or ~=)")
-    print(f"{req.name}=={low[0]}")
+        sys.exit(f"pyproject.toml {where}: {dep!r} needs exactly one lower bound (>=, == or ~=)")
+    seen = pins.setdefault(name, (low[0], where))
+    if seen[0] != low[0]:
+        sys.exit(f"pyproject.toml: {name} has lower bound {seen[0]} in {seen[1]} but {low[0]} in {where}")
+for name, (version, _) in pins.items():
+    print(f"{name}=={version}")
 endef
 export LOWEST_CONSTRAINTS_PY
+# Test tools left at their newest in .venv-lowest (see above).
+LOWEST_NEWEST_TOOLS := pytest,pytest-timeout,hypothesis,mypy,ruff
 
 # Checks that what got installed is what the constraints asked for.
 define LOWEST_VERIFY_PY
@@ -79,7 +104,7 @@ $(LOWEST_STAMP): pyproject.toml | $(STAMP)
 	@test -x $(LOWEST_BIN)/python || $(PYTHON) -m venv $(LOWEST_VENV)
 	@echo '*' > $(LOWEST_VENV)/.gitignore
 	$(LOWEST_BIN)/python -m pip install --quiet --upgrade pip
-	$(LOWEST_BIN)/python -c "$$LOWEST_CONSTRAINTS_PY" > $(LOWEST_CONSTRAINTS)
+	$(LOWEST_BIN)/python -c "$$LOWEST_CONSTRAINTS_PY" '$(EXTRAS)' '$(LOWEST_NEWEST_TOOLS)' > $(LOWEST_CONSTRAINTS)
 	$(LOWEST_BIN)/python -m pip install --quiet -c $(LOWEST_CONSTRAINTS) -e '.[$(EXTRAS)]'
 	@echo "$(LOWEST_VENV) has:"
 	@$(LOWEST_BIN)/python -c "$$LOWEST_VERIFY_PY" $(LOWEST_CONSTRAINTS)
@@ -94,6 +119,7 @@ sysdeps:
 	@need=""; \
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need="$$need postgresql"; \
 	{ command -v pgbouncer || test -x /usr/sbin/pgbouncer; } >/dev/null 2>&1 || need="$$need pgbouncer"; \
+	{ command -v pgpool || test -x /usr/sbin/pgpool; } >/dev/null 2>&1 || need="$$need pgpool2"; \
 	test -x /usr/bin/chromium || need="$$need chromium fonts-dejavu-core"; \
 	command -v promtool >/dev/null 2>&1 || need="$$need prometheus"; \
 	if [ -n "$$need" ]; then \
@@ -143,14 +169,16 @@ test: $(STAMP) $(LOWEST_STAMP) sysdeps lint types check-sync
 test-lowest: $(LOWEST_STAMP) sysdeps
 	$(run-lowest-suite)
 
-# Micro-benchmarks rewrite docs/benchmarks.md; the full-size stress tables are
-# appended to it (the reading of who wins where is kept in docs/stress.md).
+# Micro-benchmarks rewrite the head of docs/benchmarks.md; every other benchmark
+# and the full-size stress tables replace their own section (bench/sections.py) (the reading of who wins where is kept in docs/stress.md).
 bench: $(STAMP) sysdeps
 	$(BIN)/python bench/micro.py --write docs/benchmarks.md
 	$(BIN)/python bench/sqlalchemy_bench.py --write docs/benchmarks.md
+	$(BIN)/python bench/deadlines.py --write docs/benchmarks.md
+	$(BIN)/python bench/django_bench.py --write docs/benchmarks.md
 	$(BIN)/pgwarden stress --size full --out pgwarden-report/bench \
 	  --markdown pgwarden-report/bench/stress.md; status=$$?; \
-	  printf '\n' >> docs/benchmarks.md; cat pgwarden-report/bench/stress.md >> docs/benchmarks.md; \
+	  $(BIN)/python bench/sections.py docs/benchmarks.md pgwarden-report/bench/stress.md; \
 	  exit $$status
 
 clean:

@@ -20,6 +20,10 @@ times each engine for ``--n`` operations, in an order that rotates from round to
 (so no engine always runs first or last); the figures are medians over the rounds, and the
 ratios are pgwarden's median over each QueuePool median.
 
+Below the table, what one checkout costs pgwarden itself: the handle's ``checkout()`` +
+``release()`` (what the dialect does per SQLAlchemy checkout) against psycopg_pool's
+``getconn()`` + ``putconn()`` on a pool of its own, timed alternately in the same way.
+
     python bench/sqlalchemy_bench.py                      # print the table
     python bench/sqlalchemy_bench.py --quick              # fewer rounds and operations
     python bench/sqlalchemy_bench.py --write docs/benchmarks.md
@@ -191,6 +195,82 @@ def measure_async(url: str, n: int) -> dict[str, dict[str, float]]:
     return asyncio.run(main())
 
 
+def measure_checkout(url: str, n: int) -> dict[str, dict[str, float]]:
+    """µs per ``checkout()`` + ``release()`` of a pgwarden handle (SQLAlchemy's shape) and
+    per ``getconn()`` + ``putconn()`` of a psycopg_pool pool, sync and asyncio."""
+    import psycopg_pool
+    from psycopg.rows import tuple_row
+
+    import pgwarden
+
+    def summary(times: dict[str, list[float]]) -> dict[str, float]:
+        ours = statistics.median(times["checkout"])
+        theirs = statistics.median(times["getconn"])
+        return {"checkout_us": ours * 1e6, "getconn_us": theirs * 1e6, "ratio": ours / theirs}
+
+    def sync() -> dict[str, float]:
+        db = pgwarden.connect(url, application_name="sqlalchemy-bench-checkout")
+        db.ready()
+        pool = psycopg_pool.ConnectionPool(url, min_size=1, max_size=1, open=True)
+        pool.wait()
+
+        def checkout() -> None:
+            db.checkout(autocommit=False, row_factory=tuple_row).release()
+
+        def getconn() -> None:
+            pool.putconn(pool.getconn())
+
+        ops = {"checkout": checkout, "getconn": getconn}
+        times: dict[str, list[float]] = {name: [] for name in ops}
+        try:
+            for op in ops.values():
+                for _ in range(50):
+                    op()
+            for round_no in range(ROUNDS):
+                for name in sorted(ops, reverse=bool(round_no % 2)):
+                    op = ops[name]
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        op()
+                    times[name].append((time.perf_counter() - t0) / n)
+        finally:
+            pool.close()
+            db.close()
+        return summary(times)
+
+    async def asynchronous() -> dict[str, float]:
+        db = pgwarden.connect_async(url, application_name="sqlalchemy-bench-checkout")
+        await db.ready()
+        pool = psycopg_pool.AsyncConnectionPool(url, min_size=1, max_size=1, open=False)
+        await pool.open(wait=True)
+
+        async def checkout() -> None:
+            await (await db.checkout(autocommit=False, row_factory=tuple_row)).release()
+
+        async def getconn() -> None:
+            await pool.putconn(await pool.getconn())
+
+        ops = {"checkout": checkout, "getconn": getconn}
+        times: dict[str, list[float]] = {name: [] for name in ops}
+        try:
+            for op in ops.values():
+                for _ in range(50):
+                    await op()
+            for round_no in range(ROUNDS):
+                for name in sorted(ops, reverse=bool(round_no % 2)):
+                    op = ops[name]
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        await op()
+                    times[name].append((time.perf_counter() - t0) / n)
+        finally:
+            await pool.close()
+            await db.close()
+        return summary(times)
+
+    return {"sync": sync(), "async": asyncio.run(asynchronous())}
+
+
 def _prepare(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
@@ -249,6 +329,7 @@ def _verdict(result: dict[str, float]) -> str:
 def render(
     results: dict[str, dict[str, float]],
     *,
+    checkouts: dict[str, dict[str, float]] | None = None,
     machine_text: str,
     version: str,
     n: int,
@@ -302,6 +383,20 @@ def render(
         "  (SQLAlchemy's greenlet bridge on both sides).",
         "",
     ]
+    if checkouts:
+        lines += [
+            "What one checkout costs pgwarden itself (the dialect's part of every SQLAlchemy",
+            "checkout): the handle's `checkout()` + `release()`, against psycopg_pool's",
+            "`getconn()` + `putconn()` on a pool of its own, alternately, same rounds:",
+            "",
+            "| | `checkout()` + `release()` µs | `getconn()` + `putconn()` µs | ratio |",
+            "|---|---|---|---|",
+        ]
+        for name, r in checkouts.items():
+            lines.append(
+                f"| {name} | {r['checkout_us']:.1f} | {r['getconn_us']:.1f} | {r['ratio']:.2f} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -371,9 +466,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in measure_async(url, n).items():
             results[f"async {name}"] = r
             print(f"  async {name}: {format_result(r)}", file=sys.stderr, flush=True)
+        print("running: checkout() + release() vs getconn() + putconn()...", file=sys.stderr)
+        checkouts = measure_checkout(url, n)
+        for name, r in checkouts.items():
+            print(f"  {name} checkout: {format_result(r)}", file=sys.stderr, flush=True)
 
     text_out = render(
         results,
+        checkouts=checkouts,
         machine_text=machine(),
         version=version,
         n=n,

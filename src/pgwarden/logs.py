@@ -368,7 +368,7 @@ EVENTS[POOL_GENERIC_EVENT] = "psycopg_pool logged a message not in POOL_MESSAGES
 del _template, _event, _rest
 
 _NUMBERS = frozenset({"size", "min_size", "max_size", "unused", "seconds"})
-_STATUS = re.compile(r"\[([^\]]*)\]")
+_STATUS = r"\[([^\]]*)\]"  # compiled on first use (re caches it), not at import
 _FRAME_DEPTH = 40  # how far up the emitting stack to look for the pool
 
 
@@ -549,7 +549,7 @@ class PoolLogBridge(logging.Filter):
         psycopg = sys.modules.get("psycopg")
         if psycopg is not None and isinstance(arg, psycopg.BaseConnection):
             # Not the connection's repr: it names host, port, user and database.
-            match = _STATUS.search(repr(arg))
+            match = re.search(_STATUS, repr(arg))
             status = match.group(1) if match else "?"
             fields["connection_status"] = status
             try:

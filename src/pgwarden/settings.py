@@ -18,16 +18,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, get_args
+from operator import attrgetter
+from typing import Any, Literal, TypeAlias, get_args
 
 from pgwarden._redact import redact
 from pgwarden.errors import SettingsError
 
-__all__ = ["PgBouncerMode", "Settings"]
+__all__ = ["CredentialSource", "Credentials", "PgBouncerMode", "Settings"]
 
 PgBouncerMode = Literal["auto", "on", "off"]
+
+#: What `Settings.credentials` returns (or, on the async handle, what it may await): the
+#: password, or connection parameters (``password``, ``user``, ``host``...) overriding the URL's.
+Credentials: TypeAlias = "str | Mapping[str, Any]"
+#: `Settings.credentials`: called with no arguments for every new connection.
+CredentialSource: TypeAlias = "Callable[[], Credentials | Awaitable[Credentials]]"
 
 ENV_PREFIX = "PGWARDEN_"
 # Variables of the test harness (pgwarden.testing), not settings of a handle.
@@ -39,7 +46,10 @@ def _doc(default: Any, reason: str) -> Any:
     return field(default=default, metadata={"reason": reason})
 
 
-@dataclass(frozen=True)
+# repr=False and eq=False: __repr__, __eq__ and __hash__ are written below. dataclasses
+# would compile one function per generated method at import, about 0.5 ms of a cold
+# start for these two and the repr it would build and then not use.
+@dataclass(frozen=True, repr=False, eq=False)
 class Settings:
     """Frozen configuration of one database handle. See each field's reason."""
 
@@ -47,6 +57,15 @@ class Settings:
         default=None,
         repr=False,  # the URL may carry a password; repr shows `safe_url` instead
         metadata={"reason": "connection URL; defaults to DATABASE_URL"},
+    )
+    credentials: CredentialSource | None = field(
+        default=None,
+        metadata={
+            "reason": "A callable (sync, or async on the async handle) called for every new "
+            "connection, the warmup's included: it returns the password, or a mapping of "
+            "connection parameters that override the URL's. For rotating secrets and RDS IAM "
+            "tokens (pgwarden.aws); its results are never logged or stored by pgwarden."
+        },
     )
 
     # --- pool size -------------------------------------------------------------------------
@@ -146,7 +165,13 @@ class Settings:
     )
     prepare_threshold: int | None = _doc(
         5,
-        "psycopg's default; forced to None (no server-side prepares) behind PgBouncer.",
+        "psycopg's default; forced to None (no server-side prepares) behind PgBouncer "
+        "unless pooler_prepared_statements.",
+    )
+    pooler_prepared_statements: bool = _doc(
+        False,
+        "Keep prepare_threshold behind PgBouncer 1.21+ with max_prepared_statements > 0. "
+        "The first 26000/42P05 there (it does not track them) turns prepares off for good.",
     )
 
     # --- retries ---------------------------------------------------------------------------
@@ -263,8 +288,22 @@ class Settings:
 
     def __repr__(self) -> str:
         parts = [f"url={self.safe_url!r}"]
-        parts += [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "url"]
+        parts += [
+            f"{f.name}={_shown(f.name, getattr(self, f.name))}"
+            for f in fields(self)
+            if f.name != "url"
+        ]
         return f"Settings({', '.join(parts)})"
+
+    # What dataclass(eq=True, frozen=True) would generate: equal when of the same class with
+    # equal fields, hashed on the fields (the registry's key).
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__:
+            return _field_values(self) == _field_values(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(_field_values(self))
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:
@@ -280,6 +319,17 @@ class Settings:
 
         if self.url is not None and not isinstance(self.url, str):
             raise bad("url", "must be a string")
+        if self.credentials is not None:
+            # Not repr(): a callable object's repr may show what it holds.
+            if not callable(self.credentials):
+                raise SettingsError("invalid setting credentials: must be a callable or None")
+            try:
+                hash(self.credentials)
+            except TypeError:
+                raise SettingsError(
+                    "invalid setting credentials: must be hashable (the handle registry keys "
+                    "handles by their settings); pass a function or a hashable callable object"
+                ) from None
         for name in ("min_size", "max_size", "retry_attempts", "breaker_threshold"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise bad(name, "must be an integer")
@@ -341,6 +391,16 @@ class Settings:
         if self.probe_query is not None and not self.probe_query.strip():
             raise bad("probe_query", "must not be empty")
 
+
+def _shown(name: str, value: Any) -> str:
+    """A field's value in `Settings.__repr__`: the credentials callable by name only."""
+    if name == "credentials" and value is not None:
+        return f"<{getattr(value, '__qualname__', type(value).__qualname__)}>"
+    return repr(value)
+
+
+#: Every field's value, in declaration order (a tuple): what equality and the hash compare.
+_field_values = attrgetter(*(f.name for f in fields(Settings)))
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

@@ -14,8 +14,9 @@ from psycopg.types.json import set_json_loads
 
 import pgwarden
 from pgwarden import AsyncDatabase, DeadlineExceeded, Settings
+from pgwarden._async._compat import COARSE_TICK
 
-from ._compat import run
+from ._compat import run, sleep
 
 
 def make(url: str, **overrides: Any) -> AsyncDatabase:
@@ -133,14 +134,21 @@ def test_the_registry_keeps_a_separate_handle_per_adapters_map(pg_server: Any) -
     assert b.adapters is adapters
 
 
-def test_a_checkout_held_past_the_leak_threshold_is_reported(
+def test_a_checkout_held_past_the_leak_threshold_is_reported_once(
     pg_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def main() -> None:
         async with make(pg_server.url, leak_threshold=0.1) as db:
+            quick = await db.checkout()
+            await quick.release()  # returned before the threshold: no report, ever
             out = await db.checkout()
-            await out.connection.execute("SELECT pg_sleep(0.3)")
+            # The leak watch is coarse: reported within COARSE_TICK after the threshold.
+            await out.connection.execute("SELECT pg_sleep(%s)", [0.1 + COARSE_TICK + 0.4])
             await out.release()
+            await sleep(0.1 + COARSE_TICK + 0.2)  # the first checkout's time has long passed
             assert db.stats()["counters"]["leaked_connections"] == 1
+        leaks = [r for r in caplog.records if getattr(r, "event", None) == "leak"]
+        assert len(leaks) == 1
+        assert "test_checkout.py" in leaks[0].getMessage()  # the acquiring call site
 
     run(main)

@@ -24,10 +24,10 @@ from sqlalchemy.dialects.postgresql import HSTORE, JSONB
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.pool import NullPool
 
 import pgwarden
 import pgwarden.sqlalchemy as pgsa
+from pgwarden._sync._compat import COARSE_TICK
 from pgwarden.sqlalchemy import handle_of, run_transaction, run_transaction_async
 
 
@@ -105,6 +105,35 @@ def test_import_pgwarden_does_not_import_sqlalchemy() -> None:
     assert out.stdout.strip() == "PGDialect_pgwarden"
 
 
+def test_importing_the_dialect_defers_what_only_a_connection_needs() -> None:
+    """Like SQLAlchemy's own psycopg dialect, importing ours loads no driver; nor the
+    ORM, the asyncio extension or pgwarden's shells: a cold start pays for those when
+    an engine connects (``create_async_engine`` imports the asyncio extension itself)."""
+    deferred = [
+        "psycopg",
+        "psycopg_pool",
+        "sqlalchemy.orm",
+        "sqlalchemy.ext.asyncio",
+        "pgwarden._handle.state",
+        "pgwarden._async.database",
+        "pgwarden._sync.database",
+    ]
+    code = (
+        "import sys, json; import pgwarden.sqlalchemy, pgwarden.sqlalchemy.dialect; "
+        f"print(json.dumps([m for m in {deferred!r} if m in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_the_transaction_status_values_are_libpqs() -> None:
+    from psycopg.pq import TransactionStatus
+
+    from pgwarden.sqlalchemy import dialect
+
+    assert (dialect._IDLE, dialect._INTRANS) == (TransactionStatus.IDLE, TransactionStatus.INTRANS)
+
+
 def test_the_dialect_classes_for_sync_async_and_the_explicit_async_name() -> None:
     from sqlalchemy.dialects import registry
 
@@ -121,7 +150,7 @@ def test_the_dialect_classes_for_sync_async_and_the_explicit_async_name() -> Non
         ),
     ):
         assert type(engine.dialect) is expected
-        assert isinstance(engine.pool, NullPool)
+        assert isinstance(engine.pool, pgsa.PgwardenPool)
     # QueuePool's sizing arguments, left over from before the switch, are accepted.
     engine = create_engine(url, pool_size=20, max_overflow=5, pool_timeout=3, pool_use_lifo=True)
     assert isinstance(engine.pool, pgsa.PgwardenPool)
@@ -332,7 +361,7 @@ def test_the_pool_is_pgwardens_with_no_round_trip_per_checkout(
     assert sent.count("BEGIN") == 21  # 20 and the one of the end mark
     assert sorted(set(sent)) == ["BEGIN", "ROLLBACK", "SELECT 42"]
     db = sync_handle(ours)
-    assert isinstance(ours.pool, NullPool)
+    assert isinstance(ours.pool, pgsa.PgwardenPool)
     assert db.stats()["counters"]["connections_opened"] == 1
     db.close()
 
@@ -415,6 +444,69 @@ def test_an_engine_with_its_own_connect_listener_gets_its_own_connections(
     assert own is not handle_of(plain)
     custom.dispose()  # the engine's own handle closes with it
     assert own.state.value == "closed"
+
+
+def test_connect_events_run_once_per_pgwarden_connection_as_with_queuepool(
+    pg_server: Any,
+) -> None:
+    """The pool keeps SQLAlchemy's record of each pgwarden connection: five checkouts of
+    the one connection, one connect event (and its session SET lasts)."""
+    engine = create_engine(sa_url(pg_server.url, max_size=1))
+    connects: list[int] = []
+
+    @event.listens_for(engine, "connect")
+    def count(dbapi_connection: Any, record: Any) -> None:
+        connects.append(dbapi_connection.info.backend_pid)
+        dbapi_connection.execute("SET application_name = 'sa-connect-once'")
+        dbapi_connection.commit()
+
+    pids = set()
+    for _ in range(5):
+        with engine.connect() as conn:
+            pids.add(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            assert conn.execute(text("SHOW application_name")).scalar_one() == "sa-connect-once"
+    assert len(pids) == 1
+    assert connects == list(pids)
+    db = sync_handle(engine)
+    assert db.stats()["in_flight"] == 0
+    engine.dispose()  # the engine's own handle (it has a connect listener) closes with it
+    assert db.state.value == "closed"
+
+
+def test_an_engine_isolation_level_holds_at_every_checkout_and_goes_back(
+    pg_server: Any, engines: list[Engine]
+) -> None:
+    engine = create_engine(sa_url(pg_server.url, max_size=1), isolation_level="SERIALIZABLE")
+    engines.append(engine)
+    for _ in range(3):
+        with engine.connect() as conn:
+            level = conn.execute(text("SHOW transaction_isolation")).scalar_one()
+            assert level == "serializable"
+    with sync_handle(engine).connection() as same:  # pgwarden's own shape on return
+        assert same.isolation_level is None
+        row = same.execute("SHOW transaction_isolation").fetchone()
+        assert row == {"transaction_isolation": "read committed"}
+
+
+def test_do_connect_listeners_are_handed_every_checkout_and_its_record(
+    pg_server: Any, engines: list[Engine]
+) -> None:
+    engine = create_engine(sa_url(pg_server.url, max_size=1))
+    engines.append(engine)
+    records: list[Any] = []
+
+    @event.listens_for(engine, "do_connect")
+    def seen(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+        records.append(record)
+
+    for _ in range(3):
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    assert len(records) == 3
+    assert all(record is not None for record in records)
+    stats = sync_handle(engine).stats()
+    assert stats["in_flight"] == 0
+    assert stats["counters"]["connections_opened"] == 1  # given back each time, not closed
 
 
 # --- deadlines ---------------------------------------------------------------------------------
@@ -517,13 +609,14 @@ class Recorder:
 
 
 def test_metrics_observers_and_the_leak_watch_see_orm_traffic(
-    pg_server: Any, engines: list[Engine]
+    pg_server: Any, engines: list[Engine], caplog: pytest.LogCaptureFixture
 ) -> None:
-    engine = create_engine(sa_url(pg_server.url, leak_threshold=0.2))
+    engine = create_engine(sa_url(pg_server.url, leak_threshold=0.2, slow_query_threshold=0.15))
     engines.append(engine)
     Base.metadata.drop_all(engine, tables=[ACCOUNTS])
     Base.metadata.create_all(engine, tables=[ACCOUNTS])
     db = sync_handle(engine)
+    before = db.stats()
     recorder = Recorder()
     remove = db.add_statement_observer(recorder)
     sessions = sessionmaker(engine)
@@ -532,19 +625,63 @@ def test_metrics_observers_and_the_leak_watch_see_orm_traffic(
     with pytest.raises(IntegrityError), sessions.begin() as session:
         session.add(Account(id=1, balance=20))
     with sessions() as session:
-        session.execute(text("SELECT 1"))
+        account = session.get(Account, 1)
+        assert account is not None
+        assert account.balance == 10
+        session.execute(text("SELECT pg_sleep(0.2)"))  # past slow_query_threshold
         assert db.stats()["in_flight"] == 1
-        time.sleep(0.4)  # held past leak_threshold
+        time.sleep(0.2 + COARSE_TICK + 0.3)  # held past leak_threshold (a coarse watch)
     remove()
     stats = db.stats()
     assert stats["in_flight"] == 0
-    assert stats["counters"]["errors"] == {"permanent": 1}
-    assert stats["counters"]["leaked_connections"] == 1
+    # The ORM's statements are the handle's queries: each success counted and timed
+    # (the INSERT, the get, the sleep), each failure counted by kind, not as a query.
+    counters = stats["counters"]
+    assert counters["queries"] - before["counters"]["queries"] == 3
+    histogram = stats["histograms"]["query_duration_seconds"]
+    assert histogram["count"] - before["histograms"]["query_duration_seconds"]["count"] == 3
+    assert histogram["max"] >= 0.2
+    assert counters["slow_queries"] - before["counters"]["slow_queries"] == 1
+    slow = [r for r in caplog.records if getattr(r, "event", None) == "slow_query"]
+    assert [r.statement for r in slow] == ["SELECT pg_sleep(?)"]  # type: ignore[attr-defined]
+    assert counters["errors"] == {"permanent": 1}
+    assert counters["leaked_connections"] == 1
     inserts = [s for s in recorder.seen if s[1].startswith("INSERT INTO sa_accounts")]
     assert [(op, err) for op, _, err in inserts] == [
         ("sqlalchemy", None),
         ("sqlalchemy", "UniqueViolation"),
     ]
+
+
+def test_async_orm_statements_are_the_handles_queries(pg_server: Any) -> None:
+    url = sa_url(pg_server.url, slow_query_threshold=0.15)
+
+    async def main() -> None:
+        engine = create_async_engine(url)
+        sessions = async_sessionmaker(engine)
+        async with sessions() as session:
+            assert (await session.execute(select(1))).scalar_one() == 1
+        db = async_handle(engine)
+        before = db.stats()["counters"]
+        recorder = Recorder()
+        remove = db.add_statement_observer(recorder)
+        async with sessions() as session:
+            await session.execute(text("SELECT pg_sleep(0.2)"))
+            with pytest.raises(DBAPIError):
+                await session.execute(text("SELECT 1/0"))
+        remove()
+        after = db.stats()["counters"]
+        assert after["queries"] - before["queries"] == 1
+        assert after["slow_queries"] - before["slow_queries"] == 1
+        assert after["errors"] == {"permanent": 1}
+        assert [(op, query, err) for op, query, err in recorder.seen] == [
+            ("sqlalchemy", "SELECT pg_sleep(0.2)", None),
+            ("sqlalchemy", "SELECT 1/0", "DivisionByZero"),
+        ]
+        await engine.dispose()
+        await db.close()
+
+    asyncio.run(main())
 
 
 # --- run_transaction ---------------------------------------------------------------------------

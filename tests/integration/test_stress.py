@@ -211,6 +211,39 @@ def test_scenario(
 
 
 @pytest.mark.slow
+def test_failover_scenario(
+    postgres_binaries: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both failovers (fence, then crash) against pgwarden and psycopg_pool: pgwarden's
+    writes come back soon after each promotion and none fails with 25006 after it, while
+    psycopg_pool's pooled sessions to the fenced primary keep refusing writes (the
+    contrast shows the scenario reaches 25006 at all). Bounds are generous."""
+    code, out, _, data = run_cli(
+        capsys, tmp_path, "--scenario", "failover", "--clients", "pgwarden,psycopg_pool", "-q"
+    )
+    check_report(data, ["failover"], ["pgwarden", "psycopg_pool"], out)
+    assert code == 0
+    entry = data["scenarios"][0]
+    assert "synchronous standby" in entry["target"]
+    planned = [f["action"] for f in entry["params"]["faults"]]
+    assert planned == ["failover_fence", "rejoin", "failover_crash", "rejoin"]
+    for r in entry["results"].values():
+        assert [f["action"] for f in r["faults"]] == planned
+        assert r["harness_errors"] == [], r["harness_errors"]
+        assert [p["demote"] for p in r["failover"]["promotions"]] == ["fence", "crash"]
+    result = entry["results"]["pgwarden"]
+    pgw = result["failover"]
+    why = (pgw, result["error_samples"], result["client_stats"].get("errors"))
+    assert pgw["never"] == 0, why
+    assert pgw["first_write_s"] < 3.0, why
+    assert pgw["stuck_writes"] == 0, why
+    assert entry["results"]["psycopg_pool"]["failover"]["stuck_writes"] > 0
+    assert "after promotion (worst of each failover): pgwarden first write" in out
+    check_html(tmp_path / "report.html")
+    assert "after promotion" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.slow
 @pytest.mark.pgbouncer
 def test_pgbouncer_scenarios(
     pgbouncer_binary: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -631,6 +664,45 @@ def test_summarize_counts_duplicates_lost_and_deadline_left() -> None:
     assert result["latency_ms"]["max"] == 6000.0
 
 
+def test_failover_figures_first_write_and_stuck_writes() -> None:
+    from pgwarden.stress import failover
+
+    faults = [
+        {"label": "fence", "start": 1.0, "promoted_at": 1.1, "demote": "fence"},
+        {"label": "rejoin", "start": 2.0},
+        {"label": "crash", "start": 3.0, "promoted_at": 3.05, "demote": "crash"},
+        {"label": "rejoin", "start": 4.0},
+    ]
+    records: list[list[Any]] = [
+        [1.05, 0.01, "w", "read_only"],  # refused before the promotion: not stuck
+        [1.08, 0.04, "w", "read_only"],  # refused after it: stuck
+        [1.09, 0.2, "w", "ok"],  # issued before the promotion: not the first write after
+        [1.2, 0.01, "w", "read_only"],  # stuck, the last one (0.11 s after)
+        [1.3, 0.02, "r", "ok"],  # a read
+        [1.5, 0.1, "w", "ok"],  # the first write after the first promotion: 0.5 s
+        [3.1, 0.05, "o", "ok"],  # after the second: 0.1 s
+    ]
+    figures = failover.figures(records, faults, {"errors": {"lost": 1}})
+    first, second = figures["promotions"]
+    assert first["first_write_s"] == pytest.approx(0.5)
+    assert (first["stuck_writes"], first["stuck_for_s"]) == (2, pytest.approx(0.11))
+    assert (first["writes_issued"], first["writes_failed"]) == (2, 1)
+    assert second["first_write_s"] == pytest.approx(0.1)
+    assert second["stuck_writes"] == 0
+    assert figures["first_write_s"] == pytest.approx(0.5)
+    assert (figures["never"], figures["stuck_writes"]) == (0, 2)
+    assert figures["read_only_errors_absorbed"] == 0
+    assert failover.figures(records, faults)["read_only_errors_absorbed"] is None
+    line = failover.describe({"pgwarden": {"failover": figures, "lost_writes": 0}, "x": {}})
+    assert line is not None
+    assert "pgwarden first write 500ms, 2 stuck (25006, up to 0.11s after), 0 lost" in line
+    assert failover.describe({"x": {}}) is None
+    # No successful write after a promotion: never, and no worst figure.
+    silent = failover.figures([r for r in records if r[0] < 3.0], faults)
+    assert (silent["first_write_s"], silent["never"]) == (None, 1)
+    assert "(1 of 2 never)" in (failover.describe({"c": {"failover": silent}}) or "")
+
+
 def test_summarize_never_recovered() -> None:
     result = analysis.summarize(
         [[0.0, 0.01, "r", "ok"], [3.0, 0.01, "r", "refused"]],
@@ -862,6 +934,18 @@ def test_classify_unwraps_sqlalchemy() -> None:
     wrapped = sqlalchemy.exc.OperationalError("SELECT 1", {}, inner)
     assert clients.classify(wrapped) == "too_many_clients"
     assert clients.classify(sqlalchemy.exc.TimeoutError("QueuePool limit")) == "pool_timeout"
+
+
+def test_classify_unwraps_django() -> None:
+    """django.db.utils raises its own class from the driver's error; the kind is the
+    driver's (a failover's 25006 must count as read_only, not other)."""
+    import psycopg
+
+    wrapper = type("InternalError", (Exception,), {"__module__": "django.db.utils"})
+    wrapped = wrapper("cannot execute INSERT in a read-only transaction")
+    wrapped.__cause__ = psycopg.errors.ReadOnlySqlTransaction("cannot execute INSERT")
+    assert clients.classify(wrapped) == "read_only"
+    assert clients.classify(wrapper("no cause")) == "other"
 
 
 def test_describe_masks_passwords() -> None:

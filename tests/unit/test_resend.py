@@ -14,12 +14,12 @@ K = FailureKind
     ("writes", "idempotent", "explicit", "wrap"),
     [
         (None, False, False, Wrap.NONE),  # a read by text: one round trip
-        (None, False, True, Wrap.READ_ONLY),  # under a deadline: proven read-only at no cost
+        (None, False, True, Wrap.NONE),  # the same under a deadline (it only changes the time)
         (True, False, False, Wrap.NONE),
-        (True, False, True, Wrap.WRITE),
-        (False, False, True, Wrap.TRANSACTION),  # the caller vouched: no READ ONLY
-        (None, True, True, Wrap.TRANSACTION),
-        (True, True, True, Wrap.TRANSACTION),
+        (True, False, True, Wrap.WRITE),  # a write under a deadline: COMMIT resolvable by id
+        (False, False, True, Wrap.NONE),  # the caller vouched
+        (None, True, True, Wrap.NONE),
+        (True, True, True, Wrap.NONE),  # idempotent: repeating it is harmless
         (True, True, False, Wrap.NONE),
     ],
 )
@@ -27,6 +27,14 @@ def test_first_attempt_wrap(
     writes: bool | None, idempotent: bool, explicit: bool, wrap: Wrap
 ) -> None:
     assert StatementSafety(writes, idempotent, explicit).wrap() is wrap
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_deadline_does_not_change_how_a_read_is_sent(explicit: bool) -> None:
+    s = StatementSafety(None, False, explicit)
+    assert s.wrap() is Wrap.NONE
+    assert s.after_failure(K.LOST, None, Wrap.NONE) is Verdict.DECIDE
+    assert s.wrap() is Wrap.READ_ONLY  # once it may have run, with or without a deadline
 
 
 def test_an_unproven_read_that_may_have_run_is_resent_read_only() -> None:
@@ -42,9 +50,10 @@ def test_an_unproven_read_that_may_have_run_is_resent_read_only() -> None:
     assert s.writes is True
 
 
-def test_a_refused_first_attempt_ran_nothing_and_goes_again_as_a_write() -> None:
+def test_a_refused_read_only_attempt_that_followed_nothing_goes_again_as_a_write() -> None:
+    # Nothing before the refused attempt may have run: sending it as a write is safe.
     s = StatementSafety(None, False, True)
-    assert s.after_failure(K.FAILOVER, READ_ONLY_VIOLATION, s.wrap()) is Verdict.AS_WRITE
+    assert s.after_failure(K.FAILOVER, READ_ONLY_VIOLATION, Wrap.READ_ONLY) is Verdict.AS_WRITE
     assert s.wrap() is Wrap.WRITE
 
 

@@ -18,6 +18,7 @@ from pgwarden._signals import DEFAULT_SIGNALS, chain_signal
 
 __all__ = [
     "COARSE_TICK",
+    "Background",
     "Lock",
     "SingleFlight",
     "WaitTimeout",
@@ -145,6 +146,35 @@ class Watchdog:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+
+
+class Background:
+    """``fn()`` started now as its own task; `wait` for it, each waiter up to a timeout.
+
+    For work started from a timer callback (which cannot await) that a later
+    step must know has finished: the cancel request sent at a deadline.
+    Failures are logged, never raised.
+    """
+
+    __slots__ = ("_task",)
+
+    def __init__(self, fn: Callable[[], Awaitable[Any]]) -> None:
+        self._task = asyncio.ensure_future(_call(fn))
+        _BACKGROUND.add(self._task)
+        self._task.add_done_callback(_BACKGROUND.discard)
+        self._task.add_done_callback(_log_failure)
+
+    async def wait(self, timeout: float) -> bool:
+        """True once ``fn()`` has finished (however it ended), False after *timeout*."""
+        if self._task.done():
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            return False
+        except Exception:  # logged by _log_failure
+            return True
+        return True
 
 
 def spawn(fn: Callable[[], Awaitable[Any]]) -> None:

@@ -10,6 +10,12 @@ deadline plus a short grace, and the blocked read fails. Connects made on
 behalf of a call (the warmup, the breaker's probe) are bounded by
 `run_within`. A deadline exists for every call unless ``default_timeout`` was
 set to None.
+
+A lease for a single statement under an explicit deadline (``cancel=True``)
+first sends a cancel request at the deadline, so the server stops the
+statement and the connection stays usable; the sever follows `SEVER_GRACE`
+later. Such a connection goes back to the pool only once no cancel can still
+reach it (`AsyncLease.release`).
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from time import monotonic
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
+from psycopg.rows import dict_row
 from psycopg_pool import PoolTimeout
 
-from pgwarden._async._compat import Lock, SingleFlight, Watchdog, run_within, sleep
+from pgwarden._async._compat import Background, Lock, SingleFlight, Watchdog, run_within, sleep
 from pgwarden._async.pool import PgwAsyncConnection, PgwAsyncPool
 from pgwarden._handle.config import connect_kwargs, libpq_connect_timeout, pool_kwargs
 from pgwarden._handle.net import has_pending_input, sever
@@ -35,14 +43,24 @@ from pgwarden.errors import AcquireTimeout, HandleClosed
 
 __all__ = ["SEVER_GRACE", "AsyncCheckout", "AsyncConnections", "AsyncLease"]
 
+logger = logging.getLogger("pgwarden")
+
 # Extra time past the deadline before the client severs a connection whose
 # server stopped answering. With an explicit deadline the server-side
 # statement_timeout normally ends the statement first, cleanly.
 SEVER_GRACE = 0.05
 
+# How long a cancel request sent at a deadline may take (its own connection to
+# the server or pooler). Only the cancel waits this long, never the caller.
+CANCEL_TIMEOUT = 5.0
+
 # A connection idle past validation_window gets one round trip before use; a
 # healthy server answers in milliseconds, so a silent one is given up on soon.
 VALIDATION_TIMEOUT = 1.0
+
+# Two drains asked for this close together are one: the second (the retry path
+# after a transaction that already drained) would only close fresh connections.
+DRAIN_COALESCE = 0.25
 
 # getconn() waits in slices this long, so that a breaker opening meanwhile
 # ends the wait; waiting callers re-ask the breaker at this interval.
@@ -58,12 +76,16 @@ class AsyncLease:
     """
 
     __slots__ = (
+        "_cancel",
+        "_cancelling",
         "_connections",
         "_precise",
         "_timer",
+        "_until",
         "_watch",
         "acquire_wait",
         "acquired_at",
+        "cancel_consumed",
         "conn",
         "severed",
     )
@@ -76,6 +98,7 @@ class AsyncLease:
         acquire_wait: float = 0.0,
         *,
         precise: bool = True,
+        cancel: bool = False,
     ) -> None:
         self._connections = connections
         self.conn = conn
@@ -83,8 +106,17 @@ class AsyncLease:
         self.acquired_at = monotonic()
         self.acquire_wait = acquire_wait
         self._precise = precise
+        # Cancel-at-deadline (single statements under an explicit deadline): the
+        # server is asked to stop the statement at the deadline itself, instead of
+        # a statement_timeout sent with it; the sever follows SEVER_GRACE later.
+        self._cancel = cancel and precise
+        self._cancelling: Background | None = None  # the cancel request, once sent
+        #: The statement ended with query_canceled after the cancel was sent: the
+        #: server consumed the request, so none is left to hit a later statement.
+        self.cancel_consumed = False
         self._timer: Any = None
         self._watch: int | None = None
+        self._until: float | None = None
         self.rearm(until)
 
     def rearm(self, until: float | None) -> None:
@@ -98,12 +130,50 @@ class AsyncLease:
         if self._watch is not None:
             watchdog.unwatch(self._watch)
             self._watch = None
+        self._until = until
         if until is None:
             return
-        if self._precise:
+        if self._cancel:
+            self._timer = watchdog.arm(until, self._on_deadline)
+        elif self._precise:
             self._timer = watchdog.arm(until + SEVER_GRACE, self._sever)
         else:
             self._watch = watchdog.watch(until, self._sever)
+
+    @property
+    def cancel_sent(self) -> bool:
+        """The deadline passed while the connection was held: a cancel request went out."""
+        return self._cancelling is not None
+
+    def _on_deadline(self) -> None:
+        # A timer callback (it cannot wait): send the cancel in the background and
+        # sever SEVER_GRACE later if the statement has not ended by then. A cancel
+        # travels on its own connection, so it reaches the server even if this
+        # connection's network went silent or is severed meanwhile.
+        self._cancelling = Background(self._send_cancel)
+        until = self._until if self._until is not None else monotonic()
+        self._timer = self._connections.watchdog.arm(until + SEVER_GRACE, self._sever)
+
+    def stop_cancelling(self) -> bool:
+        """From now on the deadline severs instead of cancelling; False if a cancel
+        was already sent (the deadline passed).
+
+        Before a COMMIT: a cancel that reaches a COMMIT waiting for a synchronous
+        standby makes the server end the wait with a warning and report success,
+        for a commit the standby may never have received."""
+        if not self._cancel:
+            return self._cancelling is None
+        until = self._until
+        self.rearm(None)  # after this, a cancel was sent already or never will be
+        self._cancel = False
+        self.rearm(until)  # the sever alone, still at the deadline plus the grace
+        return self._cancelling is None
+
+    async def _send_cancel(self) -> None:
+        try:
+            await self.conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+        except Exception as exc:  # it could not arrive: the sever ends the call
+            logger.debug("cancel request failed: %s", type(exc).__name__)
 
     def _sever(self) -> None:
         # Read the descriptor now, not at arm time: a connection closed
@@ -125,6 +195,8 @@ class AsyncLease:
         returns how long it was held."""
         conn = self.conn
         connections = self._connections
+        if self._cancel or self._cancelling is not None:
+            await self._end_cancel_window()
         try:
             if not self.lost:
                 conn.last_used = monotonic()
@@ -142,6 +214,26 @@ class AsyncLease:
             await connections.drain(CloseReason.DRAIN, "connection went silent")
         return monotonic() - self.acquired_at
 
+    async def _end_cancel_window(self) -> None:
+        """Before the connection can serve anyone else: no cancel may still be on
+        its way to the session, or it would stop someone else's statement."""
+        until = self._until
+        self.rearm(None)  # after this, a cancel was sent already or never will be
+        self._cancel = False
+        cancelling = self._cancelling
+        if cancelling is not None:
+            settled = self.cancel_consumed and await cancelling.wait(
+                (until or 0.0) + SEVER_GRACE - monotonic()
+            )
+            if not settled and not self.lost:
+                await self.conn.close()  # the pool replaces it
+        if (
+            until is not None
+            and not self.lost
+            and self.conn.info.transaction_status != TransactionStatus.IDLE
+        ):
+            self.rearm(until)  # the pool's rollback on return, under the sever timer
+
     async def discard(self) -> None:
         """Close a connection found dead and let the pool replace it."""
         await self.conn.close()
@@ -156,6 +248,7 @@ class AsyncConnections:
         self.settings = state.settings
         #: The consumer's psycopg AdaptersMap every connection starts from (or None).
         self.adapters = adapters
+        self._drained_at = float("-inf")  # when the last drain finished
         self.pool: PgwAsyncPool | None = None
         self.watchdog = Watchdog()
         self._resize_lock = Lock()
@@ -206,7 +299,12 @@ class AsyncConnections:
 
     # --- leases --------------------------------------------------------------------------------
     async def lease(
-        self, deadline: float | None, *, explicit: bool, internal: bool = False
+        self,
+        deadline: float | None,
+        *,
+        explicit: bool,
+        internal: bool = False,
+        cancel: bool = False,
     ) -> AsyncLease:
         """A usable connection under the deadline, as far as can be known without SQL.
 
@@ -214,7 +312,10 @@ class AsyncConnections:
         breaker's next probe; otherwise an open breaker fails fast. The caller
         reports the lease's ``acquire_wait`` and held time when it is a user's
         (internal probes are not counted). An *internal* lease (the health
-        check's) is not counted as a waiting caller either.
+        check's) is not counted as a waiting caller either. *cancel*: with an
+        explicit deadline, the server is asked to cancel at the deadline (one
+        statement in autocommit, which no statement_timeout bounds); see
+        `AsyncLease`.
         """
         state = self.state
         started = monotonic()
@@ -228,7 +329,9 @@ class AsyncConnections:
             raise HandleClosed(f"the database handle for {self.settings.safe_url} is not open")
         while True:
             conn = await self._getconn(pool, deadline, explicit, started, counted=not internal)
-            lease = AsyncLease(self, conn, deadline, monotonic() - started, precise=explicit)
+            lease = AsyncLease(
+                self, conn, deadline, monotonic() - started, precise=explicit, cancel=cancel
+            )
             try:
                 usable = await self._usable(lease)
             except BaseException:  # cancelled while validating: do not lose the connection
@@ -358,18 +461,33 @@ class AsyncConnections:
             await self.drain(CloseReason.FAILOVER, "server is read-only (failover)")
 
     async def drain(self, reason: CloseReason, why: str) -> None:
-        """Close every idle connection now and the others when returned; reconnect."""
+        """Close every idle connection now and the others when returned; reconnect.
+
+        A caller that finds a drain already running waits for it: it must not take
+        a connection the drain is about to close (one of a demoted primary's)."""
         pool = self.pool
-        if pool is None or pool.closed or self._drain_flight.running:
+        if pool is None or pool.closed:
             return
-        self.state.log(
-            logging.WARNING,
-            "%s: draining every connection and reconnecting",
-            why,
-            event="reconnect",
-            reason=reason.value,
-        )
+        if not self._drain_flight.running:
+            if monotonic() - self._drained_at < DRAIN_COALESCE:
+                return  # one just finished: every connection it saw is gone or going
+            self.state.log(
+                logging.WARNING,
+                "%s: draining every connection and reconnecting",
+                why,
+                event="reconnect",
+                reason=reason.value,
+            )
         await self._drain_flight.run(lambda: pool.drain_for(reason), None)
+        self._drained_at = monotonic()
+
+    async def read_only_server(self, lease: AsyncLease) -> None:
+        """*lease*'s server refused a write as read-only (25006 outside a read-only
+        transaction of the caller's): a failover. Close its connection before it
+        can be handed out again, then drain the rest."""
+        if not lease.lost:
+            await lease.conn.close()
+        await self.after_failure(FailureKind.FAILOVER)  # the caller's retry path coalesces
 
     # --- holding a connection for the user -----------------------------------------------------
     @asynccontextmanager
@@ -395,13 +513,11 @@ class AsyncConnections:
     ) -> AsyncCheckout:
         """*lease* as an `AsyncCheckout` in the consumer's shape, watched for leaks."""
         conn = lease.conn
-        if not autocommit:
+        if not autocommit and conn.autocommit:
             await conn.set_autocommit(False)  # idle: no round trip
         if row_factory is not None:
             conn.row_factory = row_factory
-        now = monotonic()
-        leak = self.watchdog.arm(now + self.settings.leak_threshold, self.state.leaked, site, now)
-        return AsyncCheckout(self, lease, leak, deadline)
+        return AsyncCheckout(self, lease, site, deadline)
 
     async def close(self, timeout: float) -> None:
         pool = self.pool
@@ -416,19 +532,37 @@ class AsyncCheckout:
     Created by `AsyncDatabase.checkout`. ``connection`` is the psycopg
     connection; ``deadline`` the monotonic time its socket is shut down at (an
     explicit deadline), or None. Release exactly once; a second call is a no-op.
+
+    The leak watch is the watchdog's coarse one (a dict entry, no timer per
+    checkout): a checkout held past ``leak_threshold`` is reported within
+    `COARSE_TICK` after it.
     """
 
-    __slots__ = ("_connections", "_leak", "_lease", "connection", "deadline", "released")
+    __slots__ = (
+        "_connections",
+        "_leak",
+        "_lease",
+        "_site",
+        "connection",
+        "deadline",
+        "released",
+    )
 
     def __init__(
-        self, connections: AsyncConnections, lease: AsyncLease, leak: Any, deadline: float | None
+        self, connections: AsyncConnections, lease: AsyncLease, site: str, deadline: float | None
     ) -> None:
         self._connections = connections
         self._lease = lease
-        self._leak = leak
+        self._site = site
         self.connection = lease.conn
         self.deadline = deadline
         self.released = False
+        self._leak = connections.watchdog.watch(
+            lease.acquired_at + connections.settings.leak_threshold, self._leaked
+        )
+
+    def _leaked(self) -> None:
+        self._connections.state.leaked(self._site, self._lease.acquired_at)
 
     @property
     def lost(self) -> bool:
@@ -460,19 +594,22 @@ class AsyncCheckout:
     async def _finish(self) -> None:
         self.released = True
         connections = self._connections
-        connections.watchdog.disarm(self._leak)
-        state = connections.state
+        connections.watchdog.unwatch(self._leak)
+        lease = self._lease
+        used: float | None = None
         try:
-            state.lease_returned(self._lease.acquire_wait, await self._lease.release())
+            used = await lease.release()
         finally:
-            state.leave()
+            # One call (one lock) for the hold's wait and use times and the end of it.
+            connections.state.leave(
+                acquire_wait=None if used is None else lease.acquire_wait, used=used
+            )
 
 
 async def _restore_shape(conn: PgwAsyncConnection) -> None:
-    from psycopg.pq import TransactionStatus
-    from psycopg.rows import dict_row
-
-    if conn.info.transaction_status != TransactionStatus.IDLE:
+    """pgwarden's shape back on a connection a consumer had. Only what differs is
+    set: the reads are plain attributes, the setters take psycopg's lock."""
+    if conn.pgconn.transaction_status != TransactionStatus.IDLE:
         await conn.rollback()
     if not conn.autocommit:
         await conn.set_autocommit(True)
@@ -482,4 +619,5 @@ async def _restore_shape(conn: PgwAsyncConnection) -> None:
         await conn.set_read_only(None)
     if conn.deferrable is not None:
         await conn.set_deferrable(None)
-    conn.row_factory = dict_row
+    if conn.row_factory is not dict_row:
+        conn.row_factory = dict_row

@@ -2,19 +2,22 @@
 
 How each attempt is sent is `pgwarden.core.resend.StatementSafety`'s choice:
 
-* **no explicit deadline**: the statement alone, in autocommit: one round
-  trip. The lease's sever timer (``default_timeout``) still bounds it.
-* **a read under an explicit deadline**: ``BEGIN READ ONLY``, a
-  transaction-local ``statement_timeout`` of the time left, the statement and
-  ``COMMIT``, in one pipelined round trip, so the server stops the statement
-  at the deadline, refuses it if it writes, and no session state is left
-  behind (safe behind PgBouncer).
-* **a write under an explicit deadline**: BEGIN, the statement timeout, the
-  transaction's id and the statement in one pipeline; then ``COMMIT``: two
-  round trips, and a lost COMMIT is resolved by id (`AsyncTransactions.commit`).
+* **a read, or a write without an explicit deadline**: the statement alone, in
+  autocommit: one round trip, the same with or without a deadline. Under an
+  explicit deadline the lease sends a cancel request at the deadline (the
+  server stops the statement) and severs the socket shortly after if it has
+  not ended; without one the lease's sever timer (``default_timeout``) bounds it.
+* **a write under an explicit deadline**: BEGIN, the transaction's id and the
+  statement, then ``COMMIT``: two round trips, and a lost COMMIT is resolved by
+  id (`AsyncTransactions.write_under_deadline`).
 * **a read sent again** after an attempt that may have run: inside ``BEGIN
   READ ONLY``, so a hidden write (a function that inserts) is refused by the
   server instead of running twice; it then raises `OutcomeUnknown`.
+
+Statements without parameters that pgwarden wraps in a transaction go as one
+message, so a string of several statements behaves as it does unwrapped; after
+a failure inside the wrap, the transaction is rolled back here, under the
+lease's timer, not by the pool.
 
 Failures go to `HandleState.failed`, the one retry decision.
 """
@@ -27,16 +30,18 @@ from typing import Any
 from pgwarden._async.acquire import AsyncConnections, AsyncLease
 from pgwarden._async.retrying import after_failed_attempt
 from pgwarden._async.transaction import (
+    QUERY_CANCELED,
     AsyncTransactions,
     cursor_for,
+    query_bytes,
     result_of,
-    set_statement_timeout,
+    rollback_quietly,
 )
 from pgwarden._async.warmup import AsyncWarmup
 from pgwarden._handle.sql import Mode, Params, Query
 from pgwarden._handle.state import HandleState
 from pgwarden.core.classify import Phase, classify_failure, sqlstate_of
-from pgwarden.core.resend import StatementSafety, Verdict, Wrap
+from pgwarden.core.resend import READ_ONLY_VIOLATION, StatementSafety, Verdict, Wrap
 from pgwarden.core.retry import RetryPolicy
 from pgwarden.core.tracing import StatementObserver
 from pgwarden.errors import OutcomeUnknown
@@ -80,7 +85,7 @@ class AsyncStatements:
             policy = state.deadline_policy if explicit else state.statement_policy
             attempt = 1
             while True:
-                lease = await self.connections.lease(deadline, explicit=explicit)
+                lease = await self.connections.lease(deadline, explicit=explicit, cancel=explicit)
                 wrap = safety.wrap()
                 started = monotonic()
                 token = self.observer.statement_started(mode.value, query)
@@ -93,7 +98,13 @@ class AsyncStatements:
                     if not isinstance(exc, Exception):
                         await lease.release()
                         raise
+                    if lease.cancel_sent and sqlstate_of(exc) == QUERY_CANCELED:
+                        lease.cancel_consumed = True
+                    if wrap is not Wrap.NONE:
+                        await rollback_quietly(lease.conn)
                     lost = lease.lost
+                    if wrap is not Wrap.READ_ONLY and sqlstate_of(exc) == READ_ONLY_VIOLATION:
+                        await self.connections.read_only_server(lease)
                     state.lease_returned(lease.acquire_wait, await lease.release())
                     await self._after_failure(
                         exc, safety, wrap, query, attempt, deadline, policy, lost
@@ -172,25 +183,25 @@ class AsyncStatements:
         mode: Mode,
         query: Query,
         params: Params,
-        server_deadline: float | None,
+        deadline: float | None,
         wrap: Wrap,
     ) -> Any:
         conn = lease.conn
         cur = cursor_for(conn, mode)
         if wrap is Wrap.NONE:
             await cur.execute(query, params)
-            return await result_of(cur, mode)
-        if wrap is Wrap.WRITE and server_deadline is not None:
-            await self.transactions.write_under_deadline(lease, cur, query, params, server_deadline)
-            return await result_of(cur, mode)
-        # A failure inside the pipeline skips the COMMIT; the pool rolls the
-        # connection back when it is returned (still under the lease's timer).
-        async with conn.pipeline():
-            await conn.execute(b"BEGIN READ ONLY" if wrap is Wrap.READ_ONLY else b"BEGIN")
-            if server_deadline is not None:
-                await set_statement_timeout(conn, server_deadline)
-            await cur.execute(query, params)
-            await conn.execute(b"COMMIT")
+        elif wrap is Wrap.WRITE and deadline is not None:
+            await self.transactions.write_under_deadline(lease, cur, query, params, deadline)
+        elif params is None:
+            # One message, as without a deadline (a string of several statements
+            # works the same); the server refuses any write in it.
+            await cur.execute(b"BEGIN READ ONLY;\n" + query_bytes(conn, query) + b"\n;COMMIT")
+            cur.nextset()  # past BEGIN: the statement's first result, as without a wrap
+        else:
+            async with conn.pipeline():
+                await conn.execute(b"BEGIN READ ONLY")
+                await cur.execute(query, params)
+                await conn.execute(b"COMMIT")
         return await result_of(cur, mode)
 
 

@@ -2,7 +2,7 @@
 
 However many callers arrive at once, one warmup runs (single flight) and
 each caller waits for it up to its own deadline. The warmup connects outside
-the pool, proves a real round trip, detects PgBouncer, runs the optional
+the pool, proves a real round trip, detects PgBouncer or pgpool-II, runs the optional
 ``probe_query``, and hands its connection to the pool, so the first caller
 does not pay a second connect. Connect failures are retried by the same
 decision as every other retry (`pgwarden.core.retry.decide`) until
@@ -12,13 +12,19 @@ decision as every other retry (`pgwarden.core.retry.decide`) until
 from __future__ import annotations
 
 from time import monotonic
+from typing import Any
 
 import psycopg
 
 from pgwarden._async._compat import SingleFlight, WaitTimeout, sleep
 from pgwarden._async.acquire import AsyncConnections
 from pgwarden._async.pool import PgwAsyncConnection
-from pgwarden._handle.config import looks_like_pgbouncer
+from pgwarden._handle.config import (
+    local_port,
+    looks_like_pgbouncer,
+    looks_relayed,
+    prepare_threshold_for,
+)
 from pgwarden._handle.state import HandleState
 from pgwarden.core.classify import Phase, RetryContext
 from pgwarden.core.lifecycle import State
@@ -93,7 +99,7 @@ class AsyncWarmup:
         state.warmup_finished(monotonic() - started, attempt, None)
 
     async def _connect_and_probe(self, give_up_at: float) -> PgwAsyncConnection:
-        """Phase 1: connect and a real round trip, PgBouncer detection; phase 2: the
+        """Phase 1: connect and a real round trip, pooler detection; phase 2: the
         probe query. All of it before *give_up_at*."""
         state = self.state
         settings = state.settings
@@ -104,14 +110,12 @@ class AsyncWarmup:
         )
         lease = self.connections.bound(conn, give_up_at)
         try:
-            cur = await conn.execute("SELECT pg_backend_pid()")
+            # Never prepared: before detection a low prepare_threshold would leave a
+            # "_pg3_0" on a PgBouncer server connection for other clients to collide with.
+            cur = await conn.execute("SELECT pg_backend_pid(), inet_client_port()", prepare=False)
             row = await cur.fetchone()
             if settings.pgbouncer == "auto" and not state.pgbouncer:
-                server_pid = None if row is None else next(iter(row.values()))
-                detected = looks_like_pgbouncer(server_pid, conn.info.backend_pid)
-                state.set_pgbouncer(detected)
-                if detected:
-                    conn.prepare_threshold = None
+                await self._detect_pooler(conn, [] if row is None else list(row.values()))
             if settings.probe_query:
                 await conn.execute(settings.probe_query)
             conn.last_used = monotonic()
@@ -121,3 +125,35 @@ class AsyncWarmup:
         finally:
             lease.rearm(None)
         return conn
+
+    async def _detect_pooler(self, conn: PgwAsyncConnection, row: list[Any]) -> None:
+        """PgBouncer by the backend key it makes up; pgpool-II, which forwards the
+        server's key, by its own ``SHOW pool_version``, asked only when the server saw
+        the connection come from another port than ours (so a direct connection never
+        gets the error that statement is on PostgreSQL). *row*: ``pg_backend_pid()``,
+        ``inet_client_port()``."""
+        state = self.state
+        server_pid, client_port = [*row, None, None][:2]
+        detected = looks_like_pgbouncer(server_pid, conn.info.backend_pid)
+        state.set_pgbouncer(detected)
+        if detected:
+            conn.prepare_threshold = prepare_threshold_for(state.settings, pgbouncer=True)
+        elif looks_relayed(client_port, local_port(conn.pgconn.socket)):
+            state.set_pgpool(await _answers_pool_version(conn))
+
+
+# The comment shows in the server's log next to the error, where this is asked of a
+# PostgreSQL behind a plain relay (a TCP proxy, NAT): it says why.
+_POOL_VERSION = "SHOW pool_version /* pgwarden: is this pgpool-II? an error means no */"
+
+
+async def _answers_pool_version(conn: PgwAsyncConnection) -> bool:
+    """Does the other end answer ``SHOW pool_version`` itself, as pgpool-II does (for
+    the simple query protocol only, hence ``prepare=False``)? PostgreSQL has no such
+    setting (42704); the connection stays usable (autocommit)."""
+    try:
+        cur = await conn.execute(_POOL_VERSION, prepare=False)
+    except psycopg.errors.UndefinedObject:
+        return False
+    description = cur.description or []
+    return bool(description) and description[0].name == "pool_version"

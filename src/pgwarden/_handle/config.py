@@ -5,18 +5,26 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
+from pgwarden._redact import mask_secret
+from pgwarden.core.prepared import connection_prepare_threshold
 from pgwarden.settings import Settings
 
 __all__ = [
+    "CREDENTIALS_KEY",
     "LIBPQ_MIN_CONNECT_TIMEOUT",
     "call_site",
     "connect_kwargs",
+    "credential_params",
     "libpq_connect_timeout",
+    "local_port",
     "looks_like_pgbouncer",
+    "looks_relayed",
     "password_of",
     "pool_kwargs",
+    "prepare_threshold_for",
 ]
 
 #: libpq (and psycopg, which enforces it itself) treat a connect_timeout below
@@ -44,11 +52,15 @@ def connect_kwargs(settings: Settings, *, pgbouncer: bool, adapters: Any = None)
     from psycopg.rows import dict_row
 
     extra: dict[str, Any] = {} if adapters is None else {"context": adapters}
+    if settings.credentials is not None:
+        # Not a libpq parameter: PgwConnection.connect takes it out and calls it, for
+        # the pool's connects and the direct ones alike.
+        extra[CREDENTIALS_KEY] = settings.credentials
     return {
         **extra,
         "autocommit": True,
         "row_factory": dict_row,
-        "prepare_threshold": None if pgbouncer else settings.prepare_threshold,
+        "prepare_threshold": prepare_threshold_for(settings, pgbouncer=pgbouncer),
         "connect_timeout": libpq_connect_timeout(settings.connect_timeout),
         "keepalives": 1,
         "keepalives_idle": settings.keepalives_idle,
@@ -57,6 +69,40 @@ def connect_kwargs(settings: Settings, *, pgbouncer: bool, adapters: Any = None)
         "tcp_user_timeout": settings.tcp_user_timeout,
         "application_name": settings.application_name,
     }
+
+
+#: The `connect_kwargs` key carrying `Settings.credentials` to `PgwConnection.connect`.
+CREDENTIALS_KEY = "pgwarden_credentials"
+
+
+def credential_params(value: object) -> dict[str, Any]:
+    """What a credentials callable returned, as connection parameters: a string is the
+    password, a mapping its parameters. Each secret in it is registered for masking
+    (`pgwarden._redact.mask_secret`) before any error can echo it."""
+    if isinstance(value, str):
+        params: dict[str, Any] = {"password": value}
+    elif isinstance(value, Mapping):
+        params = {str(key): val for key, val in value.items()}
+    else:
+        # The type only: the value may be a secret in a form we did not expect.
+        raise TypeError(
+            "pgwarden: the credentials callable must return a password (str) or a mapping of "
+            f"connection parameters, not {type(value).__name__}"
+        )
+    password = params.get("password")
+    if password:
+        mask_secret(str(password))
+    return params
+
+
+def prepare_threshold_for(settings: Settings, *, pgbouncer: bool) -> int | None:
+    """psycopg's ``prepare_threshold`` for a connection: the setting, or None (no
+    server-side prepares) behind PgBouncer unless ``pooler_prepared_statements``."""
+    return connection_prepare_threshold(
+        settings.prepare_threshold,
+        pgbouncer=pgbouncer,
+        opted_in=settings.pooler_prepared_statements,
+    )
 
 
 def pool_kwargs(settings: Settings, *, max_size: int, max_lifetime: float) -> dict[str, Any]:
@@ -108,3 +154,29 @@ def looks_like_pgbouncer(server_pid: object, key_pid: int) -> bool:
     from what ``pg_backend_pid()`` returns on the server that runs the query.
     """
     return server_pid is not None and server_pid != key_pid
+
+
+def looks_relayed(server_seen_port: object, local_port: int | None) -> bool:
+    """True when the server saw the connection come from another port than the one
+    this end connected from (``inet_client_port()`` against *local_port*): something
+    relays it. pgpool-II does (its child opens its own connection to the server, and
+    forwards the server's backend key, so `looks_like_pgbouncer` cannot tell); so do
+    plain TCP proxies and NAT, which is why this only decides whether to ask
+    pgpool-II's ``SHOW pool_version``. Over a Unix socket both sides see no port.
+    """
+    return server_seen_port != local_port
+
+
+def local_port(fd: int) -> int | None:
+    """The local TCP port of the connected socket *fd*; None for a Unix socket or if
+    the socket cannot be read (the caller then asks as if relayed)."""
+    import socket
+
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            address = sock.getsockname()
+    except OSError:
+        return None
+    if isinstance(address, tuple) and len(address) >= 2 and isinstance(address[1], int):
+        return address[1]
+    return None

@@ -16,6 +16,7 @@ __all__ = [
     "MARKER",
     "MARKER_IF_ASSIGNED",
     "RESOLVE",
+    "RESOLVE_CHECKPOINT",
     "SET_STATEMENT_TIMEOUT",
     "ManyParams",
     "Mode",
@@ -45,13 +46,46 @@ ManyParams: TypeAlias = Sequence[Any] | Mapping[str, Any]
 #: inside BEGIN ... COMMIT only, pipelined with what it bounds.
 SET_STATEMENT_TIMEOUT = b"SELECT set_config('statement_timeout', %s, true)"
 
-# What identifies a transaction for commit resolution: its id, and the server's
-# start time (an id seen before a crash restart may be handed out again).
-MARKER = b"SELECT txid_current() AS txid, pg_postmaster_start_time() AS started"
-MARKER_IF_ASSIGNED = (
-    b"SELECT txid_current_if_assigned() AS txid, pg_postmaster_start_time() AS started"
+# What identifies a transaction for commit resolution (`pgwarden.core.commit.Marker`):
+# its id, and which run of the server assigned it: a new postmaster has a new start
+# time, and every crash recovery (a backend's crash included, which keeps the start
+# time) resets the statistics. An id seen before a crash may be handed out again.
+MARKER = (
+    b"SELECT txid_current() AS txid, pg_postmaster_start_time() AS started,"
+    b" pg_stat_get_bgwriter_stat_reset_time() AS stats_reset"
 )
-RESOLVE = b"SELECT txid_status(%s) AS status, pg_postmaster_start_time() AS started"
+MARKER_IF_ASSIGNED = (
+    b"SELECT txid_current_if_assigned() AS txid, pg_postmaster_start_time() AS started,"
+    b" pg_stat_get_bgwriter_stat_reset_time() AS stats_reset"
+)
+# What the server says after a lost COMMIT (`pgwarden.core.commit.ServerView`). Each
+# part that could raise is asked only when it cannot: txid_status() below the
+# snapshot's xmax (at or above it raises "in the future"; OFFSET 0 keeps the inner
+# query whole, so xmax is one snapshot's), the commit timestamp with
+# track_commit_timestamp on. pg_control_checkpoint() is checked when the plan starts,
+# so it is a statement of its own (RESOLVE_CHECKPOINT), sent when granted and not on
+# a standby (nor is the WAL file name, which carries the timeline).
+RESOLVE = b"""\
+SELECT v.in_recovery, v.started, v.stats_reset, v.xmax, v.wal_level,
+  CASE WHEN v.txid < v.xmax THEN txid_status(v.txid) END AS status,
+  CASE WHEN v.txid < v.xmax AND current_setting('track_commit_timestamp')::bool
+    THEN pg_xact_commit_timestamp((v.txid %% 4294967296)::text::xid) END AS committed_at,
+  has_function_privilege('pg_control_checkpoint()', 'execute') AS checkpoint_readable,
+  (SELECT max(a.backend_start) FROM pg_stat_activity a
+   WHERE a.backend_type = 'walwriter') AS walwriter_started
+FROM (SELECT %(txid)s::bigint AS txid, pg_is_in_recovery() AS in_recovery,
+        pg_postmaster_start_time() AS started,
+        pg_stat_get_bgwriter_stat_reset_time() AS stats_reset,
+        txid_snapshot_xmax(txid_current_snapshot()) AS xmax,
+        current_setting('wal_level') AS wal_level
+      OFFSET 0) v"""
+# The latest checkpoint, one call (its fields must come from one checkpoint), and
+# the current timeline (the first 8 hex digits of the WAL file name).
+RESOLVE_CHECKPOINT = (
+    b"SELECT c.next_xid, c.oldest_active_xid::text AS oldest_active_xid,"
+    b" c.timeline_id, pg_walfile_name(pg_current_wal_lsn()) AS wal_file"
+    b" FROM pg_control_checkpoint() c"
+)
 
 ISOLATION_CLAUSES: Mapping[str | None, str] = {
     None: "",

@@ -16,6 +16,7 @@ from pgwarden._signals import DEFAULT_SIGNALS, chain_signal
 
 __all__ = [
     "COARSE_TICK",
+    "Background",
     "Lock",
     "SingleFlight",
     "WaitTimeout",
@@ -221,6 +222,34 @@ class Watchdog:
             callback(*args)
         except Exception as exc:  # a failing callback must not kill the thread
             logger.warning("watchdog callback failed: %s", type(exc).__name__)
+
+
+class Background:
+    """``fn()`` started now on its own daemon thread; `wait` for it, each waiter up
+    to a timeout.
+
+    For work started from a timer callback that a later step must know has
+    finished: the cancel request sent at a deadline. Failures are logged, never
+    raised.
+    """
+
+    __slots__ = ("_done",)
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(fn,), name="pgwarden-bg", daemon=True).start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            logger.warning("background task failed: %s", type(exc).__name__)
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float) -> bool:
+        """True once ``fn()`` has finished (however it ended), False after *timeout*."""
+        return self._done.wait(max(0.0, timeout))
 
 
 def spawn(fn: Callable[[], Any]) -> None:

@@ -36,10 +36,13 @@ from pgwarden._sync.execute import Statements
 from pgwarden._sync.transaction import Transaction, Transactions
 from pgwarden._sync.warmup import Warmup
 from pgwarden.core.breaker import BreakerState
+from pgwarden.core.classify import FailureKind, Phase, RetryContext
 from pgwarden.core.histogram import Histogram
 from pgwarden.core.lifecycle import Event, State
 from pgwarden.core.metrics import MetricsTracker
+from pgwarden.core.retry import RetryPolicy
 from pgwarden.core.tracing import StatementObserver, with_observer, without_observer
+from pgwarden.errors import DeadlineExceeded
 from pgwarden.settings import Settings
 
 __all__ = ["Checkout", "Database", "Transaction"]
@@ -50,6 +53,13 @@ T = TypeVar("T")
 # (``health_timeout``), so that its outcome, with its own error, reaches the caller
 # within the bound: a silent server's socket is severed SEVER_GRACE past a deadline.
 HEALTH_MARGIN = 0.1
+
+#: What `Database.statement_started` returns: the observer that saw the start, its
+#: token, the statement and when it was sent (opaque to integrations).
+StatementMark = tuple[StatementObserver, object, object, float]
+
+# report_failure counts and classifies; nobody retries on its verdict.
+_REPORT_ONLY = RetryPolicy(attempts=1)
 
 
 class Database:
@@ -292,6 +302,72 @@ class Database:
             state.lease_returned(lease.acquire_wait, lease.release())
             state.leave()
             raise
+
+    # --- for integrations that send SQL on a checkout themselves (an ORM) ------------------------
+    def statement_started(self, operation: str, query: object) -> StatementMark:
+        """Call right before sending *query* on a connection from `checkout`; pass what it
+        returns to `statement_finished`. The handle's statement observers are told
+        (*operation*: a short name for them, such as ``"sqlalchemy"``)."""
+        observer = self._statements.observer
+        return observer, observer.statement_started(operation, query), query, monotonic()
+
+    def statement_finished(
+        self,
+        mark: StatementMark,
+        error: BaseException | None = None,
+        rowcount: int | None = None,
+    ) -> None:
+        """The statement *mark* came from ended, with *error* (None: it succeeded) and
+        *rowcount* (None: unknown). The observers are told; a success is counted like the
+        handle's own statements: ``queries``, the query-duration histogram and, past
+        ``slow_query_threshold``, a ``slow_query`` event. Report a failure with
+        `report_failure` (which counts it by kind)."""
+        finished = monotonic()
+        observer, token, query, started = mark
+        observer.statement_finished(token, error, rowcount)
+        if error is None:
+            self._state.statement_timed(query, finished - started)
+
+    def report_failure(
+        self,
+        exc: BaseException,
+        *,
+        phase: Phase = Phase.STATEMENT,
+        connection_lost: bool = False,
+        in_transaction: bool = True,
+        counted: bool = True,
+        operation: str = "checkout",
+    ) -> FailureKind:
+        """A failure an integration saw on a connection from `checkout`, handled as the
+        handle handles its own: classified (SQLSTATE and message texts; *connection_lost*:
+        the connection is broken or closed; *phase*: ``Phase.COMMIT`` for a COMMIT),
+        counted by kind in ``stats()["counters"]["errors"]`` unless *counted* is False (a
+        caller that counts its attempts itself), and acted on: overload shrinks the pool,
+        a read-only server (a failover) drains it. Nothing is retried. Returns the kind;
+        the connection is useless after ``STALE``, ``LOST``, ``LOST_COMMIT`` and
+        ``FAILOVER``."""
+        kind, _ = self._state.failed(
+            exc,
+            phase,
+            RetryContext(is_write=True, in_transaction=in_transaction),
+            attempt=1,
+            deadline=None,
+            policy=_REPORT_ONLY,
+            operation=operation,
+            connection_lost=connection_lost,
+            user_call=counted,
+        )
+        self._connections.after_failure(kind)
+        return kind
+
+    def deadline_error(
+        self, exc: BaseException | None = None, *, during: str = "statement"
+    ) -> DeadlineExceeded:
+        """The `DeadlineExceeded` the handle raises when a caller's deadline ran out
+        *during* something (``"statement"``), with *exc* as ``last_error`` (redacted in
+        place: no password in its message); for an integration to raise instead of a
+        driver's timeout or lost-connection error."""
+        return self._state.deadline_error(exc, during)
 
     # --- health, stats, shutdown ---------------------------------------------------------------
     def health(self) -> dict[str, Any]:

@@ -46,17 +46,21 @@ breaker already logged the outage once.
 
 from __future__ import annotations
 
+import inspect
 from time import monotonic
 from typing import Any, ClassVar, Protocol
 
+import psycopg
 import psycopg_pool
 from psycopg import Connection, OperationalError
 from psycopg.rows import DictRow
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 
-from pgwarden._handle.config import password_of
+from pgwarden._handle.config import CREDENTIALS_KEY, credential_params, password_of
+from pgwarden._redact import redact
 from pgwarden._sync._compat import run_within
+from pgwarden.core.classify import sqlstate_of
 from pgwarden.core.metrics import CloseReason
 from pgwarden.logs import route_pool_logs
 
@@ -64,9 +68,11 @@ __all__ = [
     "POOL_PRIVATE_ATTRIBUTES",
     "POOL_PRIVATE_METHODS",
     "CircuitOpen",
+    "CredentialsFailed",
     "PgwConnection",
     "PgwPool",
     "PoolObserver",
+    "login_rejection",
 ]
 
 POOL_PRIVATE_METHODS = (
@@ -107,6 +113,9 @@ class CircuitOpen(OperationalError):
 class PoolObserver(Protocol):
     """What the pool reports to its handle (implemented by ``HandleState``)."""
 
+    #: A pooler lost a prepared statement: connections are handed out unprepared.
+    prepares_off: bool
+
     @property
     def may_connect(self) -> bool: ...
     def connect_bound(self) -> tuple[float, bool]: ...
@@ -115,6 +124,73 @@ class PoolObserver(Protocol):
         self, exc: BaseException, *, feed_breaker: bool = True, explorer: bool = False
     ) -> Any: ...
     def connection_closed(self, reason: str) -> None: ...
+
+
+def _resolve_credentials(source: Any) -> dict[str, Any]:
+    """Call a credentials callable; a failure is a connect failure that shows no value."""
+    try:
+        value = source()
+        if inspect.isawaitable(value):
+            close = getattr(value, "close", None)
+            if close is not None:
+                close()  # a coroutine never awaited: no "never awaited" warning
+            raise CredentialsFailed(
+                "pgwarden: the credentials callable returned an awaitable, which the "
+                "sync handle cannot await; pass a sync callable (or use connect_async)"
+            )
+        return credential_params(value)
+    except CredentialsFailed:
+        raise
+    except Exception as exc:
+        # Its type only, and not chained: a callable's error text may hold the secret.
+        raise CredentialsFailed(
+            f"pgwarden: the credentials callable failed ({type(exc).__name__})"
+        ) from None
+
+
+class CredentialsFailed(OperationalError):
+    """The credentials callable raised or returned something unusable: the attempt
+    failed before reaching the server, like any connect failure (retried on backoff)."""
+
+
+#: SQLSTATEs of a login the server refused (28P01 invalid_password, 28000
+#: invalid_authorization_specification: pg_hba, an expired IAM token): permanent for the
+#: attempt, but the next one asks the credentials callable again.
+LOGIN_REJECTED = frozenset({"28P01", "28000"})
+
+#: How long `getconn` waits for a connection while logins are rejected: about one
+#: reconnection backoff (`FastReconnect.MAX_DELAY`), so the attempt after the callable
+#: starts returning the new secret is the one that serves the caller.
+LOGIN_REJECTED_WAIT = 0.3
+
+
+def login_rejection(exc: BaseException) -> str | None:
+    """The SQLSTATE if *exc* is the server refusing the login, else None. libpq reports
+    a failed connect as text only (psycopg's error has no ``sqlstate`` then), so the
+    server's English messages count too; RDS Proxy's "too many competing requests" is
+    overload, not a refusal."""
+    sqlstate = sqlstate_of(exc)
+    if sqlstate is not None:
+        return sqlstate if sqlstate in LOGIN_REJECTED else None
+    text = str(exc).lower()
+    if "competing requests" in text:
+        return None
+    if "authentication failed" in text:  # password, SCRAM, md5, PAM (RDS IAM)
+        return "28P01"
+    if "no pg_hba.conf entry" in text:
+        return "28000"
+    return None
+
+
+def _login_rejected_error(rejected: BaseException) -> psycopg.Error:
+    """A fresh error for one caller (the pool's own is shared): the same SQLSTATE, so it
+    classifies alike, and the server's text, which names the role, redacted."""
+    sqlstate = login_rejection(rejected) or "28P01"
+    return psycopg.errors.lookup(sqlstate)(
+        f"pgwarden: the server rejected this handle's login ({sqlstate}) and no pooled "
+        "connection was free; each new connection asks the credentials callable again: "
+        + redact(str(rejected))
+    )
 
 
 class FastReconnect(AttemptWithBackoff):
@@ -139,6 +215,18 @@ class PgwConnection(Connection[DictRow]):
     poller: Any = None  # see pgwarden._handle.net.has_pending_input
     _pgwarden_owned: ClassVar[bool] = True  # psycopg_pool's records about it are events
 
+    @classmethod
+    def connect(cls, conninfo: str = "", **kwargs: Any) -> PgwConnection:
+        """psycopg's connect, after calling the handle's credentials callable, if any
+        (`Settings.credentials`, passed as ``CREDENTIALS_KEY``): every new connection,
+        pooled or direct, asks it again, so a rotated secret is used at once and
+        nothing keeps one that was rejected."""
+        source = kwargs.pop(CREDENTIALS_KEY, None)
+        if source is not None:
+            kwargs.update(_resolve_credentials(source))
+        conn = super().connect(conninfo, **kwargs)
+        return conn
+
 
 class PgwPool(ConnectionPool[PgwConnection]):
     """`ConnectionPool` that reports connects and closes to its handle."""
@@ -147,6 +235,9 @@ class PgwPool(ConnectionPool[PgwConnection]):
 
     def __init__(self, conninfo: str, *, observer: PoolObserver, **kwargs: Any) -> None:
         self._observer = observer
+        #: The last connect failure if the server rejected the login (`LOGIN_REJECTED`)
+        #: and no connect has succeeded since; None otherwise.
+        self._login_rejected: BaseException | None = None
         #: The close reason of connections closed by the current drain.
         self.drain_reason = CloseReason.DRAIN
         super().__init__(conninfo, connection_class=PgwConnection, open=False, **kwargs)
@@ -179,9 +270,38 @@ class PgwPool(ConnectionPool[PgwConnection]):
             conn = run_within(lambda: ConnectionPool._connect(self, timeout), bound)
         except Exception as exc:
             self._observer.connect_failed(exc, explorer=explorer)
+            if login_rejection(exc) is not None:
+                self._login_rejected = exc
             raise
+        self._login_rejected = None
         self._observer.connect_succeeded(monotonic() - started, explorer=explorer)
         return conn
+
+    def getconn(self, timeout: float | None = None) -> PgwConnection:
+        if self._login_rejected is None:
+            conn = ConnectionPool.getconn(self, timeout)  # no super(): a hot path
+        else:
+            conn = self._getconn_login_rejected(timeout)
+        if self._observer.prepares_off:
+            # Behind a pooler that turned out not to track prepared statements, none of
+            # this handle's connections may prepare one (see pgwarden.core.prepared).
+            conn.prepare_threshold = None
+        return conn
+
+    def _getconn_login_rejected(self, timeout: float | None) -> PgwConnection:
+        """`getconn` while the server rejects new logins (a rotated password that the
+        credentials callable does not return yet): the pool cannot grow, so a caller
+        waits only `LOGIN_REJECTED_WAIT` for a connection to come back (or for the next
+        attempt, which asks the callable again, to succeed), then gets the server's
+        refusal, redacted, instead of waiting out its whole acquire timeout."""
+        wait = LOGIN_REJECTED_WAIT if timeout is None else min(timeout, LOGIN_REJECTED_WAIT)
+        try:
+            return ConnectionPool.getconn(self, wait)
+        except PoolTimeout:
+            rejected = self._login_rejected
+            if rejected is None:
+                raise  # a login succeeded meanwhile: wait on as usual
+            raise _login_rejected_error(rejected) from None
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         # After the adaptive limit lowered max_size, connection attempts queued

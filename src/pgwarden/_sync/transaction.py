@@ -73,13 +73,15 @@ from time import monotonic
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg.rows import tuple_row
+from psycopg.pq import TransactionStatus
+from psycopg.rows import dict_row, tuple_row
 
 from pgwarden._handle.config import call_site
 from pgwarden._handle.sql import (
     MARKER,
     MARKER_IF_ASSIGNED,
     RESOLVE,
+    RESOLVE_CHECKPOINT,
     SET_STATEMENT_TIMEOUT,
     ManyParams,
     Mode,
@@ -101,23 +103,38 @@ from pgwarden.core.classify import (
     classify_failure,
     sqlstate_of,
 )
-from pgwarden.core.commit import RESOLVE_POLL_SECONDS, CommitOutcome, commit_outcome
+from pgwarden.core.commit import (
+    RESOLVE_POLL_SECONDS,
+    Checkpoint,
+    CommitOutcome,
+    Marker,
+    ServerView,
+    Verdict,
+    commit_outcome,
+    full_xid,
+    lost_commit_verdict,
+    restarted_since,
+    timeline_of_wal_file,
+)
 from pgwarden.core.retry import MIN_ATTEMPT_SECONDS, RetryPolicy, deadline_ran_out
 from pgwarden.core.tracing import NOOP_STATEMENT_OBSERVER, StatementObserver
 from pgwarden.errors import AmbiguousCommitError, DatabaseUnusable, NotCommitted, OutcomeUnknown
 
 __all__ = [
+    "QUERY_CANCELED",
     "Transaction",
     "Transactions",
     "cursor_for",
+    "query_bytes",
     "result_of",
+    "rollback_quietly",
     "set_statement_timeout",
 ]
 
 T = TypeVar("T")
 
-# What identifies a transaction for commit resolution: (txid or None, server start).
-_TxMarker = tuple[Any, Any]
+# What identifies a transaction for commit resolution (its id, which run of the server).
+_TxMarker = Marker
 
 # BEGIN runs before the user's work: a failure there ran nothing of theirs.
 _BEGIN_CONTEXT = RetryContext(is_write=False)
@@ -150,6 +167,15 @@ def set_statement_timeout(conn: PgwConnection, deadline: float) -> None:
     """Set a transaction-local ``statement_timeout`` of the time left before *deadline*
     (inside BEGIN ... COMMIT; pipelined with what it bounds)."""
     conn.execute(SET_STATEMENT_TIMEOUT, statement_timeout_args(deadline - monotonic()))
+
+
+def query_bytes(conn: PgwConnection, query: Query) -> bytes:
+    """*query* as the bytes psycopg would send for it without parameters."""
+    if isinstance(query, bytes):
+        return query
+    if isinstance(query, str):
+        return query.encode(conn.info.encoding)
+    return query.as_bytes(conn)
 
 
 class Transaction:
@@ -378,7 +404,9 @@ class Transactions:
                     finally:
                         self._open.reset(token)
                 except BaseException as exc:
-                    _rollback_quietly(conn)
+                    rollback_quietly(conn)
+                    if not readonly and sqlstate_of(exc) == READ_ONLY_SQL_TRANSACTION:
+                        self.connections.read_only_server(lease)
                     if lease.severed or (
                         explicit
                         and isinstance(exc, psycopg.errors.QueryCanceled)
@@ -557,16 +585,26 @@ class Transactions:
         self, lease: Lease, cur: Any, query: Query, params: Params, deadline: float
     ) -> None:
         """A write whose outcome is always knowable, in two round trips: BEGIN, the
-        statement timeout, the transaction id and the statement in one pipeline;
-        then COMMIT, resolved by id if the connection is lost during it."""
+        transaction's id and the statement; then COMMIT, resolved by id if the
+        connection is lost during it. The deadline is the lease's (a cancel sent
+        at the deadline), so nothing is sent for it; *cur* is left on the
+        statement's first result."""
         conn = lease.conn
-        marker_cur = conn.cursor()
         try:
-            with conn.pipeline():
-                conn.execute(b"BEGIN")
-                set_statement_timeout(conn, deadline)
-                marker_cur.execute(MARKER)
-                cur.execute(query, params)
+            if params is None:
+                # One message, like the statement alone (several statements in one
+                # string work as without a deadline).
+                cur.execute(b"BEGIN;" + MARKER + b";\n" + query_bytes(conn, query))
+                cur.nextset()  # past BEGIN, to the marker
+                marker = _marker(_fetch_marker(cur))
+                cur.nextset()  # to the statement's first result
+            else:
+                marker_cur = conn.cursor()
+                with conn.pipeline():
+                    conn.execute(b"BEGIN")
+                    marker_cur.execute(MARKER)
+                    cur.execute(query, params)
+                marker = _marker(marker_cur.fetchone())
         except psycopg.Error as exc:
             if _lost_before_commit(exc, lease):
                 raise NotCommitted(
@@ -574,7 +612,9 @@ class Transactions:
                     f"({self.state.describe_error(exc)})"
                 ) from exc
             raise
-        marker = _marker(marker_cur.fetchone())
+        if not lease.stop_cancelling():
+            # The deadline passed and its cancel is on its way: never COMMIT now.
+            raise NotCommitted("the deadline passed before COMMIT; nothing was committed")
         self.commit(lease, readonly=False, deadline=deadline, marker=marker)
 
     # --- COMMIT and its resolution -------------------------------------------------------------
@@ -588,8 +628,8 @@ class Transactions:
     ) -> None:
         """COMMIT; if the connection is lost meanwhile, resolve the outcome by txid.
 
-        *marker* is the transaction's id and server start time when the caller
-        already fetched them.
+        *marker* is the transaction's id and server run when the caller already
+        fetched them.
         """
         conn = lease.conn
         resolve = self.settings.resolve_commits and not readonly
@@ -598,53 +638,60 @@ class Transactions:
             cur = conn.execute(MARKER_IF_ASSIGNED)
             marker = _marker(cur.fetchone())
         try:
-            conn.execute(b"COMMIT")
+            # psycopg's own COMMIT: the same message, without a cursor's work.
+            conn.commit()
         except psycopg.OperationalError as exc:
             kind = classify_failure(exc, Phase.COMMIT, connection_lost=lease.lost)
             if kind is not FailureKind.LOST_COMMIT:
                 raise  # a server-side commit failure (e.g. deferred constraint): not ambiguous
             if readonly:
                 return  # a read-only transaction changed nothing; its fate does not matter
-            self._resolve(exc, marker, resolve=resolve, deadline=deadline)
+            self.resolve_lost_commit(exc, marker, resolve=resolve, deadline=deadline)
 
-    def _resolve(
+    def resolve_lost_commit(
         self,
-        exc: psycopg.OperationalError,
-        marker: _TxMarker | None,
+        exc: BaseException,
+        marker: Marker | None,
         *,
         resolve: bool,
         deadline: float | None,
+        setting: str = "resolve_commits",
     ) -> None:
+        """End a COMMIT whose connection was lost (*exc*): return if it committed or
+        wrote nothing, raise `NotCommitted` if it certainly did not commit,
+        `AmbiguousCommitError` if resolution is off (*setting* names the switch in
+        the message) or nothing could tell within the deadline. Asks the server on
+        another connection (`pgwarden.core.commit`); counted in ``ambiguous_commits``.
+        Used by ``transaction()`` and by the SQLAlchemy dialect."""
         state = self.state
-        if not resolve:
-            state.ambiguous_commit("unknown")
-            raise AmbiguousCommitError(
-                "connection lost during COMMIT and commit resolution is off; "
-                f"the outcome is unknown ({state.describe_error(exc)})"
-            ) from exc
-        if marker is None or marker[0] is None:
-            # Nothing was written, so there is nothing whose fate is unknown.
-            state.ambiguous_commit("committed")
+        verdict = lost_commit_verdict(resolve=resolve, marker=marker)
+        if verdict is Verdict.ASK and marker is not None:
+            outcome = self._ask(marker, deadline)
+            verdict = lost_commit_verdict(resolve=resolve, marker=marker, outcome=outcome)
+        state.ambiguous_commit(verdict.value)
+        if verdict is Verdict.COMMITTED:
             return
-        txid, started = marker
-        outcome = self._ask(txid, started, deadline)
-        state.ambiguous_commit(outcome.value)
-        if outcome is CommitOutcome.COMMITTED:
-            return
-        if outcome is CommitOutcome.ABORTED:
+        if verdict is Verdict.ABORTED:
             raise NotCommitted(
                 "connection lost during COMMIT; the transaction was rolled back "
                 f"({state.describe_error(exc)})"
             ) from exc
+        if not resolve:
+            raise AmbiguousCommitError(
+                f"connection lost during COMMIT and commit resolution is off ({setting}); "
+                f"the outcome is unknown ({state.describe_error(exc)})"
+            ) from exc
+        txid = None if marker is None else marker.txid
         raise AmbiguousCommitError(
             f"connection lost during COMMIT and txid {txid} could not be resolved "
             f"({state.describe_error(exc)})",
             txid=txid,
         ) from exc
 
-    def _ask(self, txid: Any, started: Any, deadline: float | None) -> CommitOutcome:
-        """``txid_status()`` on another connection until it answers for good, within
-        the deadline (an internal lease: not a user query, not in the metrics)."""
+    def _ask(self, marker: Marker, deadline: float | None) -> CommitOutcome:
+        """Ask another connection what became of *marker*'s transaction until the
+        answer is final, within the deadline (an internal lease: not a user query,
+        not in the metrics). UNKNOWN if no final answer came in time."""
         until = monotonic() + max(self.settings.connect_timeout, RESOLVE_FOR_AT_LEAST)
         if deadline is not None and deadline < until:
             until = deadline
@@ -654,23 +701,70 @@ class Transactions:
             except Exception:
                 return CommitOutcome.UNKNOWN  # no connection before the deadline
             try:
-                cur = lease.conn.execute(RESOLVE, (txid,))
-                row = cur.fetchone()
+                view = _server_view(lease.conn, marker)
             except psycopg.Error:
-                row = None
+                view = None
             finally:
                 lease.release()
-            if row is not None:
-                outcome = commit_outcome(row["status"], started, row["started"])
+            if view is not None:
+                outcome = commit_outcome(marker, view)
                 if outcome is not CommitOutcome.IN_PROGRESS:
                     return outcome
-            # 'in progress' (the old backend has not finished) or no answer: ask again.
+            # Not final ('in progress', a standby) or no answer: ask again.
             sleep(max(0.0, min(RESOLVE_POLL_SECONDS, until - monotonic())))
         return CommitOutcome.UNKNOWN
 
 
+def _server_view(conn: PgwConnection, marker: Marker) -> ServerView | None:
+    """What the server says now about *marker*'s transaction: ``RESOLVE``, then the
+    latest checkpoint when it may matter (a restart is possible) and can be read."""
+    cur = conn.cursor(row_factory=dict_row)
+    cur.execute(RESOLVE, {"txid": marker.txid})
+    row = cur.fetchone()
+    if row is None:
+        return None
+    view = ServerView(
+        in_recovery=bool(row["in_recovery"]),
+        started=row["started"],
+        stats_reset=row["stats_reset"],
+        xmax=int(row["xmax"]),
+        status=row["status"],
+        committed_at=row["committed_at"],
+        walwriter_started=row["walwriter_started"],
+        wal_level=row["wal_level"],
+    )
+    if view.in_recovery or not row["checkpoint_readable"]:
+        return view
+    if restarted_since(marker, view) is False:
+        return view  # the same run: the status is the truth, no checkpoint needed
+    cur.execute(RESOLVE_CHECKPOINT)
+    point = cur.fetchone()
+    if point is None:
+        return view
+    return dataclasses.replace(
+        view,
+        timeline=timeline_of_wal_file(point["wal_file"]),
+        checkpoint=Checkpoint(
+            next_xid=full_xid(point["next_xid"]),
+            oldest_active_xid=int(point["oldest_active_xid"]),
+            timeline=int(point["timeline_id"]),
+        ),
+    )
+
+
+def _fetch_marker(cur: Any) -> dict[str, Any] | None:
+    """The marker row from *cur*'s current result, as a dict whatever *cur*'s rows."""
+    row_factory = cur.row_factory
+    cur.row_factory = dict_row
+    try:
+        row: dict[str, Any] | None = cur.fetchone()
+    finally:
+        cur.row_factory = row_factory
+    return row
+
+
 def _marker(row: dict[str, Any] | None) -> _TxMarker | None:
-    return None if row is None else (row["txid"], row["started"])
+    return None if row is None else Marker(row["txid"], row["started"], row["stats_reset"])
 
 
 def _database_failure(exc: Exception, *, readonly: bool) -> bool:
@@ -696,10 +790,12 @@ def _lost_before_commit(exc: BaseException, lease: Lease) -> bool:
     return isinstance(exc, psycopg.OperationalError) and lease.lost
 
 
-def _rollback_quietly(conn: PgwConnection) -> None:
-    if conn.closed or conn.broken:
+def rollback_quietly(conn: PgwConnection) -> None:
+    """Roll back an open transaction now (under the caller's lease timer), so the
+    connection goes back to the pool clean instead of being rolled back there with
+    a warning. A failing ROLLBACK leaves the connection broken: the pool discards it."""
+    if conn.closed or conn.broken or conn.info.transaction_status == TransactionStatus.IDLE:
         return
-    # On failure the pool discards a connection left in a bad state.
     with suppress(psycopg.Error):
         conn.execute(b"ROLLBACK")
 

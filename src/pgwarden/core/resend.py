@@ -10,8 +10,7 @@ said so:
 * the caller says it does not write (``write=False``) or that repeating it is
   harmless (``idempotent=True``): re-sent by the usual rules;
 * a read by its text alone is *unproven*. Its first attempt costs nothing
-  extra (one round trip in autocommit, or the pipelined transaction an
-  explicit deadline needs anyway, opened ``READ ONLY``). Once an attempt may
+  extra (one round trip in autocommit, with or without a deadline). Once an attempt may
   have run, every later attempt is sent inside ``BEGIN READ ONLY``, so the
   server refuses it if it writes (SQLSTATE 25006). A refusal proves it writes:
   if an earlier attempt may have run, its outcome is unknown; if not (the
@@ -38,9 +37,8 @@ READ_ONLY_VIOLATION = "25006"
 class Wrap(enum.Enum):
     """How one attempt of a single statement is sent."""
 
-    NONE = "none"  # as is, in autocommit: one round trip
-    TRANSACTION = "transaction"  # BEGIN, statement timeout, statement, COMMIT: one pipeline
-    READ_ONLY = "read_only"  # the same opened READ ONLY: the server refuses any write
+    NONE = "none"  # as is, in autocommit: one round trip (a deadline is a cancel)
+    READ_ONLY = "read_only"  # BEGIN READ ONLY, statement, COMMIT: the server refuses a write
     WRITE = "write"  # BEGIN, txid, statement; then COMMIT, resolved by txid if lost
 
 
@@ -58,7 +56,8 @@ class StatementSafety:
 
     *writes*: True (the caller or the text says it writes, or the server proved
     it), False (the caller vouched it does not), None (a read by its text only).
-    *explicit*: the caller set a deadline, so attempts run in a transaction.
+    *explicit*: the caller set a deadline, so a write runs in a transaction whose
+    COMMIT can be resolved by id.
     """
 
     writes: bool | None
@@ -72,9 +71,9 @@ class StatementSafety:
         """How to send the next attempt."""
         if self.writes is True and not self.idempotent:
             return Wrap.WRITE if self.explicit else Wrap.NONE
-        if self.writes is None and not self.idempotent and (self.explicit or self.may_have_run):
+        if self.writes is None and not self.idempotent and self.may_have_run:
             return Wrap.READ_ONLY
-        return Wrap.TRANSACTION if self.explicit else Wrap.NONE
+        return Wrap.NONE
 
     def retry_context(self) -> RetryContext:
         """The context for the retry table: an unproven read counts as a read,

@@ -11,13 +11,21 @@ A burst of overload errors from one event (twenty requests all refused in the
 same instant) must count once, or the limit would collapse to the minimum at
 once; so overloads within ``debounce`` seconds of the last decrease only
 restart the quiet period.
+
+Behind a pooler, PostgreSQL's own "too many clients" (53300) was forwarded by
+the pooler: its connections to the server ran out, and how many connections
+this process holds to the pooler does not set that number. Such an overload is
+retried after a backoff like any other, but does not lower the limit
+(:func:`overload_shrinks`). A pooler's limit on its own clients (PgBouncer's
+``max_client_conn``, Supavisor's EMAXCONN, pgpool-II's ``num_init_children``)
+does count this process's connections, and shrinks it as before.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["AdaptiveLimit"]
+__all__ = ["AdaptiveLimit", "overload_shrinks"]
 
 
 class AdaptiveLimit:
@@ -109,3 +117,15 @@ class AdaptiveLimit:
 
     def __repr__(self) -> str:
         return f"AdaptiveLimit(limit={self._limit}, max_size={self.max_size})"
+
+
+def overload_shrinks(*, server_refused: bool, behind_pooler: bool) -> bool:
+    """Should an overload lower this process's limit (:meth:`AdaptiveLimit.on_overload`)?
+
+    *server_refused*: PostgreSQL itself refused for lack of connection slots
+    (:func:`pgwarden.core.classify.server_refused_slots`). *behind_pooler*: the
+    handle detected (or was told of) a pooler in between. Only that combination
+    keeps the limit: the pooler's server connections are full, not this process's
+    share; the caller backs off and retries without shrinking.
+    """
+    return not (server_refused and behind_pooler)

@@ -14,16 +14,20 @@ the rest are SQLAlchemy's own) and change only where connections come from and g
     awaited once, the breaker, pgwarden's validation (no round trip per checkout), leak
     watch and in-flight count; under ``pgwarden.deadline()`` the acquire and every byte
     until the connection is returned are bounded by it. SQLAlchemy's own pool is
-    ``NullPool``: it holds nothing, pgwarden's pool does.
-``do_close()`` / ``do_terminate()``
+    `PgwardenPool`: it holds no connection (pgwarden's pool does), only SQLAlchemy's
+    record of each pgwarden connection it has lent, found again at the next checkout
+    of that connection, so SQLAlchemy's side of a checkout costs what QueuePool's does.
+`PgwardenPool` giving a connection back, ``do_close()`` / ``do_terminate()``
     ``checkout.release()`` (rolls back, restores pgwarden's shape, back to the pool) /
     ``checkout.discard()`` (an invalidated connection is closed, never returned; a
     soft-invalidated one is discarded when it comes back).
 ``do_execute*()``
     the first statement of each transaction under an explicit deadline first sends,
     pipelined with the implicit BEGIN, the transaction-local ``statement_timeout`` of
-    the time left (safe behind PgBouncer); every statement is reported to the handle's
-    statement observers (operation ``sqlalchemy``).
+    the time left (safe behind PgBouncer); every statement is reported to the handle
+    (``db.statement_started`` / ``statement_finished``): its statement observers
+    (operation ``sqlalchemy``), and for a success the ``queries`` counter, the query
+    histogram and the slow-query event, as for the handle's own statements.
 ``do_commit()``
     with ``resolve_commits`` (the default), ``txid_current_if_assigned()`` before
     COMMIT; a COMMIT whose connection is lost is resolved by ``txid_status()`` on
@@ -33,16 +37,17 @@ the rest are SQLAlchemy's own) and change only where connections come from and g
     every statement error is classified by pgwarden, counted by kind, and marks the
     connection a disconnect when it is lost or the server is read-only (25006 outside a
     read-only transaction: a failover), which also drains pgwarden's pool so new
-    connections find the new primary. A statement timeout or a sever at the caller's
-    deadline is raised as `pgwarden.DeadlineExceeded`.
+    connections find the new primary (``db.report_failure``). A statement timeout or a
+    sever at the caller's deadline is raised as `pgwarden.DeadlineExceeded`
+    (``db.deadline_error``).
 
 Connections are shared by every engine with the same connection parameters, pgwarden
 settings and JSON/HSTORE configuration: such engines share one AdaptersMap (SQLAlchemy's
 HSTORE registration reaches it, and connections made before it are brought up to date at
 checkout), so the registry gives them one handle. An engine with "connect" listeners of
-its own, or a pool class other than NullPool, gets a handle of its own instead, closed by
-``engine.dispose()``: what it does to its sessions stays its own. ``docs/sqlalchemy.md``
-has the rest.
+its own, or a pool class other than `PgwardenPool` or NullPool, gets a handle of its own
+instead, closed by ``engine.dispose()``: what it does to its sessions stays its own.
+``docs/sqlalchemy.md`` has the rest.
 """
 
 from __future__ import annotations
@@ -57,21 +62,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from time import monotonic
 from typing import TYPE_CHECKING, Any, cast
 
-import psycopg
-from psycopg.conninfo import make_conninfo
-from psycopg.pq import TransactionStatus
-from psycopg.rows import tuple_row
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg, PGDialectAsync_psycopg
-from sqlalchemy.pool import NullPool, Pool
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, Pool
 
 import pgwarden
-from pgwarden._handle.sql import MARKER_IF_ASSIGNED, SET_STATEMENT_TIMEOUT, statement_timeout_args
-from pgwarden.core.classify import FailureKind, Phase, RetryContext, classify_failure, sqlstate_of
-from pgwarden.core.commit import CommitOutcome
+from pgwarden.core.classify import FailureKind, Phase, classify_failure, sqlstate_of
+from pgwarden.core.commit import Marker, Verdict, lost_commit_verdict
 from pgwarden.core.deadline import current_deadline
-from pgwarden.core.retry import RetryPolicy, deadline_ran_out
-from pgwarden.errors import AmbiguousCommitError, NotCommitted, PgwardenError
+from pgwarden.core.retry import deadline_ran_out
+from pgwarden.errors import NotCommitted, PgwardenError
 from pgwarden.settings import Settings
 from pgwarden.sqlalchemy._context import in_run_transaction
 from pgwarden.sqlalchemy._params import split_connect_params
@@ -83,6 +83,7 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.0
 from sqlalchemy.util.concurrency import in_greenlet
 
 if TYPE_CHECKING:
+    import psycopg
     from sqlalchemy.engine import Engine, ExceptionContext
     from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
     from sqlalchemy.engine.url import URL
@@ -97,6 +98,8 @@ if TYPE_CHECKING:
         untyped module to mypy); at run time the mixin's base is plain ``object``."""
 
         _psycopg_adapters_map: Any
+        _has_native_hstore: bool
+        use_native_hstore: bool
 
         def __init__(self, **kwargs: Any) -> None: ...
         def create_connect_args(self, url: URL) -> Any: ...
@@ -116,12 +119,16 @@ logger = logging.getLogger("sqlalchemy.dialects.postgresql")
 
 #: The attribute of a lent psycopg connection that holds its `_Lent` (None once returned).
 _LENT = "_pgwarden_sqlalchemy"
+#: Set on a lent psycopg connection once HSTORE is registered on it.
+_HSTORE = "_pgwarden_hstore"
 #: Set on an exception that handle_error has classified, counted and acted on.
 REPORTED = "_pgwarden_reported"
 #: Set on a 25006 that a read-only transaction of the caller's raised: not a failover.
 READ_ONLY_REFUSAL = "_pgwarden_read_only_refusal"
 #: Set on an exception of a lent connection: the pgwarden handle it came from.
 HANDLE = "_pgwarden_handle"
+# How the dialect names resolve_commits, in the error that says it is off.
+_RESOLVE_SETTING = "pgwarden_resolve_commits"
 
 # Failures after which the connection is useless: SQLAlchemy must invalidate it.
 _DISCONNECTS = frozenset(
@@ -129,22 +136,39 @@ _DISCONNECTS = frozenset(
 )
 _QUERY_CANCELED = "57014"
 _READ_ONLY_SQL_TRANSACTION = "25006"
-# handle_error counts a failure without deciding a retry: one attempt, no budget spent.
-_COUNT_ONLY = RetryPolicy(attempts=1)
-_STATEMENT = RetryContext(is_write=True, in_transaction=True)
-_AUTOCOMMIT_STATEMENT = RetryContext(is_write=True)
-
+# libpq's PQtransactionStatus values (psycopg.pq.TransactionStatus.IDLE / INTRANS), so that
+# importing the dialect does not import psycopg: SQLAlchemy's own psycopg dialect imports
+# it only when an engine is created (import_dbapi), and so does this one (first connect).
+_IDLE = 0
+_INTRANS = 2
 # One AdaptersMap per (settings, JSON and HSTORE configuration): engines that agree on
 # them share it, and so share one pgwarden handle (the registry keys on the map).
 _maps_lock = threading.Lock()
 _shared_maps: dict[tuple[Any, ...], Any] = {}
 
 
-class PgwardenPool(NullPool):
-    """SQLAlchemy's `NullPool` (it holds nothing: pgwarden's pool does the pooling) that
-    also takes QueuePool's sizing arguments and ignores them, so an engine's existing
-    ``pool_size``, ``max_overflow``, ``pool_timeout`` and ``pool_use_lifo`` need not be
-    removed when switching (``pgwarden_max_size`` and ``acquire_timeout`` govern)."""
+class PgwardenPool(Pool):
+    """SQLAlchemy's pool for ``postgresql+pgwarden``: pgwarden's pool does the pooling.
+
+    Each checkout takes a connection from the pgwarden handle (the engine's creator the
+    first time; then, with no ``do_connect`` listener to change its arguments, the handle
+    it resolved to) and gives it back on return. What this pool keeps is SQLAlchemy's
+    record of each pgwarden connection it has lent, found again when pgwarden lends it
+    the same connection, so SQLAlchemy's side of a checkout costs what QueuePool's does:
+    no record and no "connect" events per checkout (those run once per pgwarden
+    connection and engine, as with QueuePool). A record is made anew for a connection
+    this pool has not lent before, and after an invalidation (SQLAlchemy's "invalidate
+    the pool" leaves the connections to pgwarden's own checks: their records are
+    replaced, the connections are not closed). An invalidated connection is closed, never
+    returned; a soft-invalidated one is closed when it comes back. With ``do_connect``
+    listeners every checkout gets a record of its own (they are handed it), closed on
+    return, as with NullPool.
+
+    It takes QueuePool's sizing arguments and ignores them, so ``pool_size``,
+    ``max_overflow``, ``pool_timeout`` and ``pool_use_lifo`` need not be removed when
+    switching (``pgwarden_max_size`` and ``acquire_timeout`` govern); ``pool_pre_ping``
+    and ``pool_recycle`` too (pgwarden validates and recycles its connections itself).
+    """
 
     def __init__(
         self,
@@ -153,9 +177,142 @@ class PgwardenPool(NullPool):
         max_overflow: int | None = None,
         timeout: float | None = None,
         use_lifo: bool | None = None,
+        recycle: int = -1,
+        pre_ping: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(creator, **kwargs)
+        #: The connection a new record takes instead of calling the creator (`_hand_over`).
+        self._handing = threading.local()
+        self._records: dict[Any, ConnectionPoolEntry] = {}  # driver connection -> record
+        self._records_lock = threading.Lock()
+        self._connect_fn: Callable[[Any], Any] = _no_creator
+        #: What the engine's creator resolved to when no do_connect listener could change
+        #: its arguments: later checkouts go to that handle directly (`_Target.usable`).
+        self._target: _Target | None = None
+        super().__init__(creator, recycle=-1, pre_ping=False, **kwargs)
+
+    # SQLAlchemy calls ``_invoke_creator(record)`` when a record connects; ours hands a new
+    # record the connection `_do_get` already has (see `_hand_over`).
+    @property
+    def _creator(self) -> Any:
+        return self._creator_arg
+
+    @_creator.setter
+    def _creator(self, creator: Any) -> None:
+        self._creator_arg = creator
+        self._connect_fn = self._should_wrap_creator(creator)
+        self._invoke_creator = cast(Any, self._hand_over)
+
+    def _hand_over(self, record: ConnectionPoolEntry | None) -> Any:
+        pending = getattr(self._handing, "pending", None)
+        if pending is not None:
+            self._handing.pending = None
+            return pending
+        return self._connect_fn(record)  # a record reconnecting: a checkout of its own
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        dialect = cast(Any, self._dialect)
+        if dialect._has_events and dialect.dispatch.do_connect:
+            self._target = None
+            return self._create_connection()  # listeners get the record: NullPool's way
+        target = self._target
+        if target is not None and target.usable(
+            private=len(self.dispatch.connect) > dialect._pgwarden_own_connect
+        ):
+            # The creator's arguments are the engine's own: skip it (and _resolve).
+            driver = dialect._pgwarden_lend(target)
+            dbapi_connection = None
+            ours = True
+        else:
+            dbapi_connection = self._connect_fn(None)
+            driver = dialect.get_driver_connection(dbapi_connection)
+            ours = _lent_of(driver) is not None
+            self._target = dialect._pgwarden_target if ours else None
+        if ours:
+            record = cast(Any, self._records.get(driver))
+            if (
+                record is not None
+                and record.dbapi_connection is not None
+                and not record.in_use
+                and record.starttime >= self._invalidate_time
+            ):
+                dialect._pgwarden_reshape(record.dbapi_connection)
+                return cast(ConnectionPoolEntry, record)
+            if dbapi_connection is None:
+                try:
+                    dbapi_connection = dialect._pgwarden_dbapi(driver)
+                except BaseException:
+                    dialect.do_terminate(driver)
+                    raise
+        self._handing.pending = dbapi_connection
+        try:
+            fresh = self._create_connection()  # its connect takes the pending connection
+        finally:
+            self._handing.pending = None
+        if ours:
+            with self._records_lock:
+                # Forget the records of connections pgwarden has closed since.
+                stale = [
+                    d for d, r in self._records.items() if d.closed or r.dbapi_connection is None
+                ]
+                for gone in stale:
+                    del self._records[gone]
+                self._records[driver] = fresh
+        return fresh
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        dbapi_connection = record.dbapi_connection
+        if dbapi_connection is None:
+            return  # invalidated (closed already) or detached
+        dialect = cast(Any, self._dialect)
+        driver = dialect.get_driver_connection(dbapi_connection)
+        if self._records.get(driver) is record and dialect._pgwarden_give_back(dbapi_connection):
+            return  # back in pgwarden's pool; the record waits for its next checkout
+        with self._records_lock:
+            if self._records.get(driver) is record:
+                del self._records[driver]
+        record.close()  # do_close: given back or discarded, or closed if not pgwarden's
+
+    def dispose(self) -> None:
+        """Forget the records (pgwarden's connections stay pgwarden's); an engine's own
+        handle (see `_Pgwarden._needs_own_handle`) is closed."""
+        with self._records_lock:
+            self._records.clear()
+        disposed = getattr(self._dialect, "_pgwarden_pool_disposed", None)
+        if disposed is not None:
+            disposed()
+
+    def recreate(self) -> PgwardenPool:
+        self.logger.info("Pool recreating")
+        return self.__class__(
+            self._creator,
+            echo=self.echo,
+            logging_name=self._orig_logging_name,
+            reset_on_return=self._reset_on_return,
+            _dispatch=self.dispatch,
+            dialect=self._dialect,
+        )
+
+    def status(self) -> str:
+        return f"PgwardenPool: records of {len(self._records)} pgwarden connection(s)"
+
+
+def _no_creator(record: ConnectionPoolEntry | None) -> Any:
+    raise RuntimeError("PgwardenPool has no creator yet")  # pragma: no cover
+
+
+def _psycopg() -> Any:
+    """psycopg, imported on first use (a connection exists by then)."""
+    import psycopg
+
+    return psycopg
+
+
+def _sql() -> Any:
+    """pgwarden's SQL texts, imported on first use (the module imports psycopg.sql)."""
+    from pgwarden._handle import sql
+
+    return sql
 
 
 def _log_notices(diagnostic: psycopg.errors.Diagnostic) -> None:
@@ -195,7 +352,7 @@ class _Lent:
 class _Target:
     """The handle (and per-connection extras) one set of connect parameters resolves to."""
 
-    __slots__ = ("cargs", "cparams", "cursor_factory", "db", "pid", "private")
+    __slots__ = ("cargs", "cparams", "cursor_factory", "db", "pid", "private", "row_factory")
 
     def __init__(
         self,
@@ -205,27 +362,45 @@ class _Target:
         cursor_factory: Any,
         private: bool,
     ) -> None:
+        from psycopg.rows import tuple_row
+
         self.cargs = cargs
         self.cparams = cparams
         self.db = db
         self.cursor_factory = cursor_factory
+        self.row_factory = tuple_row  # SQLAlchemy's rows
         #: The handle is this engine's alone (see `_Pgwarden._needs_own_handle`).
         self.private = private
         self.pid = os.getpid()
 
     def serves(self, cargs: tuple[Any, ...], cparams: Mapping[str, Any], private: bool) -> bool:
+        return self.usable(private=private) and cargs == self.cargs and cparams == self.cparams
+
+    def usable(self, *, private: bool) -> bool:
+        """Still the handle for these parameters (not a parent's, not closed)?"""
         return (
             self.pid == os.getpid()
             and self.private is private
             and self.db.state.value not in ("closing", "closed")
-            and cargs == self.cargs
-            and cparams == self.cparams
         )
+
+
+# Types with no driver_connection (psycopg's own connections), so that finding the
+# driver of one costs a set lookup rather than an AttributeError each time.
+_BARE: set[type] = set()
+_MISSING = object()
 
 
 def _driver(connection: Any) -> Any:
     """The psycopg connection behind a pool proxy, an asyncio adapter or itself."""
-    return getattr(connection, "driver_connection", connection)
+    kind = type(connection)
+    if kind in _BARE:
+        return connection
+    driver = getattr(connection, "driver_connection", _MISSING)
+    if driver is _MISSING:
+        _BARE.add(kind)
+        return connection
+    return driver
 
 
 def _lent_of(driver: Any) -> _Lent | None:
@@ -289,25 +464,31 @@ class _Pgwarden(_Base):
         dialect._pgwarden_events = True
         dialect._pgwarden_engine = weakref.ref(engine)
         dialect._pgwarden_own_connect = len(engine.pool.dispatch.connect)
-        event.listen(engine, "handle_error", dialect._on_error)
+        event.listen(engine, "handle_error", dialect._on_error)  # a dialect event
         event.listen(engine.pool, "soft_invalidate", dialect._on_soft_invalidate)
-        event.listen(engine, "engine_disposed", dialect._on_disposed)
+        if not isinstance(engine.pool, PgwardenPool):
+            # PgwardenPool.dispose() says so itself: an engine listener would make
+            # SQLAlchemy dispatch engine events around every statement.
+            event.listen(engine, "engine_disposed", dialect._on_disposed)
 
     def _needs_own_handle(self) -> bool:
         """Must this engine's connections be its own? When the user put "connect"
-        listeners on its pool (SQLAlchemy runs them at every checkout under NullPool,
-        and what they do to a connection, a session SET, must not reach other engines),
-        or chose a pool that keeps connections (StaticPool, QueuePool: their session
-        state, temp tables included, is the engine's until it is disposed)."""
+        listeners on its pool (what they do to a connection, a session SET, must not
+        reach other engines), or chose a pool that keeps connections (StaticPool,
+        QueuePool: their session state, temp tables included, is the engine's until it
+        is disposed)."""
         engine = self._pgwarden_engine()
         if engine is None:
             return False
         pool = engine.pool
-        return not isinstance(pool, NullPool) or (
+        return not isinstance(pool, (PgwardenPool, NullPool)) or (
             len(pool.dispatch.connect) > self._pgwarden_own_connect
         )
 
     def _on_disposed(self, engine: Engine) -> None:
+        self._pgwarden_pool_disposed()
+
+    def _pgwarden_pool_disposed(self) -> None:
         # engine.dispose(): a handle of the engine's own closes with it (a shared one is
         # other engines' too, and pgwarden replaces dead connections itself).
         target = self._pgwarden_target
@@ -338,6 +519,8 @@ class _Pgwarden(_Base):
             return cached
         split = split_connect_params(cparams)
         base = cargs[0] if cargs and isinstance(cargs[0], str) else ""
+        from psycopg.conninfo import make_conninfo
+
         conninfo = make_conninfo(base, **split.libpq) if (base or split.libpq) else None
         settings = Settings.from_env(url=conninfo, **split.settings)
         adapters = self._adapters(settings, split.context, private)
@@ -395,12 +578,20 @@ class _Pgwarden(_Base):
         if target.cursor_factory is not None:
             saved = driver.cursor_factory
             driver.cursor_factory = target.cursor_factory
-        info = self._psycopg_adapters_map.types.get("hstore")
-        if info is not None and driver.adapters.types.get("hstore") is None:
-            # Opened before SQLAlchemy registered HSTORE on the shared map.
-            from psycopg.types.hstore import register_hstore
+        # SQLAlchemy's initialize() says whether HSTORE is there (True until it knows).
+        if (
+            self.use_native_hstore
+            and self._has_native_hstore
+            and not getattr(driver, _HSTORE, False)
+        ):
+            info = self._psycopg_adapters_map.types.get("hstore")
+            if info is not None:
+                if driver.adapters.types.get("hstore") is None:
+                    # Opened before SQLAlchemy registered HSTORE on the shared map.
+                    from psycopg.types.hstore import register_hstore
 
-            register_hstore(info, driver)
+                    register_hstore(info, driver)
+                setattr(driver, _HSTORE, True)
         setattr(driver, _LENT, _Lent(checkout, target.db, saved, loop))
 
     def _take(self, connection: Any) -> _Lent | None:
@@ -414,8 +605,8 @@ class _Pgwarden(_Base):
         return lent
 
     def on_connect(self) -> Callable[[Any], None]:
-        # SQLAlchemy's on_connect adds a notice handler per connect; with NullPool that
-        # is per checkout, and pgwarden's connections live on: add it once.
+        # SQLAlchemy's on_connect adds a notice handler per connect: once per record, and
+        # a pgwarden connection can get records in several engines: add it once.
         def setup(connection: Any) -> None:
             driver = _driver(connection)
             with contextlib.suppress(ValueError):
@@ -426,7 +617,25 @@ class _Pgwarden(_Base):
 
         return setup
 
+    def _pgwarden_reshape(self, dbapi_connection: Any) -> None:
+        """A checkout on a record kept from before: the engine's isolation level again
+        (SQLAlchemy sets it per connect; pgwarden's release put the default back)."""
+        level = getattr(self, "_on_connect_isolation_level", None) or self.isolation_level
+        if level is not None:
+            self.set_isolation_level(dbapi_connection, level)
+
     # --- returning connections -------------------------------------------------------------
+    def _pgwarden_give_back(self, dbapi_connection: Any) -> bool:
+        """`PgwardenPool` returning a checkout: back to pgwarden's pool. False (and
+        nothing done) when it is not a lent pgwarden connection or must be discarded
+        (soft-invalidated): the pool then closes its record (`do_close`)."""
+        lent = _lent_of(_driver(dbapi_connection))
+        if lent is None or lent.discard:
+            return False
+        self._take(dbapi_connection)
+        self._io_finish(lent, discard=False)
+        return True
+
     def do_close(self, dbapi_connection: DBAPIConnection) -> None:
         lent = self._take(dbapi_connection)
         if lent is not None:
@@ -460,7 +669,7 @@ class _Pgwarden(_Base):
         if context is None:
             return None
         fairy = getattr(context.root_connection, "_dbapi_connection", None)
-        driver = getattr(fairy, "driver_connection", None)
+        driver = _driver(getattr(fairy, "dbapi_connection", None))
         if driver is None:
             return None
         lent = _lent_of(driver)
@@ -470,26 +679,27 @@ class _Pgwarden(_Base):
         if (
             deadline is not None
             and not driver.autocommit
-            and driver.info.transaction_status == TransactionStatus.IDLE
+            and driver.pgconn.transaction_status == _IDLE
         ):
             remaining = deadline - monotonic()
             if remaining <= 0:
-                raise lent.db._state.deadline_error(None, "statement")
+                raise lent.db.deadline_error(None)
             self._io_set_timeout(driver, remaining)
         return lent
 
     def _observed(
         self, lent: _Lent, statement: str, cursor: Any, run: Callable[..., object], *args: Any
     ) -> None:
-        """``run(*args)`` reported to the handle's statement observers."""
-        observer = lent.db._statements.observer
-        token = observer.statement_started("sqlalchemy", statement)
+        """``run(*args)`` reported to the handle: its statement observers, and the query
+        metrics for a success."""
+        db = lent.db
+        mark = db.statement_started("sqlalchemy", statement)
         try:
             run(*args)
         except BaseException as exc:
-            observer.statement_finished(token, exc, None)
+            db.statement_finished(mark, exc)
             raise
-        observer.statement_finished(token, None, getattr(cursor, "rowcount", None))
+        db.statement_finished(mark, None, getattr(cursor, "rowcount", None))
 
     def do_execute(
         self,
@@ -534,7 +744,7 @@ class _Pgwarden(_Base):
             lent is None
             or driver.autocommit
             or driver.read_only
-            or driver.info.transaction_status != TransactionStatus.INTRANS
+            or driver.pgconn.transaction_status != _INTRANS
         ):
             super().do_commit(dbapi_connection)
             return
@@ -544,7 +754,7 @@ class _Pgwarden(_Base):
         lent.committing = True
         try:
             super().do_commit(dbapi_connection)
-        except psycopg.OperationalError as exc:
+        except _psycopg().OperationalError as exc:
             kind = classify_failure(exc, Phase.COMMIT, connection_lost=_lost(driver))
             if kind is not FailureKind.LOST_COMMIT:
                 raise  # a server-side failure (a deferred constraint, 40001): not ambiguous
@@ -555,45 +765,26 @@ class _Pgwarden(_Base):
     def _resolve_commit(
         self, lent: _Lent, exc: BaseException, marker: Sequence[Any] | None, *, resolve: bool
     ) -> None:
-        state = lent.db._state
-        if not resolve:
-            state.ambiguous_commit("unknown")
-            raise AmbiguousCommitError(
-                "connection lost during COMMIT and commit resolution is off "
-                f"(pgwarden_resolve_commits); the outcome is unknown ({state.describe_error(exc)})"
-            ) from exc
-        if marker is None or marker[0] is None:
-            state.ambiguous_commit("committed")  # it wrote nothing: nothing can be lost
-            return
-        txid, started = marker[0], marker[1]
+        """The handle's resolution (``resolve_lost_commit``), its slot given back first."""
+        tx_marker = None if marker is None else Marker(*marker)
         deadline = lent.deadline()
-        # The connection is gone: give its slot back first, so that asking on another
-        # connection does not wait for it (a pool of one would wait out the deadline).
-        taken = self._take(lent.checkout.connection)
-        if taken is not None:
-            self._io_finish(taken, discard=True)
-        outcome = self._io_ask(lent.db, txid, started, deadline)
-        state.ambiguous_commit(outcome.value)
-        if outcome is CommitOutcome.COMMITTED:
-            return
-        if outcome is CommitOutcome.ABORTED:
-            aborted = NotCommitted(
-                "connection lost during COMMIT; the transaction was rolled back "
-                f"({state.describe_error(exc)})"
-            )
+        if lost_commit_verdict(resolve=resolve, marker=tx_marker) is Verdict.ASK:
+            # The connection is gone: give its slot back first, so that asking on another
+            # connection does not wait for it (a pool of one would wait out the deadline).
+            taken = self._take(lent.checkout.connection)
+            if taken is not None:
+                self._io_finish(taken, discard=True)
+        try:
+            self._io_resolve(lent.db, exc, tx_marker, resolve, deadline)
+        except NotCommitted as aborted:
             _mark(aborted, HANDLE, lent.db)
-            raise aborted from exc
-        raise AmbiguousCommitError(
-            f"connection lost during COMMIT and txid {txid} could not be resolved "
-            f"({state.describe_error(exc)})",
-            txid=txid,
-        ) from exc
+            raise
 
     # --- errors ----------------------------------------------------------------------------
     def is_disconnect(self, e: Any, connection: Any, cursor: Any) -> bool:
         if super().is_disconnect(e, connection, cursor):
             return True
-        if not isinstance(e, psycopg.Error):
+        if not isinstance(e, _psycopg().Error):
             return False
         if sqlstate_of(e) == _READ_ONLY_SQL_TRANSACTION:
             driver = None if connection is None else _driver(connection)
@@ -636,30 +827,34 @@ class _Pgwarden(_Base):
                 and deadline_ran_out(FailureKind.TIMEOUT, now, deadline)
             )
         ):
-            return lent.db._state.deadline_error(exc, "statement")
+            return lent.db.deadline_error(exc)
         return None
 
     def _report(self, lent: _Lent, exc: BaseException, driver: Any, lost: bool) -> FailureKind:
         """Classify *exc*, count it (unless run_transaction will), and drain the pool on
-        a failover. The hook proposed for core as ``db.report_failure(...)``."""
-        state = lent.db._state
-        kind, _ = state.failed(
+        a failover: ``db.report_failure``."""
+        kind = self._io_report(
+            lent.db,
             exc,
-            Phase.COMMIT if lent.committing else Phase.STATEMENT,
-            _AUTOCOMMIT_STATEMENT if driver.autocommit else _STATEMENT,
-            attempt=1,
-            deadline=None,
-            policy=_COUNT_ONLY,
-            operation="sqlalchemy",
+            phase=Phase.COMMIT if lent.committing else Phase.STATEMENT,
             connection_lost=lost,
-            user_call=not in_run_transaction(),
+            in_transaction=not driver.autocommit,
+            counted=not in_run_transaction(),
+            operation="sqlalchemy",
         )
         _mark(exc, REPORTED, kind)
-        if kind is FailureKind.FAILOVER:
-            self._io_after_failure(lent.db, kind)
         return kind
 
     # --- I/O, sync or asyncio --------------------------------------------------------------
+    def _pgwarden_lend(self, target: _Target) -> Any:
+        """A checkout from *target*'s handle in SQLAlchemy's shape: its psycopg connection."""
+        raise NotImplementedError
+
+    def _pgwarden_dbapi(self, driver: Any) -> Any:
+        """What SQLAlchemy holds for a lent psycopg connection (itself, or the asyncio
+        adapter SQLAlchemy's psycopg dialect wraps it in)."""
+        raise NotImplementedError
+
     def _io_finish(self, lent: _Lent, *, discard: bool) -> None:
         raise NotImplementedError
 
@@ -669,10 +864,17 @@ class _Pgwarden(_Base):
     def _io_marker(self, driver: Any) -> Sequence[Any] | None:
         raise NotImplementedError
 
-    def _io_ask(self, db: Any, txid: Any, started: Any, deadline: float | None) -> CommitOutcome:
+    def _io_resolve(
+        self,
+        db: Any,
+        exc: BaseException,
+        marker: Marker | None,
+        resolve: bool,
+        deadline: float | None,
+    ) -> None:
         raise NotImplementedError
 
-    def _io_after_failure(self, db: Any, kind: FailureKind) -> None:
+    def _io_report(self, db: Any, exc: BaseException, **how: Any) -> FailureKind:
         raise NotImplementedError
 
     def _io_close(self, db: Any) -> None:
@@ -688,15 +890,21 @@ class PGDialect_pgwarden(_Pgwarden, PGDialect_psycopg):
         return pgwarden.connect(settings=settings, adapters=adapters)
 
     def connect(self, *cargs: Any, **cparams: Any) -> Any:
-        target = self._resolve(cargs, cparams)
-        db = cast("Database", target.db)
-        checkout = db.checkout(autocommit=False, row_factory=tuple_row)
+        return self._pgwarden_lend(self._resolve(cargs, cparams))
+
+    def _pgwarden_lend(self, target: _Target) -> Any:
+        checkout = cast("Database", target.db).checkout(
+            autocommit=False, row_factory=target.row_factory
+        )
         try:
             self._lend(checkout.connection, target, checkout, None)
         except BaseException:
             checkout.release()
             raise
         return checkout.connection
+
+    def _pgwarden_dbapi(self, driver: Any) -> Any:
+        return driver
 
     def _io_finish(self, lent: _Lent, *, discard: bool) -> None:
         checkout = cast("Checkout", lent.checkout)
@@ -707,18 +915,28 @@ class PGDialect_pgwarden(_Pgwarden, PGDialect_psycopg):
 
     def _io_set_timeout(self, driver: Any, remaining: float) -> None:
         with driver.pipeline():  # one round trip: BEGIN and the timeout
-            driver.execute(SET_STATEMENT_TIMEOUT, statement_timeout_args(remaining))
+            sql = _sql()
+            driver.execute(sql.SET_STATEMENT_TIMEOUT, sql.statement_timeout_args(remaining))
 
     def _io_marker(self, driver: Any) -> Sequence[Any] | None:
-        row: Sequence[Any] | None = driver.execute(MARKER_IF_ASSIGNED).fetchone()
+        row: Sequence[Any] | None = driver.execute(_sql().MARKER_IF_ASSIGNED).fetchone()
         return row
 
-    def _io_ask(self, db: Any, txid: Any, started: Any, deadline: float | None) -> CommitOutcome:
-        outcome: CommitOutcome = db._transactions._ask(txid, started, deadline)
-        return outcome
+    def _io_resolve(
+        self,
+        db: Any,
+        exc: BaseException,
+        marker: Marker | None,
+        resolve: bool,
+        deadline: float | None,
+    ) -> None:
+        db._transactions.resolve_lost_commit(
+            exc, marker, resolve=resolve, deadline=deadline, setting=_RESOLVE_SETTING
+        )
 
-    def _io_after_failure(self, db: Any, kind: FailureKind) -> None:
-        db._connections.after_failure(kind)
+    def _io_report(self, db: Any, exc: BaseException, **how: Any) -> FailureKind:
+        kind: FailureKind = db.report_failure(exc, **how)
+        return kind
 
     def _io_close(self, db: Any) -> None:
         db.close()
@@ -737,19 +955,28 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
 
     def connect(self, *cargs: Any, **cparams: Any) -> Any:
         target = self._resolve(cargs, cparams)
-        db = cast("AsyncDatabase", target.db)
-
-        async def lend() -> Any:
-            checkout = await db.checkout(autocommit=False, row_factory=tuple_row)
-            try:
-                self._lend(checkout.connection, target, checkout, asyncio.get_running_loop())
-            except BaseException:
-                await checkout.release()
-                raise
-            return checkout.connection
-
         # SQLAlchemy's own adapter wraps the connection (async_creator_fn: 2.0 and 2.1).
-        return self.loaded_dbapi.connect(async_creator_fn=lend)
+        return self.loaded_dbapi.connect(async_creator_fn=lambda: self._lend_async(target))
+
+    def _pgwarden_lend(self, target: _Target) -> Any:
+        return await_(self._lend_async(target))
+
+    async def _lend_async(self, target: _Target) -> Any:
+        checkout = await cast("AsyncDatabase", target.db).checkout(
+            autocommit=False, row_factory=target.row_factory
+        )
+        try:
+            self._lend(checkout.connection, target, checkout, asyncio.get_running_loop())
+        except BaseException:
+            await checkout.release()
+            raise
+        return checkout.connection
+
+    def _pgwarden_dbapi(self, driver: Any) -> Any:
+        async def lent() -> Any:
+            return driver
+
+        return self.loaded_dbapi.connect(async_creator_fn=lent)
 
     def _io_finish(self, lent: _Lent, *, discard: bool) -> None:
         checkout = cast("AsyncCheckout", lent.checkout)
@@ -769,12 +996,23 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
     def _io_marker(self, driver: Any) -> Sequence[Any] | None:
         return await_(_marker_async(driver))
 
-    def _io_ask(self, db: Any, txid: Any, started: Any, deadline: float | None) -> CommitOutcome:
-        outcome: CommitOutcome = await_(db._transactions._ask(txid, started, deadline))
-        return outcome
+    def _io_resolve(
+        self,
+        db: Any,
+        exc: BaseException,
+        marker: Marker | None,
+        resolve: bool,
+        deadline: float | None,
+    ) -> None:
+        await_(
+            db._transactions.resolve_lost_commit(
+                exc, marker, resolve=resolve, deadline=deadline, setting=_RESOLVE_SETTING
+            )
+        )
 
-    def _io_after_failure(self, db: Any, kind: FailureKind) -> None:
-        await_(db._connections.after_failure(kind))
+    def _io_report(self, db: Any, exc: BaseException, **how: Any) -> FailureKind:
+        kind: FailureKind = await_(db.report_failure(exc, **how))
+        return kind
 
     def _io_close(self, db: Any) -> None:
         if in_greenlet():  # AsyncEngine.dispose() runs the sync dispose in one
@@ -795,11 +1033,12 @@ def _spawn(loop: asyncio.AbstractEventLoop, fn: Callable[[], Awaitable[Any]]) ->
 
 async def _set_timeout_async(driver: Any, remaining: float) -> None:
     async with driver.pipeline():  # one round trip: BEGIN and the timeout
-        await driver.execute(SET_STATEMENT_TIMEOUT, statement_timeout_args(remaining))
+        sql = _sql()
+        await driver.execute(sql.SET_STATEMENT_TIMEOUT, sql.statement_timeout_args(remaining))
 
 
 async def _marker_async(driver: Any) -> Sequence[Any] | None:
-    cur = await driver.execute(MARKER_IF_ASSIGNED)
+    cur = await driver.execute(_sql().MARKER_IF_ASSIGNED)
     row: Sequence[Any] | None = await cur.fetchone()
     return row
 

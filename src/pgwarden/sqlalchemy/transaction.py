@@ -33,19 +33,15 @@ A run_transaction() inside another one (same task or thread) raises RuntimeError
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
 from time import monotonic
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-import psycopg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
-from sqlalchemy.orm import Session
 
-from pgwarden._async.retrying import act_on as act_on_async
-from pgwarden._sync.retrying import act_on
 from pgwarden.core.classify import FailureKind, Phase, RetryContext
 from pgwarden.core.deadline import Deadline, current_deadline, deadline
 from pgwarden.core.retry import Decision
@@ -54,6 +50,9 @@ from pgwarden.sqlalchemy._context import running_transaction
 from pgwarden.sqlalchemy.dialect import HANDLE, READ_ONLY_REFUSAL, REPORTED, _Pgwarden
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+    from sqlalchemy.orm import Session
+
     from pgwarden._async.database import AsyncDatabase
     from pgwarden._sync.database import Database
 
@@ -97,6 +96,8 @@ def run_transaction(
                 with run.unit() as unit:
                     return fn(unit)
             except Exception as exc:
+                from pgwarden._sync.retrying import act_on
+
                 db, kind, decision, drain = run.failed(exc)
                 if drain:
                     db._connections.after_failure(kind)
@@ -135,6 +136,8 @@ async def run_transaction_async(
                 async with run.unit_async() as unit:
                     return await fn(unit)
             except Exception as exc:
+                from pgwarden._async.retrying import act_on as act_on_async
+
                 db, kind, decision, drain = run.failed(exc)
                 if drain:
                     await db._connections.after_failure(kind)
@@ -149,12 +152,17 @@ class _Run:
     """One run_transaction() call: its units of work and its retry decisions."""
 
     def __init__(self, target: Any, attempts: int | None) -> None:
-        if isinstance(target, (Session, Connection, AsyncSession, AsyncConnection)):
+        single = (
+            Connection,
+            *_loaded("sqlalchemy.orm", "Session"),
+            *_loaded("sqlalchemy.ext.asyncio", "AsyncSession", "AsyncConnection"),
+        )
+        if isinstance(target, single):
             raise TypeError(
                 f"run_transaction needs a session factory or an engine, not a "
                 f"{type(target).__name__}: a re-run needs a fresh session"
             )
-        if not (isinstance(target, (Engine, AsyncEngine)) or callable(target)):
+        if not (isinstance(target, _engines()) or callable(target)):
             raise TypeError(f"run_transaction needs a session factory or an engine: {target!r}")
         if attempts is not None and attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
@@ -164,10 +172,12 @@ class _Run:
         self.attempt = 1
         #: The bind of the last session made (to find the handle of a failure that
         #: does not carry it).
-        self.bind: Any = target if isinstance(target, (Engine, AsyncEngine)) else None
+        self.bind: Any = target if isinstance(target, _engines()) else None
 
     @contextmanager
     def unit(self) -> Iterator[Any]:
+        from sqlalchemy.orm import Session
+
         target = self.target
         if isinstance(target, Engine):
             with target.begin() as connection:
@@ -182,6 +192,8 @@ class _Run:
 
     @asynccontextmanager
     async def unit_async(self) -> AsyncIterator[Any]:
+        from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
         target = self.target
         if isinstance(target, AsyncEngine):
             async with target.begin() as connection:
@@ -244,6 +256,18 @@ class _Run:
         return dialect.pgwarden_handle
 
 
+def _loaded(module: str, *names: str) -> tuple[type, ...]:
+    """Classes of *module* if something imported it already, else none: no instance of
+    them can exist otherwise (so that a sync run_transaction never imports the asyncio
+    extension and the ORM it brings, about 0.1 s of a cold start)."""
+    found = sys.modules.get(module)
+    return () if found is None else tuple(getattr(found, name) for name in names)
+
+
+def _engines() -> tuple[type, ...]:
+    return (Engine, *_loaded("sqlalchemy.ext.asyncio", "AsyncEngine"))
+
+
 def _database_failure(exc: Exception) -> BaseException | None:
     """The exception to classify when *exc* is the database failing this attempt
     (for a SQLAlchemy error, the driver's); None when it is the caller's own, a
@@ -255,7 +279,7 @@ def _database_failure(exc: Exception) -> BaseException | None:
     failure: BaseException | None = exc
     if isinstance(exc, sa_exc.DBAPIError):
         failure = exc.orig
-    if isinstance(failure, psycopg.Error):
+    if isinstance(failure, _loaded("psycopg", "Error")):
         return None if getattr(failure, READ_ONLY_REFUSAL, False) else failure
     if isinstance(failure, (ConnectionError, TimeoutError)):
         return failure

@@ -17,6 +17,8 @@ Modules:
 * :mod:`.orm`: the declarative models and the unit of work of the ORM workload.
 * :mod:`.scenarios`: scenario definitions, sizes and fault schedules.
 * :mod:`.harness`: servers, worker processes, the connection sampler, fault injection.
+* :mod:`.failover`: the ``failover`` scenario's target (a primary with a synchronous
+  standby), its failover and rejoin faults, and its figures.
 * :mod:`.analysis`: turning request records into figures (pure).
 * :mod:`.report`: the terminal table, the JSON file and the HTML report.
 

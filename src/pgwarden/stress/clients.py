@@ -1,4 +1,5 @@
-"""The five clients a stress worker drives, behind one tiny interface.
+"""The clients a stress worker drives, behind one tiny interface (the two Django clients,
+``django`` and ``django-pgwarden``, are in :mod:`pgwarden.stress.django_clients`).
 
 Each client runs the same two operations:
 
@@ -49,6 +50,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "CLIENTS",
+    "DJANGO_CLIENTS",
     "LINES_PER_UNIT",
     "LINES_TABLE",
     "ORM_CLIENTS",
@@ -68,11 +70,23 @@ READ_WORK_SQL = f"SELECT count(*) FROM {TABLE}, pg_sleep(%s) WHERE req_id = CAST
 WRITE_SQL = f"INSERT INTO {TABLE} (run, req_id, worker) VALUES (%s, CAST(%s AS uuid), %s)"  # noqa: S608
 
 #: Client names, in the order the harness runs them.
-CLIENTS = ("pgwarden", "psycopg_pool", "sqlalchemy", "sqlalchemy-pgwarden", "naive")
+CLIENTS = (
+    "pgwarden",
+    "psycopg_pool",
+    "sqlalchemy",
+    "sqlalchemy-pgwarden",
+    "django",
+    "django-pgwarden",
+    "naive",
+)
 
 #: The clients whose invariants (no duplicate, no lost acknowledged write, no torn unit of
 #: work) are pgwarden's: ``pgwarden stress`` exits 1 when one of them breaks one.
-PGWARDEN_CLIENTS = ("pgwarden", "sqlalchemy-pgwarden")
+PGWARDEN_CLIENTS = ("pgwarden", "sqlalchemy-pgwarden", "django-pgwarden")
+
+#: The Django ORM clients (:mod:`pgwarden.stress.django_clients`): they run the ORM
+#: workload too, with Django's models.
+DJANGO_CLIENTS = ("django", "django-pgwarden")
 
 #: The clients that run the ORM workload (``Workload.orm_share``); the others do a plain
 #: write for each unit of work, so every client sees the same mix of requests.
@@ -423,8 +437,17 @@ _FACTORIES: dict[str, Callable[[ClientConfig], Any]] = {
     "psycopg_pool": PsycopgPoolClient,
     "sqlalchemy": SqlAlchemyClient,
     "sqlalchemy-pgwarden": SqlAlchemyPgwardenClient,
+    "django": lambda cfg: _django_client("DjangoClient", cfg),
+    "django-pgwarden": lambda cfg: _django_client("DjangoPgwardenClient", cfg),
     "naive": NaiveClient,
 }
+
+
+def _django_client(name: str, cfg: ClientConfig) -> Any:
+    """A client of :mod:`pgwarden.stress.django_clients` (imported only for it)."""
+    from pgwarden.stress import django_clients
+
+    return getattr(django_clients, name)(cfg)
 
 
 def missing_requirement(name: str) -> str | None:
@@ -437,6 +460,8 @@ def missing_requirement(name: str) -> str | None:
 
     if name in ORM_CLIENTS and importlib.util.find_spec("sqlalchemy") is None:
         return "SQLAlchemy is not installed (pip install 'pgwarden[stress]')"
+    if name in DJANGO_CLIENTS and importlib.util.find_spec("django") is None:
+        return "Django is not installed (pip install 'pgwarden[django]')"
     if name == "sqlalchemy-pgwarden":
         try:
             found = importlib.util.find_spec("pgwarden.sqlalchemy.dialect") is not None
@@ -510,6 +535,9 @@ _MESSAGE_KINDS: tuple[tuple[str, str], ...] = (
     ("bad file descriptor", "conn_lost"),
     # psycopg, when the connection dies under a pipeline (pgwarden classifies it as lost).
     ("cannot exit pipeline mode while busy", "conn_lost"),
+    # libpq with target_session_attrs=read-write found no host that accepts writes.
+    ("session is read-only", "no_primary"),
+    ("server is in hot standby mode", "no_primary"),
     ("connection to server", "refused"),
 )
 
@@ -531,6 +559,8 @@ def _unwrap(exc: BaseException) -> BaseException:
         orig = getattr(exc, "orig", None)
         if isinstance(orig, BaseException):
             return orig
+    if module.startswith("django") and isinstance(exc.__cause__, BaseException):
+        return exc.__cause__  # django.db.utils wraps the driver's error: raise ... from it
     return exc
 
 

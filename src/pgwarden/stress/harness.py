@@ -64,6 +64,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from pgwarden._redact import redact
+from pgwarden.stress import failover
 from pgwarden.stress.analysis import summarize
 from pgwarden.stress.clients import (
     CLIENTS,
@@ -163,6 +164,7 @@ class Target:
         self.embedded: Any = None
         self.bouncer: Any = None
         self.proxy: Any = None
+        self.pair: Any = None  # StandbyPair (the failover scenario, see .failover)
         self.admin_params: dict[str, Any] = {}
         self.only_ours = False  # count only our clients' backends (a shared server)
         self.max_connections: int | None = None
@@ -242,7 +244,9 @@ def _why_skip(scenario: Scenario, plan: Plan, url: str | None) -> str | None:
 def open_target(plan: Plan, url: str | None, say: Say) -> Iterator[Target]:
     target = Target()
     try:
-        if url is None:
+        if url is None and plan.via == "pair":
+            failover.open_pair(target, plan, say)
+        elif url is None:
             _own_server(target, plan, say)
         else:
             _given_server(target, url)
@@ -285,28 +289,7 @@ def _own_server(target: Target, plan: Plan, say: Say) -> None:
         "user": server.user,
         "dbname": server.dbname,
     }
-    password = secrets.token_urlsafe(18)
-    with target.admin() as conn:
-        for stmt in _SCHEMA:
-            conn.execute(stmt)
-        conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                sql.Identifier(ROLE), sql.Literal(password)
-            )
-        )
-        for table in (TABLE, LINES_TABLE):
-            conn.execute(
-                sql.SQL("GRANT SELECT, INSERT ON {} TO {}").format(
-                    sql.Identifier(table), sql.Identifier(ROLE)
-                )
-            )
-            conn.execute(
-                sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(
-                    sql.Identifier(f"{table}_seq_seq"), sql.Identifier(ROLE)
-                )
-            )
-        row = conn.execute("SHOW max_connections").fetchone()
-        target.max_connections = int(row[0]) if row else None
+    password = prepare_schema_and_role(target)
     target.client_url = server.url_for(user=ROLE, password=password)
     target.description = f"embedded PostgreSQL {target.server_version} on 127.0.0.1:{server.port}"
     if plan.via == "pgbouncer":
@@ -329,6 +312,35 @@ def _own_server(target: Target, plan: Plan, say: Say) -> None:
         target.description += (
             f", through PgBouncer {bouncer.version} (transaction mode) on 127.0.0.1:{bouncer.port}"
         )
+
+
+def prepare_schema_and_role(target: Target) -> str:
+    """On a server of our own (``target.admin_params`` set): the tables, and an ordinary
+    login role for the clients with a random password, which is returned. Also reads
+    ``max_connections``."""
+    password = secrets.token_urlsafe(18)
+    with target.admin() as conn:
+        for stmt in _SCHEMA:
+            conn.execute(stmt)
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(ROLE), sql.Literal(password)
+            )
+        )
+        for table in (TABLE, LINES_TABLE):
+            conn.execute(
+                sql.SQL("GRANT SELECT, INSERT ON {} TO {}").format(
+                    sql.Identifier(table), sql.Identifier(ROLE)
+                )
+            )
+            conn.execute(
+                sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(
+                    sql.Identifier(f"{table}_seq_seq"), sql.Identifier(ROLE)
+                )
+            )
+        row = conn.execute("SHOW max_connections").fetchone()
+        target.max_connections = int(row[0]) if row else None
+    return password
 
 
 def _given_server(target: Target, url: str) -> None:
@@ -489,6 +501,10 @@ class Injector(threading.Thread):
             target.proxy.blackhole()
         elif step.action == "mark":
             pass
+        elif step.action in failover.ACTIONS:
+            record.update(failover.apply(step.action, target, self.t_go))
+            record["end"] = round(self._now(), 3)
+            self.current = ""
         else:  # pragma: no cover - Action is a closed Literal
             raise ValueError(step.action)
         return record
@@ -865,6 +881,8 @@ def _collect(
             "client_stats": _merge_stats(stats),
         }
     )
+    if target.pair is not None:
+        result["failover"] = failover.figures(records, faults, result["client_stats"])
     return result
 
 
@@ -904,6 +922,8 @@ def _rows_for(target: Target, run_id: str, table: str = TABLE) -> dict[str, int]
 
 def _reset(target: Target) -> None:
     """Between clients: everything back to normal, and no client connections left."""
+    if target.pair is not None:
+        failover.reset(target)
     if target.proxy is not None:
         target.proxy.heal()
     if target.server is not None and not target.server.is_running():

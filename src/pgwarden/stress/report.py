@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pgwarden.stress import failover
 from pgwarden.stress.clients import PGWARDEN_CLIENTS
 
 __all__ = [
@@ -48,6 +49,8 @@ CLIENT_COLORS = {
     "psycopg_pool": "#d97706",
     "sqlalchemy": "#7c3aed",
     "sqlalchemy-pgwarden": "#db2777",
+    "django": "#0891b2",
+    "django-pgwarden": "#65a30d",
     "naive": "#059669",
 }
 _KIND_COLORS = {"ok": "#16a34a", "late": "#f59e0b", "hung": "#7f1d1d"}
@@ -184,6 +187,9 @@ def format_scenario(entry: dict[str, Any]) -> str:
                 + (f" ({missing} of {r['processes']} never)" if missing else "")
             )
         lines.append("   first success per process (from start): " + "; ".join(firsts))
+    after_promotion = failover.describe(results)
+    if after_promotion is not None:
+        lines.append(after_promotion)
     for client, r in results.items():
         notes = []
         orm = fmt_orm(r)
@@ -544,6 +550,9 @@ def _scenario_html(entry: dict[str, Any]) -> str:
             tds.append(f'<td class="{cls.strip()}">{_esc(cells[i])}</td>')
         rows.append("<tr>" + "".join(tds) + "</tr>")
     out.append(f"<table><tr>{header}</tr>{''.join(rows)}</table>")
+    after_promotion = failover.describe(results)
+    if after_promotion is not None:
+        out.append(f"<p>{_esc(after_promotion.strip())}</p>")
     x_max = max(
         [
             float(p[0]) + float(p[1]) / 1000

@@ -31,9 +31,18 @@ __all__ = [
 ]
 
 Size = Literal["tiny", "small", "full"]
-Via = Literal["direct", "proxy", "pgbouncer"]
+Via = Literal["direct", "proxy", "pgbouncer", "pair"]
 Action = Literal[
-    "restart_fast", "restart_immediate", "kill", "latency", "reset", "blackhole", "mark"
+    "restart_fast",
+    "restart_immediate",
+    "kill",
+    "latency",
+    "reset",
+    "blackhole",
+    "mark",
+    "failover_fence",
+    "failover_crash",
+    "rejoin",
 ]
 
 SIZES: tuple[Size, ...] = ("tiny", "small", "full")
@@ -283,6 +292,40 @@ def _pgbouncer_restart(size: Size, deadline: float) -> Plan:
     )
 
 
+def _failover(size: Size, deadline: float) -> Plan:
+    """Two failovers, so every client's run starts and ends on the same primary: first the
+    primary fenced read-only in place (its sessions stay open), then killed; each time the
+    standby is promoted and, a while later, the old primary rejoins as a standby."""
+    fence_at, rejoin_after, crash_at, total = {
+        "tiny": (1.5, 1.5, 4.0, 7.0),
+        "small": (3.0, 3.0, 8.0, 12.0),
+        "full": (10.0, 8.0, 25.0, 40.0),
+    }[size]
+    rejoin = "old primary back as a standby (pg_rewind)"
+    return Plan(
+        workload=_steady(size, tiny=total, small=total, full=total),
+        faults=(
+            FaultStep(
+                at=fence_at,
+                action="failover_fence",
+                label="failover: primary fenced read-only, standby promoted",
+                recover=False,
+            ),
+            FaultStep(at=fence_at + rejoin_after, action="rejoin", label=rejoin, recover=False),
+            FaultStep(
+                at=crash_at,
+                action="failover_crash",
+                label="failover: primary killed (SIGQUIT), standby promoted",
+                recover=False,
+            ),
+            FaultStep(at=crash_at + rejoin_after, action="rejoin", label=rejoin, recover=False),
+        ),
+        server_settings={"max_connections": 100},
+        via="pair",
+        deadline=deadline,
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -352,6 +395,17 @@ SCENARIOS: dict[str, Scenario] = {
             "PgBouncer in transaction mode.",
             frozenset({"control", "own_server", "pgbouncer"}),
             _pgbouncer_restart,
+        ),
+        Scenario(
+            "failover",
+            "failover to a synchronous standby",
+            "A primary and a synchronous streaming standby; every client has both hosts "
+            "(target_session_attrs=read-write). Under steady load the primary is fenced "
+            "read-only in place (its sessions stay open) and the standby promoted; later the "
+            "old primary rejoins as a standby (pg_rewind), and the same again with the primary "
+            "killed instead of fenced.",
+            frozenset({"control", "own_server"}),
+            _failover,
         ),
     )
 }

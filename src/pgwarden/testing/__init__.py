@@ -3,10 +3,13 @@
 * :class:`PostgresServer`: a throwaway PostgreSQL cluster on a free loopback port, with
   restart (fast or crash-like), backend termination and ``ALTER SYSTEM`` helpers;
 * :class:`PgBouncerServer`: a real PgBouncer in front of one;
+* :class:`PgpoolServer`: a real pgpool-II in front of one;
+* :class:`StandbyPair`: a primary with a synchronous streaming standby, promotion, and a
+  demoted primary that comes back as a standby (real failover);
 * :class:`FaultProxy`: a TCP proxy that adds latency, blackholes, resets, refuses, drops
   connections, or cuts one at a chosen message (such as ``COMMIT``);
 * a pytest plugin (:mod:`pgwarden.testing.plugin`, loaded automatically) with fixtures
-  for all three.
+  for all of them.
 
 Everything started is stopped, and every file removed, on ``close()``, at exit, on
 SIGTERM, and (by a watchdog process) even when Python is killed. See ``docs/testing.md``.
@@ -21,18 +24,24 @@ if TYPE_CHECKING:
     from ._binaries import find_pgbouncer, find_postgres_bindir
     from ._errors import ServerStartError, ServerUnavailable
     from .pgbouncer import PgBouncerServer
+    from .pgpool import PgpoolServer, find_pgpool
     from .postgres import DEFAULT_SETTINGS, PostgresServer, StopMode
     from .proxy import FaultProxy
+    from .replication import Failover, StandbyPair
 
 __all__ = [
     "DEFAULT_SETTINGS",
+    "Failover",
     "FaultProxy",
     "PgBouncerServer",
+    "PgpoolServer",
     "PostgresServer",
     "ServerStartError",
     "ServerUnavailable",
+    "StandbyPair",
     "StopMode",
     "find_pgbouncer",
+    "find_pgpool",
     "find_postgres_bindir",
 ]
 
@@ -40,13 +49,17 @@ __all__ = [
 # session once pgwarden is installed) does not import psycopg or asyncio.
 _WHERE = {
     "DEFAULT_SETTINGS": ".postgres",
+    "Failover": ".replication",
     "FaultProxy": ".proxy",
     "PgBouncerServer": ".pgbouncer",
+    "PgpoolServer": ".pgpool",
     "PostgresServer": ".postgres",
     "ServerStartError": "._errors",
     "ServerUnavailable": "._errors",
+    "StandbyPair": ".replication",
     "StopMode": ".postgres",
     "find_pgbouncer": "._binaries",
+    "find_pgpool": ".pgpool",
     "find_postgres_bindir": "._binaries",
 }
 

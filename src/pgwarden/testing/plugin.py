@@ -1,4 +1,4 @@
-"""pytest plugin: real PostgreSQL, PgBouncer and fault-proxy fixtures.
+"""pytest plugin: real PostgreSQL, PgBouncer, pgpool-II and fault-proxy fixtures.
 
 Loaded automatically when pgwarden is installed (entry point ``pytest11``); disable it with
 ``-p no:pgwarden``. Fixtures:
@@ -10,15 +10,21 @@ Loaded automatically when pgwarden is installed (entry point ``pytest11``); disa
 * ``pgbouncer`` (session): a :class:`~pgwarden.testing.PgBouncerServer` over ``pg_server``
   in transaction mode;
 * ``pgbouncer_factory`` (function): ``make(postgres=None, **kwargs)``, closed at test end;
+* ``pgpool`` (session): a :class:`~pgwarden.testing.PgpoolServer` over ``pg_server``;
+* ``pgpool_factory`` (function): ``make(postgres=None, **kwargs)``, closed at test end;
 * ``fault_proxy`` (function): a :class:`~pgwarden.testing.FaultProxy` in front of
   ``pg_server``;
-* ``fault_proxy_factory`` (function): ``make(target_host, target_port, **kwargs)``.
+* ``fault_proxy_factory`` (function): ``make(target_host, target_port, **kwargs)``;
+* ``standby_pair`` (function): a started :class:`~pgwarden.testing.StandbyPair` (a primary
+  with a synchronous streaming standby), closed when the test ends;
+* ``standby_pair_factory`` (function): ``make(settings=None, **kwargs)``, closed at test end.
 
 When a server cannot be provided (:class:`~pgwarden.testing.ServerUnavailable`: binaries
 or system user missing), the test is skipped with the reason, or fails with it when the
 environment variable ``CI`` is ``true`` (or ``1``/``yes``), so CI cannot pass by skipping.
-Tests that use the PgBouncer fixtures are marked ``pgbouncer``, and those that use the
-proxy fixtures ``proxy``, so ``-m "not pgbouncer"`` deselects them.
+Tests that use the PgBouncer fixtures are marked ``pgbouncer``, those that use the
+pgpool-II fixtures ``pgpool``, and those that use the proxy fixtures ``proxy``, so
+``-m "not pgbouncer"`` deselects them.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ import pytest
 
 if TYPE_CHECKING:
     from .pgbouncer import PgBouncerServer
+    from .pgpool import PgpoolServer
     from .postgres import PostgresServer
     from .proxy import FaultProxy
+    from .replication import StandbyPair
 
 __all__ = [
     "fault_proxy",
@@ -42,16 +50,23 @@ __all__ = [
     "pg_url",
     "pgbouncer",
     "pgbouncer_factory",
+    "pgpool",
+    "pgpool_factory",
+    "standby_pair",
+    "standby_pair_factory",
 ]
 
 _MARKERS = {
     "pgbouncer": "needs a real PgBouncer (pgwarden.testing)",
+    "pgpool": "needs a real pgpool-II (pgwarden.testing)",
     "proxy": "uses the TCP fault proxy (pgwarden.testing)",
     "slow": "takes more than a few seconds",
 }
 _MARK_BY_FIXTURE = {
     "pgbouncer": "pgbouncer",
     "pgbouncer_factory": "pgbouncer",
+    "pgpool": "pgpool",
+    "pgpool_factory": "pgpool",
     "fault_proxy": "proxy",
     "fault_proxy_factory": "proxy",
 }
@@ -88,7 +103,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests that use the PgBouncer or proxy fixtures."""
+    """Mark tests that use the PgBouncer, pgpool-II or proxy fixtures."""
     for item in items:
         names = getattr(item, "fixturenames", ())
         for fixture, marker in _MARK_BY_FIXTURE.items():
@@ -169,6 +184,40 @@ def pgbouncer_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., 
             bouncer.close()
 
 
+@pytest.fixture(scope="session")
+def pgpool(pg_server: PostgresServer) -> Iterator[PgpoolServer]:
+    """A pgpool-II over ``pg_server``, shared by the session."""
+    from .pgpool import PgpoolServer
+
+    server = _obtain(lambda: PgpoolServer(pg_server))
+    try:
+        _obtain(server.start)
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pgpool_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., PgpoolServer]]:
+    """Return ``make(postgres=None, **kwargs) -> PgpoolServer`` (started, closed at test
+    end); ``postgres`` defaults to ``pg_server``, ``kwargs`` go to the constructor."""
+    from .pgpool import PgpoolServer
+
+    made: list[PgpoolServer] = []
+
+    def make(postgres: PostgresServer | None = None, **kwargs: Any) -> PgpoolServer:
+        target = postgres if postgres is not None else request.getfixturevalue("pg_server")
+        server = _obtain(lambda: PgpoolServer(target, **kwargs))
+        made.append(server)
+        return _obtain(server.start)
+
+    try:
+        yield make
+    finally:
+        for server in reversed(made):
+            server.close()
+
+
 @pytest.fixture
 def fault_proxy(pg_server: PostgresServer) -> Iterator[FaultProxy]:
     """A started :class:`~pgwarden.testing.FaultProxy` in front of ``pg_server``;
@@ -197,3 +246,30 @@ def fault_proxy_factory() -> Iterator[Callable[..., FaultProxy]]:
     finally:
         for proxy in reversed(made):
             proxy.close()
+
+
+@pytest.fixture
+def standby_pair_factory() -> Iterator[Callable[..., StandbyPair]]:
+    """Return ``make(settings=None, **kwargs) -> StandbyPair`` (started, closed at test
+    end); ``kwargs`` go to :class:`~pgwarden.testing.StandbyPair`."""
+    from .replication import StandbyPair
+
+    made: list[StandbyPair] = []
+
+    def make(settings: Any = None, **kwargs: Any) -> StandbyPair:
+        pair = _obtain(lambda: StandbyPair(settings, **kwargs))
+        made.append(pair)
+        return _obtain(pair.start)
+
+    try:
+        yield make
+    finally:
+        for pair in reversed(made):
+            pair.close()
+
+
+@pytest.fixture
+def standby_pair(standby_pair_factory: Callable[..., StandbyPair]) -> StandbyPair:
+    """A started primary with a synchronous streaming standby, of this test alone (a
+    failover changes it for good); closed when the test ends."""
+    return standby_pair_factory()

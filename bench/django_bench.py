@@ -1,0 +1,344 @@
+"""Django's ORM on ``pgwarden.django`` against Django's own pool and persistent connections.
+
+Three databases on one throwaway PostgreSQL (pgwarden.testing) unless --url is given, all
+the same server and table, measured in the same run:
+
+* ``pgwarden``: ``ENGINE: "pgwarden.django"``, every pgwarden setting its default;
+* ``native_pool``: Django's PostgreSQL backend with its psycopg pool (``OPTIONS["pool"]:
+  True``, psycopg_pool's defaults, ``CONN_MAX_AGE=0`` as Django requires with it);
+* ``persistent``: Django's backend without a pool, ``CONN_MAX_AGE=None`` (one connection
+  per thread, kept for good: no checkout at all).
+
+Two loops of ``Item.objects.using(db).get(pk=1)``, one caller, pool warm:
+
+* **get**: the loop inside one request (the connection stays with the thread): the
+  per-query cost of each backend;
+* **request**: one ``get`` per request, each ended as Django ends one
+  (``close_if_unusable_or_obsolete()``, what ``request_finished`` runs): the pool
+  backends give the connection back and take it again, the persistent one keeps it.
+
+Every round times each database for ``--n`` operations, in an order that rotates from
+round to round; the figures are medians over the rounds, and the ratio is pgwarden's
+median over the faster of the other two (target: at most 1.05).
+
+    python bench/django_bench.py                      # print the table
+    python bench/django_bench.py --quick              # fewer rounds and operations
+    python bench/django_bench.py --write docs/benchmarks.md
+
+``--write`` puts the section "Django backend vs Django's pool and persistent connections"
+into FILE (``bench/sections.py``): it replaces that section if FILE has it and appends it
+otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from sections import put_section  # bench/sections.py: one section of docs/benchmarks.md
+
+# Rounds of each measurement; --quick lowers it (main() sets it once). Many short rounds:
+# on a shared machine a burst of load lands on one short round of every database alike.
+ROUNDS = 15
+QUICK_ROUNDS = 3
+N = 1000
+QUICK_N = 200
+
+DATABASES = ("pgwarden", "native_pool", "persistent")
+SECTION = "## Django backend vs Django's pool and persistent connections"
+TABLE = "pgwarden_bench_django_items"
+TARGET = 1.05
+
+
+def configure(url: str) -> None:
+    """Django in this process: the three databases, all on *url*."""
+    import django
+    from django.conf import settings
+
+    parts = conninfo_to_dict(url)
+    common = {
+        "NAME": parts.get("dbname", "postgres"),
+        "USER": parts.get("user", ""),
+        "PASSWORD": parts.get("password", ""),
+        "HOST": parts.get("host", ""),
+        "PORT": parts.get("port", ""),
+    }
+    postgresql = "django.db.backends.postgresql"
+    settings.configure(
+        DATABASES={
+            "default": {"ENGINE": "pgwarden.django", **common},
+            "pgwarden": {"ENGINE": "pgwarden.django", **common},
+            "native_pool": {"ENGINE": postgresql, **common, "OPTIONS": {"pool": True}},
+            "persistent": {"ENGINE": postgresql, **common, "CONN_MAX_AGE": None},
+        },
+        INSTALLED_APPS=["pgwarden.stress.django_app.StressConfig"],
+        USE_TZ=True,
+    )
+    django.setup()
+
+
+def item_model() -> Any:
+    from django.db import models
+
+    class Item(models.Model):  # type: ignore[misc]
+        id = models.IntegerField(primary_key=True)
+        name = models.TextField()
+
+        class Meta:
+            app_label = "pgwarden_stress"
+            db_table = TABLE
+            managed = False
+
+    return Item
+
+
+def _order(round_no: int) -> list[str]:
+    """The databases, rotated by one place every round."""
+    k = round_no % len(DATABASES)
+    return [*DATABASES[k:], *DATABASES[:k]]
+
+
+def _summary(times: dict[str, list[float]]) -> dict[str, float]:
+    """Medians (µs per operation), pgwarden's ratio over the faster of the other two, and
+    the range of the per-round ratios (how much the machine's noise moves it)."""
+    med = {name: statistics.median(values) for name, values in times.items()}
+    best = min(med["native_pool"], med["persistent"])
+    per_round = [
+        ours / min(pool, kept)
+        for ours, pool, kept in zip(
+            times["pgwarden"], times["native_pool"], times["persistent"], strict=True
+        )
+    ]
+    return {
+        "pgwarden_us": med["pgwarden"] * 1e6,
+        "native_pool_us": med["native_pool"] * 1e6,
+        "persistent_us": med["persistent"] * 1e6,
+        "vs_faster": med["pgwarden"] / best,
+        "vs_native_pool": med["pgwarden"] / med["native_pool"],
+        "vs_persistent": med["pgwarden"] / med["persistent"],
+        "vs_faster_min": min(per_round),
+        "vs_faster_max": max(per_round),
+    }
+
+
+def measure(n: int) -> dict[str, dict[str, float]]:
+    from django.db import connections
+
+    item = item_model()
+
+    def get(alias: str) -> None:
+        item.objects.using(alias).get(pk=1)
+
+    def request(alias: str) -> None:
+        item.objects.using(alias).get(pk=1)
+        connections[alias].close_if_unusable_or_obsolete()  # request_finished
+
+    ops: dict[str, Callable[[str], None]] = {"get": get, "request": request}
+    for alias in DATABASES:  # warm: a connection in each pool, Django's checks done
+        for _ in range(50):
+            request(alias)
+    out: dict[str, dict[str, float]] = {}
+    for name, op in ops.items():
+        times: dict[str, list[float]] = {alias: [] for alias in DATABASES}
+        for round_no in range(ROUNDS):
+            for alias in _order(round_no):
+                started = time.perf_counter()
+                for _ in range(n):
+                    op(alias)
+                times[alias].append((time.perf_counter() - started) / n)
+                connections[alias].close_if_unusable_or_obsolete()
+        out[name] = _summary(times)
+    for alias in DATABASES:
+        connections[alias].close()
+    return out
+
+
+def _prepare(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+        conn.execute(f"CREATE TABLE {TABLE} (id integer PRIMARY KEY, name text NOT NULL)")
+        conn.execute(f"INSERT INTO {TABLE} VALUES (1, 'one')")
+
+
+def _drop(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
+
+
+def machine() -> str:
+    import django
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"Django {django.__version__}, psycopg {psycopg.__version__}, "
+        f"psycopg_pool {_version('psycopg-pool')}, pgwarden {_version('pgwarden')}, "
+        f"{platform.system()} {platform.release()}"
+    )
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+def _loadavg() -> str:
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (AttributeError, OSError):
+        return "n/a"
+
+
+def format_result(result: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.3f}" for k, v in result.items())
+
+
+def render(
+    results: dict[str, dict[str, float]],
+    *,
+    machine_text: str,
+    version: str,
+    n: int,
+    quick: bool,
+    load: tuple[str, str],
+) -> str:
+    lines = [
+        SECTION,
+        "",
+        "Generated by `bench/django_bench.py`. Three Django databases on one throwaway",
+        'server, measured in the same run: `ENGINE: "pgwarden.django"` (pgwarden\'s',
+        "defaults), Django's PostgreSQL backend with its psycopg pool (`OPTIONS['pool']:",
+        "True`), and the same backend with persistent connections (`CONN_MAX_AGE=None`, no",
+        f"pool). `Item.objects.using(db).get(pk=1)`; median of {ROUNDS} rounds of {n}",
+        "operations per database, one caller, pools warm; the order rotates every round.",
+        "The ratio is pgwarden's median over the faster of the other two (target: at most",
+        f"{TARGET:.2f}); in brackets, the range of the per-round ratios.",
+        "",
+    ]
+    if quick:
+        lines += [
+            f"**Quick run** (`--quick`: {ROUNDS} rounds of {n}): a smoke test, noisier than a",
+            "full run; do not quote these figures.",
+            "",
+        ]
+    lines += [
+        f"- machine: {machine_text}",
+        f"- server: PostgreSQL {version} (throwaway, fsync off), over loopback TCP",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- load average at start / end: {load[0]} / {load[1]}",
+        "",
+        "| loop | pgwarden µs | Django pool µs | persistent µs | vs faster "
+        f"| vs pool | vs persistent | target (<= {TARGET:.2f}) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        verdict = "met" if r["vs_faster"] <= TARGET else "not met"
+        lines.append(
+            f"| {name} | {r['pgwarden_us']:.1f} | {r['native_pool_us']:.1f} "
+            f"| {r['persistent_us']:.1f} "
+            f"| {r['vs_faster']:.3f} ({r['vs_faster_min']:.2f}-{r['vs_faster_max']:.2f}) "
+            f"| {r['vs_native_pool']:.3f} | {r['vs_persistent']:.3f} | {verdict} |"
+        )
+    lines += [
+        "",
+        "- **get**: the loop inside one request: the connection stays with the thread for",
+        "  every backend, so this is the per-query cost (pgwarden adds its statement",
+        "  reporting: the query counter, histogram and observers).",
+        "- **request**: one `get` per request, each ended as Django ends one",
+        "  (`close_if_unusable_or_obsolete()`): both pools return the connection and take",
+        "  it again through Django's `connect()` (its parameters, autocommit, time zone",
+        "  check); the persistent backend keeps its connection and only checks its age.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global ROUNDS
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--url", help="PostgreSQL URL (default: a throwaway server)")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help=f"operations per database per round (default {N}; quick {QUICK_N})",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK_ROUNDS} rounds of {QUICK_N} operations; noisier, and marked "
+        "as such in the output",
+    )
+    parser.add_argument(
+        "--write", metavar="FILE", help="put the results as a Markdown section into FILE"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        ROUNDS = QUICK_ROUNDS
+    n: int = args.n if args.n is not None else (QUICK_N if args.quick else N)
+    load_start = _loadavg()
+
+    with ExitStack() as stack:
+        url: str | None = args.url
+        if url is None:
+            from pgwarden.testing import PostgresServer
+
+            print("starting a throwaway PostgreSQL...", file=sys.stderr)
+            server = stack.enter_context(PostgresServer())
+            url = server.url
+            version = server.version
+        else:
+            version = "given by --url"
+        _prepare(url)
+        stack.callback(_drop, url)
+        configure(url)
+        print("running...", file=sys.stderr, flush=True)
+        results = measure(n)
+        for name, r in results.items():
+            print(f"  {name}: {format_result(r)}", file=sys.stderr, flush=True)
+        from django.db import connections
+
+        for alias in DATABASES:
+            close_pool = getattr(connections[alias], "close_pool", None)
+            if close_pool is not None:
+                close_pool()
+
+    text_out = render(
+        results,
+        machine_text=machine(),
+        version=version,
+        n=n,
+        quick=args.quick,
+        load=(load_start, _loadavg()),
+    )
+    print(text_out)
+    if args.write:
+        put_section(Path(args.write), text_out)
+        print(f"wrote the section to {args.write}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

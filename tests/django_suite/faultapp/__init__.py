@@ -1,0 +1,1 @@
+"""The models of pgwarden's Django fault tests (app label ``faultapp``)."""
