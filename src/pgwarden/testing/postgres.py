@@ -231,6 +231,16 @@ def _copy_tree(src: Path, dst: Path, run_as: RunAs | None) -> None:
 # -- the server ----------------------------------------------------------------------------
 
 
+#: How long the harness's admin connection waits for a slot on a full server.
+ADMIN_SLOT_WAIT = 5.0
+
+
+def _no_slot_left(exc: psycopg.OperationalError) -> bool:
+    """The server refused the login for want of a connection slot (53300's texts)."""
+    text = str(exc)
+    return "too many clients already" in text or "connection slots are reserved" in text
+
+
 class PostgresServer(ScratchServer):
     """A throwaway PostgreSQL server on ``127.0.0.1`` and a free (or given) port.
 
@@ -518,15 +528,25 @@ class PostgresServer(ScratchServer):
     # -- internals ---------------------------------------------------------------------
 
     def _admin_connect(self, connect_timeout: int = 10) -> psycopg.Connection[tuple[Any, ...]]:
-        return psycopg.connect(
-            host=str(self.socket_dir),
-            port=self._port,
-            user=self.user,
-            dbname=self.dbname,
-            connect_timeout=connect_timeout,
-            autocommit=True,
-            application_name="pgwarden-testing-admin",
-        )
+        # A session that just closed frees its slot only once its backend has exited, a
+        # few milliseconds later: on a server a test filled up on purpose, the harness's
+        # own connection waits for that instead of failing the test's cleanup.
+        give_up = time.monotonic() + ADMIN_SLOT_WAIT
+        while True:
+            try:
+                return psycopg.connect(
+                    host=str(self.socket_dir),
+                    port=self._port,
+                    user=self.user,
+                    dbname=self.dbname,
+                    connect_timeout=connect_timeout,
+                    autocommit=True,
+                    application_name="pgwarden-testing-admin",
+                )
+            except psycopg.OperationalError as exc:
+                if not _no_slot_left(exc) or time.monotonic() >= give_up:
+                    raise
+                time.sleep(0.01)
 
     def _prepare(self) -> None:
         """Make the directories, copy the template and write the settings."""
