@@ -17,7 +17,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote
 
 import psycopg
 
@@ -25,7 +24,7 @@ from . import _lifecycle
 from ._binaries import find_pgbouncer, free_port, pgbouncer_version, user_kwargs
 from ._binaries import run_as_user as _run_as_user
 from ._errors import ServerStartError, ServerUnavailable
-from ._scratch import ScratchServer
+from ._front import FrontServer
 from .postgres import PostgresServer
 
 __all__ = ["PgBouncerServer", "PoolMode"]
@@ -44,7 +43,7 @@ def _conf_value(value: object) -> str:
     return text
 
 
-class PgBouncerServer(ScratchServer):
+class PgBouncerServer(FrontServer):
     """A PgBouncer process listening on ``127.0.0.1`` and a free (or given) port.
 
     Every database name is forwarded to ``postgres`` over TCP; clients log in as
@@ -56,8 +55,6 @@ class PgBouncerServer(ScratchServer):
     Raises :class:`ServerUnavailable` at once if PgBouncer is not installed (``binary``
     overrides discovery, see :func:`pgwarden.testing.find_pgbouncer`).
     """
-
-    host = "127.0.0.1"
 
     def __init__(
         self,
@@ -90,31 +87,6 @@ class PgBouncerServer(ScratchServer):
         self._version: str | None = None
 
     @property
-    def port(self) -> int:
-        """TCP port on :attr:`host` (kept across restarts)."""
-        return self._port
-
-    @property
-    def user(self) -> str:
-        """The login user (the server's superuser)."""
-        return self.postgres.user
-
-    @property
-    def password(self) -> str:
-        """The login password (the same as the server's)."""
-        return self.postgres.password
-
-    @property
-    def dbname(self) -> str:
-        """The default database name."""
-        return self.postgres.dbname
-
-    @property
-    def url(self) -> str:
-        """``postgresql://postgres:<password>@127.0.0.1:<port>/postgres``."""
-        return self.url_for()
-
-    @property
     def version(self) -> str:
         """PgBouncer version, such as ``"1.18.0"``."""
         if self._version is None:
@@ -130,17 +102,6 @@ class PgBouncerServer(ScratchServer):
     def log_path(self) -> Path:
         """PgBouncer's log file."""
         return self.base_dir / "pgbouncer.log"
-
-    def url_for(self, dbname: str | None = None) -> str:
-        """Return a URL for ``dbname`` (default ``postgres``) through PgBouncer."""
-        auth = f"{quote(self.user, safe='')}:{quote(self.password, safe='')}"
-        db = quote(dbname or self.dbname, safe="")
-        return f"postgresql://{auth}@{self.host}:{self._port}/{db}"
-
-    def is_running(self) -> bool:
-        """True while the pgbouncer process is alive."""
-        proc = self._proc
-        return proc is not None and proc.poll() is None
 
     def start(self, timeout: float = 30) -> PgBouncerServer:
         """Start PgBouncer and wait until it serves a query (or, while PostgreSQL is down,

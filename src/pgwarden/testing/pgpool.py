@@ -22,7 +22,6 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import quote
 
 import psycopg
 
@@ -31,7 +30,7 @@ from ._binaries import RunAs, free_port, user_kwargs
 from ._binaries import _version_of as _binary_version
 from ._binaries import run_as_user as _run_as_user
 from ._errors import ServerStartError, ServerUnavailable
-from ._scratch import ScratchServer
+from ._front import FrontServer
 from .postgres import PostgresServer
 
 __all__ = ["PgpoolServer", "find_pgpool", "pgpool_version"]
@@ -79,7 +78,7 @@ def _conf_value(value: object) -> str:
     return f"'{text}'"
 
 
-class PgpoolServer(ScratchServer):
+class PgpoolServer(FrontServer):
     """A pgpool-II process listening on ``127.0.0.1`` and a free (or given) port.
 
     ``num_init_children`` is how many clients it serves at once (one child process each);
@@ -94,8 +93,6 @@ class PgpoolServer(ScratchServer):
     Raises :class:`ServerUnavailable` at once if pgpool-II is not installed (``binary``
     overrides discovery, see :func:`find_pgpool`).
     """
-
-    host = "127.0.0.1"
 
     def __init__(
         self,
@@ -132,31 +129,6 @@ class PgpoolServer(ScratchServer):
         self._version: str | None = None
 
     @property
-    def port(self) -> int:
-        """TCP port on :attr:`host` (kept across restarts)."""
-        return self._port
-
-    @property
-    def user(self) -> str:
-        """The login user (the server's superuser)."""
-        return self.postgres.user
-
-    @property
-    def password(self) -> str:
-        """The login password (the same as the server's)."""
-        return self.postgres.password
-
-    @property
-    def dbname(self) -> str:
-        """The default database name."""
-        return self.postgres.dbname
-
-    @property
-    def url(self) -> str:
-        """``postgresql://postgres:<password>@127.0.0.1:<port>/postgres``."""
-        return self.url_for()
-
-    @property
     def version(self) -> str:
         """pgpool-II version, such as ``"4.3.5"``."""
         if self._version is None:
@@ -172,17 +144,6 @@ class PgpoolServer(ScratchServer):
     def log_path(self) -> Path:
         """pgpool-II's log (its stderr)."""
         return self.base_dir / "pgpool.log"
-
-    def url_for(self, dbname: str | None = None) -> str:
-        """Return a URL for ``dbname`` (default ``postgres``) through pgpool-II."""
-        auth = f"{quote(self.user, safe='')}:{quote(self.password, safe='')}"
-        db = quote(dbname or self.dbname, safe="")
-        return f"postgresql://{auth}@{self.host}:{self._port}/{db}"
-
-    def is_running(self) -> bool:
-        """True while the main pgpool process is alive."""
-        proc = self._proc
-        return proc is not None and proc.poll() is None
 
     def start(self, timeout: float = 30) -> PgpoolServer:
         """Start pgpool-II and wait until it serves a query (or, while PostgreSQL is down,
