@@ -160,7 +160,11 @@ class Watchdog:
             self._live.add(token)
             if self._thread is None:
                 self._start()
-            elif heap[0][1] == token:
+            elif when < self._wake_at:
+                # Only a timer due before the thread's current wake-up needs it woken:
+                # the lock is held, so the thread is inside its wait and _wake_at is
+                # that wait's end. (Notifying on every new earliest timer woke the
+                # thread once per call under a deadline.)
                 self._cond.notify()
         return token
 

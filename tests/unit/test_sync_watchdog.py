@@ -1,0 +1,60 @@
+"""The sync shell's watchdog thread: timers fire at their time, in order, and an
+earlier timer armed while the thread sleeps toward a later one still fires on time."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+from pgwarden._sync._compat import Watchdog
+
+
+def _recorder() -> tuple[list[tuple[str, float]], threading.Event, Callable[..., None]]:
+    fired: list[tuple[str, float]] = []
+    done = threading.Event()
+
+    def record(name: str, last: bool = False) -> None:
+        fired.append((name, time.monotonic()))
+        if last:
+            done.set()
+
+    return fired, done, record
+
+
+def test_an_earlier_timer_wakes_a_thread_sleeping_toward_a_later_one() -> None:
+    dog = Watchdog()
+    fired, done, record = _recorder()
+    start = time.monotonic()
+    dog.arm(start + 5.0, record, "late")
+    time.sleep(0.05)  # the thread now waits toward +5 s
+    dog.arm(time.monotonic() + 0.05, record, "early", True)
+    assert done.wait(2.0), "the earlier timer did not fire while the thread slept"
+    assert [name for name, _ in fired] == ["early"]
+    assert fired[0][1] - start < 2.0
+    dog.close()
+
+
+def test_a_later_timer_does_not_delay_an_armed_earlier_one() -> None:
+    dog = Watchdog()
+    fired, done, record = _recorder()
+    start = time.monotonic()
+    dog.arm(start + 0.1, record, "first")
+    for offset in (0.2, 0.3, 10.0):
+        dog.arm(start + offset, record, f"at {offset}", offset == 0.3)
+    assert done.wait(3.0)
+    assert [name for name, _ in fired] == ["first", "at 0.2", "at 0.3"]
+    assert all(b[1] >= a[1] for a, b in itertools.pairwise(fired))
+    dog.close()
+
+
+def test_a_disarmed_timer_never_fires() -> None:
+    dog = Watchdog()
+    fired, done, record = _recorder()
+    token = dog.arm(time.monotonic() + 0.05, record, "disarmed")
+    dog.disarm(token)
+    dog.arm(time.monotonic() + 0.15, record, "kept", True)
+    assert done.wait(2.0)
+    assert [name for name, _ in fired] == ["kept"]
+    dog.close()
