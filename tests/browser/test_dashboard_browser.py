@@ -148,6 +148,10 @@ def test_dashboard_renders_live_charts_in_chromium(pg_server: Any, tmp_path: Pat
         assert text_of(dom, "v-state") == "ready"
         assert text_of(dom, "v-breaker") == "breaker closed"
         assert dom.count('class="ev"') >= 1  # the warmup event, at least
+        # the counter table's rows come from the metric catalog (COUNTER_ROWS)
+        assert "<td>queries</td>" in dom
+        assert "<td>warmups: ok</td>" in dom
+        assert "<td>connections opened</td>" in dom
         assert pg_server.password not in dom
 
         stats = json.loads(urllib.request.urlopen(url + "stats.json", timeout=5).read())  # noqa: S310

@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgwarden import AsyncDatabase, Database, NotReady, Settings
+from pgwarden.core.stats import ServedStats, problems
+from pgwarden.exporters import snapshot
 from pgwarden.exporters.prometheus import asgi_app, generate, register
 from pgwarden.logs import JsonFormatter
 
@@ -149,6 +151,10 @@ def test_metrics_move_against_a_real_server(pg_server: Any) -> None:
             assert m(busy, "pgwarden_pool_pending_requests") >= 1
             assert m(busy, "pgwarden_pool_utilization_ratio") == 1.0
             assert m(busy, "pgwarden_in_flight_operations") == 3
+            # the real handle's stats() (listen section included) is the typed contract
+            assert problems(db.stats()) == []
+            assert problems(snapshot(db), ServedStats) == []
+            assert m(after, "pgwarden_listen_connected") == 0  # nobody listens
 
     with captured_logs() as logs:
         asyncio.run(main(logs))
@@ -184,6 +190,7 @@ def test_sync_handle_and_asgi_metrics_endpoint(pg_server: Any) -> None:
     assert sent[0]["status"] == 200
     text = sent[1]["body"].decode()
     assert 'pgwarden_queries_total{pool="obs-sync"} 5.0' in text
+    assert problems(db.stats()) == []  # the sync handle's too
     assert pg_server.password not in text
     assert list(text_string_to_metric_families(text))
 

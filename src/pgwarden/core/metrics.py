@@ -10,8 +10,9 @@ Theory of operation
     themselves, attached beside the stats with ``db.add_tracker(...)``, which wraps both in a
     :class:`TeeTracker` (``stats()`` keeps its shape; an exporter's exception is swallowed).
     The events are the methods of :class:`MetricsTracker` (:data:`TRACKER_EVENTS`); the tee's
-    forwarding methods are generated from that list, so a new event is added in three places:
-    the protocol, :class:`NoopTracker` and :class:`StatsTracker`.
+    forwarding methods are generated from that list and :class:`NoopTracker` inherits the
+    protocol's empty bodies, so a new event is added in two places: the protocol and
+    :class:`StatsTracker`.
 
 Contracts for every tracker method
     * Cheap: no I/O, no locks, no allocation beyond a dict slot for a new label value.
@@ -35,7 +36,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from types import FunctionType
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from pgwarden.core.histogram import Histogram
 
@@ -66,27 +67,25 @@ class CloseReason(str, enum.Enum):
         return self.value
 
 
-#: Our metric keys (as in :func:`pool_gauges` and :meth:`StatsTracker.snapshot`) mapped to
-#: OpenTelemetry semantic-convention metric names.  Keys without an OTel equivalent are absent.
-#: ``acquire_timeouts`` is a counter of the snapshot; the ``*_seconds`` keys are histograms.
-OTEL_NAMES: dict[str, str] = {
-    "idle": "db.client.connection.count",
-    "in_use": "db.client.connection.count",
-    "idle_max": "db.client.connection.idle.max",
-    "max_size": "db.client.connection.max",
-    "waiting": "db.client.connection.pending_requests",
-    "acquire_timeouts": "db.client.connection.timeouts",
-    "connection_setup_seconds": "db.client.connection.create_time",
-    "acquire_wait_seconds": "db.client.connection.wait_time",
-    "connection_use_seconds": "db.client.connection.use_time",
-    "query_duration_seconds": "db.client.operation.duration",
-}
+if TYPE_CHECKING:
+    #: Our metric keys (as in :func:`pool_gauges` and :meth:`StatsTracker.snapshot`) mapped
+    #: to OpenTelemetry semantic-convention metric names; keys without one are absent.
+    #: Derived from :data:`pgwarden.core.catalog.CATALOG` on first use (the catalog is not
+    #: loaded by ``import pgwarden``).
+    OTEL_NAMES: dict[str, str]
+    #: Extra OTel attributes that distinguish keys sharing one OTel name (from the catalog).
+    OTEL_ATTRIBUTES: dict[str, dict[str, str]]
 
-#: Extra OTel attributes that distinguish keys sharing one OTel name.
-OTEL_ATTRIBUTES: dict[str, dict[str, str]] = {
-    "idle": {"db.client.connection.state": "idle"},
-    "in_use": {"db.client.connection.state": "used"},
-}
+
+def __getattr__(name: str) -> object:
+    # OTEL_NAMES and OTEL_ATTRIBUTES come from the catalog, loaded only when asked for.
+    if name in ("OTEL_NAMES", "OTEL_ATTRIBUTES"):
+        from pgwarden.core import catalog
+
+        value = catalog.otel_names() if name == "OTEL_NAMES" else catalog.otel_attributes()
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @runtime_checkable
@@ -186,61 +185,14 @@ TRACKER_EVENTS: tuple[str, ...] = tuple(
 )
 
 
-class NoopTracker:
-    """The tracker used when metrics are off: every method does nothing."""
+class NoopTracker(MetricsTracker):
+    """The tracker used when metrics are off: every method does nothing.
+
+    The events are the protocol's own ``return None`` bodies, so a new event needs no copy
+    here, and a subclass that overrides some events ignores the rest.
+    """
 
     __slots__ = ()
-
-    def query(self, duration: float) -> None:
-        pass
-
-    def query_error(self, kind: str) -> None:
-        pass
-
-    def acquire(self, wait: float) -> None:
-        pass
-
-    def acquire_timeout(self) -> None:
-        pass
-
-    def connection_used(self, seconds: float) -> None:
-        pass
-
-    def connection_opened(self, setup: float) -> None:
-        pass
-
-    def connection_closed(self, reason: str) -> None:
-        pass
-
-    def connect_failed(self, kind: str) -> None:
-        pass
-
-    def warmup(self, duration: float, ok: bool) -> None:
-        pass
-
-    def retry(self, reason: str, attempt: int) -> None:
-        pass
-
-    def overload(self) -> None:
-        pass
-
-    def breaker_transition(self, from_state: str, to_state: str) -> None:
-        pass
-
-    def ambiguous_commit(self, outcome: str) -> None:
-        pass
-
-    def health_check(self, ok: bool) -> None:
-        pass
-
-    def slow_query(self) -> None:
-        pass
-
-    def leaked_connection(self) -> None:
-        pass
-
-    def limit_changed(self, new_limit: int) -> None:
-        pass
 
     def snapshot(self) -> dict[str, object]:
         """Always ``{"enabled": False}``."""

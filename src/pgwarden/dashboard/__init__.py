@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from pgwarden._redact import redact
+from pgwarden.core.catalog import CATALOG, Shape, read
 from pgwarden.exporters import (
     StatsHandle,
     password_of,
@@ -69,7 +70,6 @@ FETCH_TIMEOUT = 2.0
 HISTORY = 300
 #: Minimum seconds between two history samples.
 SAMPLE_SPACING = 0.9
-_HISTORY_HISTOGRAMS = ("query_duration_seconds", "acquire_wait_seconds")
 
 _CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -294,29 +294,36 @@ class DashboardApp:
         await _respond(send, 404, b"not found\n", "text/plain")
 
 
-def _sub(parent: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = parent.get(key)
-    return value if isinstance(value, Mapping) else {}
+def history_paths() -> list[tuple[str, ...]]:
+    """The ``stats()`` paths :attr:`DashboardApp.history` keeps: those of the catalog's
+    entries marked ``history`` (what the page's charts plot), buckets included."""
+    paths: list[tuple[str, ...]] = []
+    for spec in CATALOG:
+        if not spec.history:
+            continue
+        if spec.shape is Shape.FIELDS:
+            paths.extend((*spec.path, field) for _, field in spec.fields)
+        elif spec.shape is Shape.HISTOGRAM:
+            paths.extend((spec.path, ("buckets", spec.path[-1])))
+        else:
+            paths.append(spec.path)
+    return paths
+
+
+_HISTORY_PATHS = history_paths()
 
 
 def _compact(stats: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a stats dict that the page's charts need, for :attr:`DashboardApp.history`."""
-    pool = _sub(stats, "pool")
-    counters = _sub(stats, "counters")
-    buckets = _sub(stats, "buckets")
-    hists = _sub(stats, "histograms")
-    out: dict[str, Any] = {
-        "pool": {k: pool.get(k) for k in ("in_use", "idle", "waiting", "max_size")},
-        "counters": {
-            "queries": counters.get("queries"),
-            "errors": counters.get("errors"),
-            "retries": {"total": _sub(counters, "retries").get("total")},
-            "overload_events": counters.get("overload_events"),
-        },
-        "histograms": {k: hists[k] for k in _HISTORY_HISTOGRAMS if k in hists},
-    }
-    if buckets:
-        out["buckets"] = {k: buckets[k] for k in _HISTORY_HISTOGRAMS if k in buckets}
+    out: dict[str, Any] = {}
+    for path in _HISTORY_PATHS:
+        value = read(stats, path)
+        if value is None:
+            continue
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
     return out
 
 

@@ -11,9 +11,25 @@ data-points>`` with one ``<path data-series=... data-n=...>`` per series, and th
 
 from __future__ import annotations
 
-__all__ = ["PAGE"]
+import json
 
-PAGE = """<!doctype html>
+from pgwarden.core.catalog import CATALOG, Shape
+
+__all__ = ["COUNTER_ROWS", "PAGE"]
+
+#: The counter table's rows, from the catalog entries with a dashboard title: the title, the
+#: path in ``stats()`` and whether the value is a ``{label: count}`` mapping.
+COUNTER_ROWS: list[dict[str, object]] = [
+    {
+        "title": spec.dashboard,
+        "path": list(spec.path),
+        "keyed": spec.shape in (Shape.KEYS, Shape.PAIRS),
+    }
+    for spec in CATALOG
+    if spec.dashboard is not None
+]
+
+_TEMPLATE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -146,6 +162,7 @@ footer { color: var(--muted); font-size: 11px; padding: 0 20px 14px; }
 const HISTORY = 300;      // points kept per series (5 minutes at one per second)
 const WINDOW = 10;        // seconds of bucket deltas behind the latency percentiles
 const MAX_EVENTS = 100;
+const COUNTER_ROWS = __COUNTER_ROWS__;
 const S = { points: [], snaps: [], events: [], lastSeq: 0, refreshes: 0, prev: null };
 const $ = (id) => document.getElementById(id);
 
@@ -232,7 +249,7 @@ function record(payload) {
   while (S.snaps.length && S.snaps[0].ts < ts - WINDOW - 5) S.snaps.shift();
   const cur = {
     queries: num(c.queries), errors: total(c.errors),
-    retries: num((c.retries || {}).total), overloads: num(c.overload_events),
+    retries: total((c.retries || {}).by_reason), overloads: num(c.overload_events),
   };
   const p = { ts: ts, in_use: num(pool.in_use), idle: num(pool.idle),
     waiting: num(pool.waiting), max: num(pool.max_size), qps: null, eps: null, rps: null,
@@ -335,34 +352,15 @@ function pill(id, text, cls) {
   el.className = "pill " + cls;
 }
 
+// The counter table: one row per catalog entry (COUNTER_ROWS, generated from
+// pgwarden.core.catalog), one per key for labelled counters.
 function counters(st) {
-  const c = st.counters || {};
   const rows = [];
-  const add = (label, value) => rows.push([label, value]);
-  add("queries", c.queries);
-  for (const [k, v] of Object.entries(c.errors || {})) add("errors: " + k, v);
-  const r = c.retries || {};
-  add("retries", r.total);
-  for (const [k, v] of Object.entries(r.by_reason || {})) add("retries: " + k, v);
-  for (const [k, v] of Object.entries(r.by_attempt || {})) add("retries: attempt " + k, v);
-  add("connections opened", c.connections_opened);
-  for (const [k, v] of Object.entries(c.connections_closed || {})) add("closed: " + k, v);
-  for (const [k, v] of Object.entries(c.connect_failures || {})) {
-    add("connect failures: " + k, v);
-  }
-  add("overload events", c.overload_events);
-  for (const [k, v] of Object.entries(c.breaker_transitions || {})) add("breaker " + k, v);
-  for (const [k, v] of Object.entries(c.ambiguous_commits || {})) add("ambiguous commit: " + k, v);
-  const h = c.health_checks || {};
-  add("health checks passed", h.passed);
-  add("health checks failed", h.failed);
-  const w = c.warmups || {};
-  add("warmups ok", w.ok);
-  add("warmups failed", w.failed);
-  add("slow queries", c.slow_queries);
-  add("leaked connections", c.leaked_connections);
-  if (st.pool && st.pool.connections_lost !== undefined) {
-    add("connections lost", st.pool.connections_lost);
+  for (const row of COUNTER_ROWS) {
+    let v = st;
+    for (const k of row.path) v = v && typeof v === "object" ? v[k] : undefined;
+    if (!row.keyed) { rows.push([row.title, v]); continue; }
+    for (const [k, n] of Object.entries(v || {})) rows.push([row.title + ": " + k, n]);
   }
   $("counters-body").innerHTML = rows.filter((row) => row[1] !== undefined)
     .map(([k, v]) => "<tr><td>" + esc(k) + '</td><td class="num">' + fmtInt(v) + "</td></tr>")
@@ -418,7 +416,7 @@ function render(payload) {
   $("v-eps").textContent = fmtRate(last.eps);
   $("v-errors").textContent = fmtInt(total(c.errors)) + " total";
   $("v-rps").textContent = fmtRate(last.rps);
-  $("v-retries").textContent = fmtInt((c.retries || {}).total) + " total";
+  $("v-retries").textContent = fmtInt(total((c.retries || {}).by_reason)) + " total";
   const cnt = (v) => fmtInt(v);
   chart("chart-pool", [
     { key: "in_use", label: "in use", color: "var(--blue)", area: true },
@@ -468,3 +466,5 @@ refresh();
 </body>
 </html>
 """
+
+PAGE = _TEMPLATE.replace("__COUNTER_ROWS__", json.dumps(COUNTER_ROWS, separators=(",", ":")))

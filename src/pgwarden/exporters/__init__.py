@@ -19,7 +19,8 @@ What lives here is shared by both and by :mod:`pgwarden.dashboard`:
 * :func:`pool_name` is the bounded ``pool`` label of a handle;
 * the fixed label vocabularies (:data:`KINDS`, :data:`CLOSE_REASONS`, ...) and
   :func:`bounded`, which maps any other value to ``"other"`` so that label cardinality stays
-  bounded whatever a custom tracker reports.
+  bounded whatever a custom tracker reports (re-exported from :mod:`pgwarden.core.catalog`,
+  which names every metric; the shape of ``stats()`` is :mod:`pgwarden.core.stats`).
 
 Labels never carry SQL text, parameters, URLs or passwords: every label value is either drawn
 from a fixed vocabulary or is the pool name, which is redacted and truncated.
@@ -29,15 +30,26 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from pgwarden._redact import redact
-from pgwarden.core.breaker import BreakerState
-from pgwarden.core.classify import FailureKind
+from pgwarden.core.catalog import (
+    AMBIGUOUS_OUTCOMES,
+    BREAKER_STATES,
+    CLOSE_REASONS,
+    HISTOGRAMS,
+    KINDS,
+    MAX_ATTEMPT_LABEL,
+    OTHER,
+    STATES,
+    attempt_label,
+    bounded,
+    parse_buckets,
+)
 from pgwarden.core.histogram import PROMETHEUS_BOUNDS, Histogram
-from pgwarden.core.lifecycle import State
-from pgwarden.core.metrics import CloseReason, MetricsTracker
+from pgwarden.core.metrics import MetricsTracker
+from pgwarden.core.stats import Histograms
 from pgwarden.core.tracing import StatementObserver
 
 __all__ = [
@@ -50,6 +62,7 @@ __all__ = [
     "MAX_ATTEMPT_LABEL",
     "OTHER",
     "STATES",
+    "HistogramSource",
     "StatsHandle",
     "attach_statement_observer",
     "attach_tracker",
@@ -64,55 +77,24 @@ __all__ = [
     "stats_source",
 ]
 
-#: The value a label takes when a tracker reports something outside its vocabulary.
-OTHER = "other"
-#: Failure kinds (``errors``, ``connect_failures`` and retry reasons).
-KINDS: tuple[str, ...] = tuple(k.value for k in FailureKind)
-#: Why a pooled connection was closed (``connections_closed``).
-CLOSE_REASONS: tuple[str, ...] = tuple(r.value for r in CloseReason)
-#: Lifecycle states (``state``).
-STATES: tuple[str, ...] = tuple(s.value for s in State)
-#: Circuit-breaker states (``breaker``).
-BREAKER_STATES: tuple[str, ...] = tuple(s.value for s in BreakerState)
-#: How a COMMIT whose connection was lost was resolved.
-AMBIGUOUS_OUTCOMES: tuple[str, ...] = ("committed", "aborted", "unknown")
-#: Retry attempt numbers above this share the label ``"<n>+"``.
-MAX_ATTEMPT_LABEL = 5
-#: The histograms of the metrics model, by their ``stats()`` key.
-HISTOGRAMS: tuple[str, ...] = (
-    "acquire_wait_seconds",
-    "connection_use_seconds",
-    "query_duration_seconds",
-    "connection_setup_seconds",
-    "warmup_duration_seconds",
-)
-
 _POOL_NAME_MAX = 64
 
 
 @runtime_checkable
 class StatsHandle(Protocol):
     """What the exporters need of a handle: :class:`pgwarden.AsyncDatabase` and
-    :class:`pgwarden.Database` both qualify."""
+    :class:`pgwarden.Database` both qualify.  ``stats()`` is shaped as
+    :class:`pgwarden.core.stats.Stats`."""
 
     def stats(self) -> dict[str, Any]: ...
 
 
-def bounded(value: object, vocabulary: Iterable[str]) -> str:
-    """``str(value)`` if it is in *vocabulary*, else :data:`OTHER`."""
-    text = str(getattr(value, "value", value))
-    return text if text in vocabulary else OTHER
+@runtime_checkable
+class HistogramSource(Protocol):
+    """A handle with live histograms: ``histograms()`` is
+    :data:`pgwarden.core.stats.Histograms` (``{}`` when metrics are off)."""
 
-
-def attempt_label(attempt: object) -> str:
-    """A retry attempt number as a bounded label: ``"1"`` .. ``"4"``, then ``"5+"``."""
-    try:
-        n = int(str(attempt))
-    except ValueError:
-        return OTHER
-    if n < 1:
-        return OTHER
-    return str(n) if n < MAX_ATTEMPT_LABEL else f"{MAX_ATTEMPT_LABEL}+"
+    def histograms(self) -> Histograms: ...
 
 
 def password_of(handle: object) -> str | None:
@@ -137,17 +119,16 @@ def pool_name(handle: object, name: str | None = None) -> str:
     return text[:_POOL_NAME_MAX]
 
 
-def histograms_of(handle: object) -> Mapping[str, Histogram]:
+def histograms_of(handle: object) -> Histograms:
     """The live :class:`Histogram` objects behind a handle's ``stats()``, by key.
 
     What the handle's public ``histograms()`` returns (``{}`` when metrics are off).  Returns
     ``{}`` for anything without that method (a stats callable, an older handle) or whose
     answer is not a mapping of histograms.
     """
-    method = getattr(handle, "histograms", None)
-    if not callable(method):
+    if not isinstance(handle, HistogramSource) or not callable(handle.histograms):
         return {}
-    found = method()
+    found: object = handle.histograms()
     if isinstance(found, Mapping) and all(isinstance(h, Histogram) for h in found.values()):
         return found
     return {}
@@ -171,7 +152,8 @@ def _buckets_json(h: Histogram) -> list[list[float | int | str]]:
 
 
 def snapshot(handle: object, *, name: str | None = None) -> dict[str, Any]:
-    """``handle.stats()`` made ready to serve: redacted, JSON-safe, with bucket counts.
+    """``handle.stats()`` made ready to serve: redacted, JSON-safe, with bucket counts
+    (shaped as :class:`pgwarden.core.stats.ServedStats`).
 
     Adds ``ts`` (Unix time), ``name`` (the pool label, see :func:`pool_name`) and
     ``buckets``: for each histogram, cumulative ``[le, count]`` pairs over
@@ -218,21 +200,6 @@ def stats_source(source: object, *, name: str | None = None) -> Callable[[], dic
     )
 
 
-def parse_buckets(raw: object) -> list[tuple[float, int]] | None:
-    """``[[le, count], ...]`` (``le`` may be ``"+Inf"``) as ``(float, int)`` pairs, or None."""
-    if not isinstance(raw, (list, tuple)) or not raw:
-        return None
-    out: list[tuple[float, int]] = []
-    try:
-        for le, n in raw:
-            out.append((math.inf if le in ("+Inf", "inf", "Infinity") else float(le), int(n)))
-    except (TypeError, ValueError):
-        return None
-    if out[-1][0] != math.inf:
-        return None
-    return out
-
-
 #: The export bounds, re-exported for exporters that want to advise bucket layouts.
 BUCKET_BOUNDS: tuple[float, ...] = PROMETHEUS_BOUNDS
 
@@ -245,14 +212,7 @@ def attach_tracker(handle: object, extra: MetricsTracker) -> Callable[[], None]:
     from *extra* never fails a query.  ``detach()`` removes *extra* again if nothing else was
     attached after it.  Raises :class:`TypeError` for an object without ``add_tracker``.
     """
-    add = getattr(handle, "add_tracker", None)
-    if not callable(add):
-        raise TypeError(
-            f"{type(handle).__name__} has no add_tracker(); "
-            "attach exporters to a pgwarden Database or AsyncDatabase"
-        )
-    detach: Callable[[], None] = add(extra)
-    return detach
+    return _attach(handle, "add_tracker", extra, "exporters")
 
 
 def attach_statement_observer(handle: object, observer: StatementObserver) -> Callable[[], None]:
@@ -263,11 +223,16 @@ def attach_statement_observer(handle: object, observer: StatementObserver) -> Ca
     internal probes; an exception from *observer* never fails the statement.  Raises
     :class:`TypeError` for an object without ``add_statement_observer``.
     """
-    add = getattr(handle, "add_statement_observer", None)
+    return _attach(handle, "add_statement_observer", observer, "statement observers")
+
+
+def _attach(handle: object, method: str, thing: object, what: str) -> Callable[[], None]:
+    """``handle.<method>(thing)``, the remover it returns, or a TypeError naming *what*."""
+    add = getattr(handle, method, None)
     if not callable(add):
         raise TypeError(
-            f"{type(handle).__name__} has no add_statement_observer(); "
-            "attach statement observers to a pgwarden Database or AsyncDatabase"
+            f"{type(handle).__name__} has no {method}(); "
+            f"attach {what} to a pgwarden Database or AsyncDatabase"
         )
-    remove: Callable[[], None] = add(observer)
+    remove: Callable[[], None] = add(thing)
     return remove

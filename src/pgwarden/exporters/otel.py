@@ -8,36 +8,18 @@
 Only this module imports ``opentelemetry`` (the API package; bring your own SDK).
 
 Metrics (meter ``pgwarden``)
-    Observable instruments read ``db.stats()`` when the reader collects (one snapshot per
-    collection, shared by every callback):
-
-    * ``db.client.connection.count`` (``db.client.connection.state`` = ``idle`` | ``used``),
-      ``db.client.connection.max``, ``db.client.connection.idle.max``,
-      ``db.client.connection.pending_requests``, ``pgwarden.pool.limit``,
-      ``pgwarden.in_flight``: UpDownCounters;
-    * ``pgwarden.pool.utilization``, ``pgwarden.state`` (``pgwarden.state``) and
-      ``pgwarden.breaker`` (``pgwarden.breaker.state``): Gauges, the states one-hot;
-    * ``db.client.connection.timeouts`` (callers that gave up waiting for a connection),
-      ``pgwarden.operations``, ``pgwarden.errors`` (``error.type`` = failure kind),
-      ``pgwarden.retries`` (``pgwarden.retry.reason``), ``pgwarden.retry.attempts``
-      (``pgwarden.retry.attempt``, ``5+`` caps it), ``pgwarden.connections.opened``,
-      ``pgwarden.connections.closed`` (``pgwarden.close.reason``),
-      ``pgwarden.connect_failures`` (``error.type``), ``pgwarden.overload_events``,
-      ``pgwarden.breaker.transitions`` (``pgwarden.breaker.from``/``to``),
-      ``pgwarden.ambiguous_commits`` (``pgwarden.commit.outcome``), ``pgwarden.health_checks``
-      and ``pgwarden.warmups`` (``pgwarden.result``), ``pgwarden.slow_queries``,
-      ``pgwarden.leaked_connections``: monotonic Counters.
-
-    docs/observability.md has the full table with units.
+    One instrument per entry of :data:`pgwarden.core.catalog.CATALOG` that has an OTel name
+    (the table in docs/observability.md is generated from it).  Counters and gauges are
+    observable instruments that read ``db.stats()`` when the reader collects (one snapshot
+    per collection, shared by every callback), with the samples of
+    :func:`pgwarden.core.catalog.samples`, so they agree with Prometheus by construction.
     Every observation carries ``db.client.connection.pool.name`` (the handle's
     ``application_name`` or the *name* given) and ``db.system.name`` = ``postgresql``.
 
     OpenTelemetry has no asynchronous histogram, so the histograms are recorded as events
-    happen, by an :class:`OTelTracker` attached with ``db.add_tracker()``:
-    ``db.client.connection.create_time``, ``db.client.connection.wait_time``,
-    ``db.client.connection.use_time``, ``db.client.operation.duration`` and
-    ``pgwarden.warmup.duration`` (seconds, with bucket boundaries advised at 10 µs .. 60 s).
-    They record from the moment of :func:`instrument`.
+    happen, by an :class:`OTelTracker` attached with ``db.add_tracker()``: each catalog
+    histogram names the tracker event that records it (seconds, with bucket boundaries
+    advised at 10 µs .. 60 s).  They record from the moment of :func:`instrument`.
 
 Spans (``spans=True``, :class:`OTelStatementObserver` or :func:`traced`)
     Built on the handle's statement-observer seam (:mod:`pgwarden.core.tracing`,
@@ -61,7 +43,7 @@ import inspect
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -70,19 +52,13 @@ from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observa
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from pgwarden._redact import sanitize_sql
+from pgwarden.core.catalog import CATALOG, MetricSpec, samples
 from pgwarden.core.metrics import NoopTracker
 from pgwarden.exporters import (
-    AMBIGUOUS_OUTCOMES,
-    BREAKER_STATES,
     BUCKET_BOUNDS,
-    CLOSE_REASONS,
-    KINDS,
-    STATES,
     StatsHandle,
     attach_statement_observer,
     attach_tracker,
-    attempt_label,
-    bounded,
     pool_name,
 )
 
@@ -154,16 +130,26 @@ def _meter(provider: MeterProvider | None) -> Meter:
     return (provider or metrics.get_meter_provider()).get_meter(_SCOPE, _version())
 
 
-def _histogram(meter: Meter, name: str, description: str) -> Any:
+#: The catalog's histograms by the tracker event that records them.
+_HISTOGRAMS: dict[str, MetricSpec] = {
+    spec.event: spec
+    for spec in CATALOG
+    if spec.otel is not None and spec.otel.instrument == "histogram" and spec.event
+}
+
+
+def _histogram(meter: Meter, event: str) -> Any:
+    spec = _HISTOGRAMS[event]
+    assert spec.otel is not None
     try:
         return meter.create_histogram(
-            name,
-            unit="s",
-            description=description,
+            spec.otel.name,
+            unit=spec.unit,
+            description=spec.help,
             explicit_bucket_boundaries_advisory=list(BUCKET_BOUNDS),
         )
     except TypeError:  # opentelemetry-api < 1.23 has no bucket advice
-        return meter.create_histogram(name, unit="s", description=description)
+        return meter.create_histogram(spec.otel.name, unit=spec.unit, description=spec.help)
 
 
 class OTelTracker(NoopTracker):
@@ -180,29 +166,11 @@ class OTelTracker(NoopTracker):
     def __init__(self, meter: Meter | None = None, pool: str = "default") -> None:
         meter = meter or _meter(None)
         self._attrs: dict[str, str] = {**_SYSTEM, _POOL_ATTR: pool}
-        self._create = _histogram(
-            meter,
-            "db.client.connection.create_time",
-            "The time it took to create a new connection.",
-        )
-        self._wait = _histogram(
-            meter,
-            "db.client.connection.wait_time",
-            "The time it took to obtain an open connection from the pool.",
-        )
-        self._use = _histogram(
-            meter,
-            "db.client.connection.use_time",
-            "The time between borrowing a connection and returning it to the pool.",
-        )
-        self._duration = _histogram(
-            meter,
-            "db.client.operation.duration",
-            "Duration of database client operations (successful, retries included).",
-        )
-        self._warmup = _histogram(
-            meter, "pgwarden.warmup.duration", "Duration of readiness warmups."
-        )
+        self._create = _histogram(meter, "connection_opened")
+        self._wait = _histogram(meter, "acquire")
+        self._use = _histogram(meter, "connection_used")
+        self._duration = _histogram(meter, "query")
+        self._warmup = _histogram(meter, "warmup")
 
     def query(self, duration: float) -> None:
         self._duration.record(duration, self._attrs)
@@ -224,18 +192,6 @@ class OTelTracker(NoopTracker):
 
     def snapshot(self) -> dict[str, object]:
         return {"otel": True}
-
-
-def _num(value: object) -> float:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)) and value == value:
-        return float(value)
-    return 0.0
-
-
-def _mapping(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
 
 
 class _Observer:
@@ -260,252 +216,33 @@ class _Observer:
                 self._at = now
             return self._snap
 
-    def attrs(self, **extra: str) -> dict[str, str]:
-        return {**self.base, **extra}
-
-    def gauge(self, path: tuple[str, ...]) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def callback(options: CallbackOptions) -> Iterator[Observation]:
-            if not self.active:
-                return
-            value: Any = self.snap()
-            for key in path:
-                value = _mapping(value).get(key)
-            if value is not None:
-                yield Observation(_num(value), self.attrs())
-
-        return callback
-
-    def labelled(
-        self,
-        path: tuple[str, ...],
-        attr: str,
-        vocabulary: tuple[str, ...],
-        label: Callable[[object], str] | None = None,
-    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        """Observations of a ``{label: count}`` dict: every vocabulary value, plus other."""
+    def observe(self, spec: MetricSpec) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """The callback of *spec*'s observable instrument: its samples in the snapshot."""
+        attributes = [label.otel for label in spec.labels]
 
         def callback(options: CallbackOptions) -> Iterator[Observation]:
             if not self.active:
                 return
-            value: Any = self.snap()
-            for key in path:
-                value = _mapping(value).get(key)
-            counts = {v: 0.0 for v in vocabulary}
-            for key, n in _mapping(value).items():
-                name = label(key) if label is not None else bounded(key, vocabulary)
-                counts[name] = counts.get(name, 0.0) + _num(n)
-            for name, n in counts.items():
-                yield Observation(n, self.attrs(**{attr: name}))
+            for values, value in samples(spec, self.snap()):
+                extra = {a: v for a, v in zip(attributes, values, strict=True) if a is not None}
+                yield Observation(value, {**self.base, **extra})
 
         return callback
-
-    def connections(self, options: CallbackOptions) -> Iterator[Observation]:
-        if not self.active:
-            return
-        pool = _mapping(self.snap().get("pool"))
-        yield Observation(
-            _num(pool.get("idle")), self.attrs(**{"db.client.connection.state": "idle"})
-        )
-        yield Observation(
-            _num(pool.get("in_use")), self.attrs(**{"db.client.connection.state": "used"})
-        )
-
-    def one_hot(
-        self, key: str, attr: str, states: tuple[str, ...]
-    ) -> Callable[..., Iterator[Observation]]:
-        def callback(options: CallbackOptions) -> Iterator[Observation]:
-            if not self.active:
-                return
-            current = str(self.snap().get(key, ""))
-            for s in states:
-                yield Observation(1.0 if s == current else 0.0, self.attrs(**{attr: s}))
-
-        return callback
-
-    def transitions(self, options: CallbackOptions) -> Iterator[Observation]:
-        if not self.active:
-            return
-        counters = _mapping(self.snap().get("counters"))
-        for key, n in _mapping(counters.get("breaker_transitions")).items():
-            src, _, dst = str(key).partition("->")
-            yield Observation(
-                _num(n),
-                self.attrs(
-                    **{
-                        "pgwarden.breaker.from": bounded(src, BREAKER_STATES),
-                        "pgwarden.breaker.to": bounded(dst, BREAKER_STATES),
-                    }
-                ),
-            )
 
 
 def _register_observables(meter: Meter, obs: _Observer) -> None:
-    conn = "{connection}"
-    meter.create_observable_up_down_counter(
-        "db.client.connection.count",
-        callbacks=[obs.connections],
-        unit=conn,
-        description="The number of connections that are currently in the state described by "
-        "the state attribute.",
-    )
-    ud = meter.create_observable_up_down_counter
-    ud(
-        "db.client.connection.max",
-        callbacks=[obs.gauge(("pool", "max_size"))],
-        unit=conn,
-        description="The maximum number of open connections allowed.",
-    )
-    ud(
-        "db.client.connection.idle.max",
-        callbacks=[obs.gauge(("pool", "idle_max"))],
-        unit=conn,
-        description="The maximum number of idle open connections allowed.",
-    )
-    ud(
-        "db.client.connection.pending_requests",
-        callbacks=[obs.gauge(("pool", "waiting"))],
-        unit="{request}",
-        description="The number of current pending requests for an open connection.",
-    )
-    ud(
-        "pgwarden.pool.limit",
-        callbacks=[obs.gauge(("pool", "limit"))],
-        unit=conn,
-        description="Connection limit chosen by adaptive sizing.",
-    )
-    ud(
-        "pgwarden.in_flight",
-        callbacks=[obs.gauge(("in_flight",))],
-        unit="{operation}",
-        description="Operations in progress.",
-    )
-    meter.create_observable_gauge(
-        "pgwarden.pool.utilization",
-        callbacks=[obs.gauge(("pool", "utilization"))],
-        unit="1",
-        description="Used connections divided by the pool's current maximum.",
-    )
-    meter.create_observable_gauge(
-        "pgwarden.state",
-        callbacks=[obs.one_hot("state", "pgwarden.state", STATES)],
-        unit="1",
-        description="Lifecycle state: 1 for the current state.",
-    )
-    meter.create_observable_gauge(
-        "pgwarden.breaker",
-        callbacks=[obs.one_hot("breaker", "pgwarden.breaker.state", BREAKER_STATES)],
-        unit="1",
-        description="Circuit breaker state: 1 for the current state.",
-    )
-    c = meter.create_observable_counter
-    c(
-        "db.client.connection.timeouts",
-        callbacks=[obs.gauge(("counters", "acquire_timeouts"))],
-        unit="{timeout}",
-        description="The number of connection timeouts that have occurred trying to obtain a "
-        "connection from the pool.",
-    )
-    c(
-        "pgwarden.operations",
-        callbacks=[obs.gauge(("counters", "queries"))],
-        unit="{operation}",
-        description="Operations that succeeded.",
-    )
-    c(
-        "pgwarden.errors",
-        callbacks=[obs.labelled(("counters", "errors"), "error.type", KINDS)],
-        unit="{error}",
-        description="Failed attempts by failure kind.",
-    )
-    c(
-        "pgwarden.retries",
-        callbacks=[
-            obs.labelled(("counters", "retries", "by_reason"), "pgwarden.retry.reason", KINDS)
-        ],
-        unit="{retry}",
-        description="Retries by the failure kind that caused them.",
-    )
-    c(
-        "pgwarden.retry.attempts",
-        callbacks=[
-            obs.labelled(
-                ("counters", "retries", "by_attempt"),
-                "pgwarden.retry.attempt",
-                ("1", "2", "3", "4", "5+"),
-                label=attempt_label,
-            )
-        ],
-        unit="{retry}",
-        description="Retries by attempt number.",
-    )
-    c(
-        "pgwarden.connections.opened",
-        callbacks=[obs.gauge(("counters", "connections_opened"))],
-        unit=conn,
-        description="Server connections established.",
-    )
-    c(
-        "pgwarden.connections.closed",
-        callbacks=[
-            obs.labelled(("counters", "connections_closed"), "pgwarden.close.reason", CLOSE_REASONS)
-        ],
-        unit=conn,
-        description="Pooled connections closed, by reason.",
-    )
-    c(
-        "pgwarden.connect_failures",
-        callbacks=[obs.labelled(("counters", "connect_failures"), "error.type", KINDS)],
-        unit="{attempt}",
-        description="Failed attempts to open a connection.",
-    )
-    c(
-        "pgwarden.overload_events",
-        callbacks=[obs.gauge(("counters", "overload_events"))],
-        unit="{event}",
-        description="Server or pooler overload reports.",
-    )
-    c(
-        "pgwarden.breaker.transitions",
-        callbacks=[obs.transitions],
-        unit="{transition}",
-        description="Circuit breaker transitions.",
-    )
-    c(
-        "pgwarden.ambiguous_commits",
-        callbacks=[
-            obs.labelled(
-                ("counters", "ambiguous_commits"), "pgwarden.commit.outcome", AMBIGUOUS_OUTCOMES
-            )
-        ],
-        unit="{commit}",
-        description="COMMITs whose connection was lost, by resolved outcome.",
-    )
-    c(
-        "pgwarden.health_checks",
-        callbacks=[
-            obs.labelled(("counters", "health_checks"), "pgwarden.result", ("passed", "failed"))
-        ],
-        unit="{check}",
-        description="Health checks run, by result.",
-    )
-    c(
-        "pgwarden.warmups",
-        callbacks=[obs.labelled(("counters", "warmups"), "pgwarden.result", ("ok", "failed"))],
-        unit="{warmup}",
-        description="Readiness warmups, by result.",
-    )
-    c(
-        "pgwarden.slow_queries",
-        callbacks=[obs.gauge(("counters", "slow_queries"))],
-        unit="{query}",
-        description="Statements slower than slow_query_threshold.",
-    )
-    c(
-        "pgwarden.leaked_connections",
-        callbacks=[obs.gauge(("counters", "leaked_connections"))],
-        unit=conn,
-        description="Connections held longer than leak_threshold.",
-    )
+    """One observable instrument per catalog entry with a non-histogram OTel instrument."""
+    create = {
+        "counter": meter.create_observable_counter,
+        "updowncounter": meter.create_observable_up_down_counter,
+        "gauge": meter.create_observable_gauge,
+    }
+    for spec in CATALOG:
+        if spec.otel is None or spec.otel.instrument == "histogram":
+            continue
+        create[spec.otel.instrument](
+            spec.otel.name, callbacks=[obs.observe(spec)], unit=spec.unit, description=spec.help
+        )
 
 
 # --- spans ---------------------------------------------------------------------------------

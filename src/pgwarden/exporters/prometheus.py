@@ -14,7 +14,9 @@ Theory of operation
     snapshot is lock-free and at worst one sample behind.
 
 Names and labels
-    Names follow Prometheus conventions (``pgwarden_`` prefix, base units, ``_seconds``,
+    Every family is one entry of :data:`pgwarden.core.catalog.CATALOG` (name, type, HELP,
+    labels and where in ``stats()`` it is read), so nothing here names a metric.  Names
+    follow Prometheus conventions (``pgwarden_`` prefix, base units, ``_seconds``,
     ``_ratio``, counters end in ``_total``); each HELP text names the OpenTelemetry
     semantic-convention metric it corresponds to, where one exists (``db.client.connection.*``
     such as ``db.client.connection.timeouts`` and ``db.client.connection.use_time``,
@@ -37,7 +39,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
-    Iterable,
     Iterator,
     Mapping,
     MutableMapping,
@@ -55,22 +56,16 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from pgwarden.exporters import (
-    AMBIGUOUS_OUTCOMES,
-    BREAKER_STATES,
-    CLOSE_REASONS,
-    HISTOGRAMS,
-    KINDS,
-    MAX_ATTEMPT_LABEL,
-    OTHER,
-    STATES,
-    StatsHandle,
-    attempt_label,
-    bounded,
-    parse_buckets,
-    pool_name,
-    stats_source,
+from pgwarden.core.catalog import (
+    CATALOG,
+    Kind,
+    MetricSpec,
+    Shape,
+    histogram_parts,
+    prometheus_help,
+    samples,
 )
+from pgwarden.exporters import StatsHandle, pool_name, stats_source
 
 __all__ = [
     "HISTOGRAM_METRICS",
@@ -86,46 +81,12 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-#: ``stats()`` histogram key -> (Prometheus name, HELP text).
+#: ``stats()`` histogram key -> (Prometheus name, HELP text), from the catalog.
 HISTOGRAM_METRICS: dict[str, tuple[str, str]] = {
-    "acquire_wait_seconds": (
-        "pgwarden_acquire_wait_seconds",
-        "Time waiting to obtain a connection from the pool (OTel db.client.connection.wait_time).",
-    ),
-    "connection_use_seconds": (
-        "pgwarden_connection_use_seconds",
-        "Time a connection was held by one caller, checkout to return "
-        "(OTel db.client.connection.use_time).",
-    ),
-    "query_duration_seconds": (
-        "pgwarden_query_duration_seconds",
-        "Duration of successful operations, acquire included (OTel db.client.operation.duration).",
-    ),
-    "connection_setup_seconds": (
-        "pgwarden_connection_setup_seconds",
-        "Time to establish a new server connection (OTel db.client.connection.create_time).",
-    ),
-    "warmup_duration_seconds": (
-        "pgwarden_warmup_duration_seconds",
-        "Duration of readiness warmups, failed ones included (no OTel equivalent).",
-    ),
+    spec.path[-1]: (spec.prometheus, prometheus_help(spec))
+    for spec in CATALOG
+    if spec.shape is Shape.HISTOGRAM
 }
-
-_RESULTS_WARMUP = ("ok", "failed")
-_RESULTS_HEALTH = ("passed", "failed")
-_ATTEMPTS = (*(str(n) for n in range(1, MAX_ATTEMPT_LABEL)), f"{MAX_ATTEMPT_LABEL}+")
-_TRANSITIONS = tuple(
-    (a, b) for a in BREAKER_STATES for b in BREAKER_STATES if a != b
-)  # every ordered pair: 6 series
-
-
-def _num(value: object) -> float:
-    """A finite float from a stats value (``None``, junk and NaN become 0)."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    return 0.0
 
 
 def _le(bound: float) -> str:
@@ -133,292 +94,49 @@ def _le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(float(bound))
 
 
-def _mapping(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _by_vocabulary(
-    counts: Mapping[str, Any], vocabulary: Iterable[str], *, label: Callable[[str], str] | None
-) -> dict[str, float]:
-    """Counts keyed by bounded label values: every vocabulary value (0 if absent), plus
-    ``other`` when something outside it was counted."""
-    out = {v: 0.0 for v in vocabulary}
-    for key, n in counts.items():
-        name = label(key) if label is not None else bounded(key, out)
-        if name not in out:
-            name = OTHER
-        out[name] = out.get(name, 0.0) + _num(n)
-    return out
+def _family(spec: MetricSpec) -> Metric:
+    """The empty family of one catalog entry (every series also carries ``pool``)."""
+    doc = prometheus_help(spec)
+    if spec.kind is Kind.INFO:  # its labels are the info's keys, given per sample
+        return InfoMetricFamily(spec.prometheus.removesuffix("_info"), doc, labels=["pool"])
+    labels = ["pool", *(label.name for label in spec.labels if label.name is not None)]
+    if spec.kind is Kind.COUNTER:
+        return CounterMetricFamily(spec.prometheus.removesuffix("_total"), doc, labels=labels)
+    if spec.kind is Kind.HISTOGRAM:
+        return HistogramMetricFamily(spec.prometheus, doc, labels=labels)
+    return GaugeMetricFamily(spec.prometheus, doc, labels=labels)
 
 
 class _Families:
-    """Every metric family of one scrape, created empty (which is what ``describe`` needs)."""
+    """Every metric family of one scrape, one per catalog entry, created empty (which is
+    what ``describe`` needs)."""
 
     def __init__(self) -> None:
-        p = ["pool"]
-        self.up = GaugeMetricFamily(
-            "pgwarden_up", "1 if the pool's stats could be read at this scrape, else 0.", labels=p
-        )
-        self.info = InfoMetricFamily(
-            "pgwarden",
-            "Static facts about the pool (PgBouncer detected, pgwarden version).",
-            labels=p,
-        )
-        self.state = GaugeMetricFamily(
-            "pgwarden_state",
-            "Lifecycle state of the handle: 1 for the current state, 0 for the others.",
-            labels=[*p, "state"],
-        )
-        self.breaker = GaugeMetricFamily(
-            "pgwarden_breaker_state",
-            "Circuit breaker state: 1 for the current state, 0 for the others.",
-            labels=[*p, "state"],
-        )
-        self.connections = GaugeMetricFamily(
-            "pgwarden_pool_connections",
-            "Open connections by state, idle or used (OTel db.client.connection.count with "
-            "db.client.connection.state).",
-            labels=[*p, "state"],
-        )
-        self.size = GaugeMetricFamily(
-            "pgwarden_pool_size", "Open connections, idle and used together.", labels=p
-        )
-        self.max = GaugeMetricFamily(
-            "pgwarden_pool_max_connections",
-            "Maximum connections the pool may open now (OTel db.client.connection.max).",
-            labels=p,
-        )
-        self.idle_max = GaugeMetricFamily(
-            "pgwarden_pool_idle_max_connections",
-            "Maximum idle connections kept (OTel db.client.connection.idle.max).",
-            labels=p,
-        )
-        self.pending = GaugeMetricFamily(
-            "pgwarden_pool_pending_requests",
-            "Callers waiting for a connection (OTel db.client.connection.pending_requests).",
-            labels=p,
-        )
-        self.utilization = GaugeMetricFamily(
-            "pgwarden_pool_utilization_ratio",
-            "Used connections divided by the pool's current maximum (0..1).",
-            labels=p,
-        )
-        self.limit = GaugeMetricFamily(
-            "pgwarden_pool_limit_connections",
-            "Connection limit chosen by adaptive sizing (lowered on server overload).",
-            labels=p,
-        )
-        self.configured_max = GaugeMetricFamily(
-            "pgwarden_pool_configured_max_connections",
-            "Configured max_size: the limit adaptive sizing grows back to.",
-            labels=p,
-        )
-        self.in_flight = GaugeMetricFamily(
-            "pgwarden_in_flight_operations",
-            "Operations (queries, transactions, borrowed connections) in progress.",
-            labels=p,
-        )
-        self.budget = GaugeMetricFamily(
-            "pgwarden_retry_budget_tokens",
-            "Retries the retry budget would allow right now.",
-            labels=p,
-        )
-        self.last_warmup = GaugeMetricFamily(
-            "pgwarden_last_warmup_seconds",
-            "Duration of the most recent successful warmup.",
-            labels=p,
-        )
-        self.queries = CounterMetricFamily(
-            "pgwarden_queries", "Operations that succeeded.", labels=p
-        )
-        self.errors = CounterMetricFamily(
-            "pgwarden_errors",
-            "Failed attempts by failure kind (before any retry decision).",
-            labels=[*p, "kind"],
-        )
-        self.retries = CounterMetricFamily(
-            "pgwarden_retries",
-            "Retries by the failure kind that caused them.",
-            labels=[*p, "reason"],
-        )
-        self.retry_attempts = CounterMetricFamily(
-            "pgwarden_retry_attempts",
-            f"Retries by attempt number (1 = first retry; {MAX_ATTEMPT_LABEL}+ groups the rest).",
-            labels=[*p, "attempt"],
-        )
-        self.opened = CounterMetricFamily(
-            "pgwarden_connections_opened", "Server connections established.", labels=p
-        )
-        self.closed = CounterMetricFamily(
-            "pgwarden_connections_closed",
-            "Pooled connections closed, by reason (lifetime, idle, broken, drain, failover, "
-            "close).",
-            labels=[*p, "reason"],
-        )
-        self.lost = CounterMetricFamily(
-            "pgwarden_pool_connections_lost",
-            "Connections the pool found broken (lost while idle or returned bad).",
-            labels=p,
-        )
-        self.connect_failures = CounterMetricFamily(
-            "pgwarden_connect_failures",
-            "Failed attempts to open a connection, by failure kind.",
-            labels=[*p, "kind"],
-        )
-        self.acquire_timeouts = CounterMetricFamily(
-            "pgwarden_acquire_timeouts",
-            "Callers that gave up waiting for a pooled connection: acquire timeout or deadline "
-            "(OTel db.client.connection.timeouts).",
-            labels=p,
-        )
-        self.warmups = CounterMetricFamily(
-            "pgwarden_warmups",
-            "Readiness warmups by result (ok, failed).",
-            labels=[*p, "result"],
-        )
-        self.overloads = CounterMetricFamily(
-            "pgwarden_overload_events",
-            "Server or pooler overload reports (53300 too many clients, reserved slots, "
-            "pooler full).",
-            labels=p,
-        )
-        self.transitions = CounterMetricFamily(
-            "pgwarden_breaker_transitions",
-            "Circuit breaker transitions by from and to state.",
-            labels=[*p, "from", "to"],
-        )
-        self.ambiguous = CounterMetricFamily(
-            "pgwarden_ambiguous_commits",
-            "COMMITs whose connection was lost, by resolved outcome.",
-            labels=[*p, "outcome"],
-        )
-        self.health = CounterMetricFamily(
-            "pgwarden_health_checks",
-            "Health checks run (not cached), by result.",
-            labels=[*p, "result"],
-        )
-        self.slow = CounterMetricFamily(
-            "pgwarden_slow_queries",
-            "Statements slower than slow_query_threshold.",
-            labels=p,
-        )
-        self.leaked = CounterMetricFamily(
-            "pgwarden_leaked_connections",
-            "Connections held longer than leak_threshold (reported once per hold).",
-            labels=p,
-        )
-        self.histograms = {
-            key: HistogramMetricFamily(name, doc, labels=p)
-            for key, (name, doc) in HISTOGRAM_METRICS.items()
-        }
+        self.families: dict[str, Metric] = {spec.key: _family(spec) for spec in CATALOG}
+        up = self.families["up"]
+        assert isinstance(up, GaugeMetricFamily)
+        self.up = up
 
     def all(self) -> list[Metric]:
-        fams: list[Metric] = [
-            v for k, v in vars(self).items() if k != "histograms" and isinstance(v, Metric)
-        ]
-        return fams + list(self.histograms.values())
+        return list(self.families.values())
 
     def add(self, pool: str, snap: Mapping[str, Any]) -> None:
         """Add the samples of one pool's snapshot."""
-        p = [pool]
-        self.up.add_metric(p, 1.0)
-        self.info.add_metric(
-            p,
-            {
-                "pgbouncer": "true" if snap.get("pgbouncer") else "false",
-                "version": _pgwarden_version(),
-            },
-        )
-        state = str(snap.get("state", ""))
-        for s in STATES:
-            self.state.add_metric([pool, s], 1.0 if s == state else 0.0)
-        breaker = str(snap.get("breaker", ""))
-        for s in BREAKER_STATES:
-            self.breaker.add_metric([pool, s], 1.0 if s == breaker else 0.0)
-
-        g = _mapping(snap.get("pool"))
-        self.connections.add_metric([pool, "idle"], _num(g.get("idle")))
-        self.connections.add_metric([pool, "used"], _num(g.get("in_use")))
-        self.size.add_metric(p, _num(g.get("size")))
-        self.max.add_metric(p, _num(g.get("max_size")))
-        self.idle_max.add_metric(p, _num(g.get("idle_max", g.get("max_size"))))
-        self.pending.add_metric(p, _num(g.get("waiting")))
-        self.utilization.add_metric(p, _num(g.get("utilization")))
-        self.limit.add_metric(p, _num(g.get("limit", g.get("max_size"))))
-        self.configured_max.add_metric(p, _num(g.get("configured_max", g.get("max_size"))))
-        self.lost.add_metric(p, _num(g.get("connections_lost")))
-        self.in_flight.add_metric(p, _num(snap.get("in_flight")))
-        self.budget.add_metric(p, _num(snap.get("retry_budget_tokens")))
-        last = snap.get("last_warmup_seconds")
-        if isinstance(last, (int, float)) and math.isfinite(last):
-            self.last_warmup.add_metric(p, float(last))
-
-        c = _mapping(snap.get("counters"))
-        self.queries.add_metric(p, _num(c.get("queries")))
-        for kind, n in _by_vocabulary(_mapping(c.get("errors")), KINDS, label=None).items():
-            self.errors.add_metric([pool, kind], n)
-        r = _mapping(c.get("retries"))
-        for reason, n in _by_vocabulary(_mapping(r.get("by_reason")), KINDS, label=None).items():
-            self.retries.add_metric([pool, reason], n)
-        by_attempt = _by_vocabulary(_mapping(r.get("by_attempt")), _ATTEMPTS, label=attempt_label)
-        for attempt, n in by_attempt.items():
-            self.retry_attempts.add_metric([pool, attempt], n)
-        self.opened.add_metric(p, _num(c.get("connections_opened")))
-        closed = _by_vocabulary(_mapping(c.get("connections_closed")), CLOSE_REASONS, label=None)
-        for reason, n in closed.items():
-            self.closed.add_metric([pool, reason], n)
-        failures = _by_vocabulary(_mapping(c.get("connect_failures")), KINDS, label=None)
-        for kind, n in failures.items():
-            self.connect_failures.add_metric([pool, kind], n)
-        self.acquire_timeouts.add_metric(p, _num(c.get("acquire_timeouts")))
-        w = _mapping(c.get("warmups"))
-        for result in _RESULTS_WARMUP:
-            self.warmups.add_metric([pool, result], _num(w.get(result)))
-        self.overloads.add_metric(p, _num(c.get("overload_events")))
-        seen = {pair: 0.0 for pair in _TRANSITIONS}
-        for key, n in _mapping(c.get("breaker_transitions")).items():
-            src, _, dst = str(key).partition("->")
-            pair = (bounded(src, BREAKER_STATES), bounded(dst, BREAKER_STATES))
-            seen[pair] = seen.get(pair, 0.0) + _num(n)
-        for (src, dst), n in seen.items():
-            self.transitions.add_metric([pool, src, dst], n)
-        ambiguous = _by_vocabulary(
-            _mapping(c.get("ambiguous_commits")), AMBIGUOUS_OUTCOMES, label=None
-        )
-        for outcome, n in ambiguous.items():
-            self.ambiguous.add_metric([pool, outcome], n)
-        h = _mapping(c.get("health_checks"))
-        for result in _RESULTS_HEALTH:
-            self.health.add_metric([pool, result], _num(h.get(result)))
-        self.slow.add_metric(p, _num(c.get("slow_queries")))
-        self.leaked.add_metric(p, _num(c.get("leaked_connections")))
-
-        hists = _mapping(snap.get("histograms"))
-        buckets = _mapping(snap.get("buckets"))
-        for key in HISTOGRAMS:
-            summary = _mapping(hists.get(key))
-            pairs = parse_buckets(buckets.get(key))
-            if pairs is None:
-                if not summary:
-                    continue
-                # No bucket detail (a plain stats dict): count and sum are still exact.
-                pairs = [(math.inf, int(_num(summary.get("count"))))]
-            self.histograms[key].add_metric(
-                p,
-                [(_le(le), float(n)) for le, n in pairs],
-                sum_value=_num(summary.get("sum")),
-            )
-
-
-_VERSION: list[str] = []
-
-
-def _pgwarden_version() -> str:
-    if not _VERSION:
-        import pgwarden
-
-        _VERSION.append(str(pgwarden.__version__))
-    return _VERSION[0]
+        for spec in CATALOG:
+            family: Any = self.families[spec.key]
+            if spec.shape is Shape.HISTOGRAM:
+                parts = histogram_parts(spec, snap)
+                if parts is not None:
+                    pairs, total = parts
+                    buckets = [(_le(le), float(n)) for le, n in pairs]
+                    family.add_metric([pool], buckets, sum_value=total)
+            elif spec.kind is Kind.INFO:
+                names = [label.name for label in spec.labels]
+                for values, _ in samples(spec, snap):
+                    family.add_metric([pool], dict(zip(names, values, strict=True)))
+            else:
+                for values, value in samples(spec, snap):
+                    family.add_metric([pool, *values], value)
 
 
 class PgwardenCollector(Collector):
