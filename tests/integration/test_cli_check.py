@@ -20,10 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-import psycopg
 import pytest
 
-from pgwarden.cli import check
 from pgwarden.cli.main import main
 
 
@@ -161,6 +159,19 @@ def test_check_help_shows_options(capsys: pytest.CaptureFixture[str]) -> None:
 def test_unknown_command_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["frobnicate"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_version_goes_to_stdout() -> None:
+    from importlib.metadata import version
+
+    proc = subprocess.run(
+        [*CLI, "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        0,
+        f"pgwarden {version('pgwarden')}\n",
+        "",
+    )
 
 
 def test_main_import_is_cheap() -> None:
@@ -365,6 +376,61 @@ def test_pgbouncer_detected(pgbouncer: Bouncer, capsys: pytest.CaptureFixture[st
         assert info["version"].startswith("PgBouncer ")
 
 
+def test_pgpool_detected_as_the_handle_does(pgpool: Bouncer) -> None:
+    """pgpool-II forwards the server's backend key, so the pids agree; the other client port
+    the server sees makes the check ask ``SHOW pool_version``, like the handle's warmup."""
+    proc = run_cli("check", "--json", pgpool.url)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)["pgbouncer"]
+    assert info["detected"] == "yes", info
+    assert info["in_front"] is True
+    assert info["version"].startswith("pgpool-II")
+    assert any("pgpool-II" in line for line in info["evidence"])
+
+
+# --------------------------------------------------------------------------------------------
+# A Unix tool: stdout may be closed early by its reader
+
+
+def test_piped_to_head_ends_quietly(pg_server: Server) -> None:
+    """``pgwarden check URL | head -1``: the first line, and no traceback whoever wins the race
+    between head exiting and the report being written."""
+    cli = " ".join(f"'{a}'" for a in [*CLI, "check", pg_server.url])
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", f"{cli} | head -1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        check=False,
+    )
+    assert proc.returncode in (0, 141), proc.stderr
+    assert proc.stdout.startswith("target ")
+    assert proc.stdout.count("\n") == 1
+    assert proc.stderr == ""
+
+
+def test_closed_stdout_ends_quietly_with_141(pg_server: Server) -> None:
+    """The reader is gone before the report is written (deterministic: the pipe's read end
+    is closed at once): exit 141 like a tool ended by SIGPIPE, nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [*CLI, "check", "--json", pg_server.url],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=child_env(),
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141
+    assert proc.stderr == ""
+
+
 # --------------------------------------------------------------------------------------------
 # Embedded default (no URL, no DATABASE_URL)
 
@@ -414,7 +480,11 @@ def _run_embedded(*, interrupt: signal.Signals | None = None) -> tuple[int, str,
 def test_embedded_default_is_used_and_removed() -> None:
     code, out, err, pid, data_dir = _run_embedded()
     assert code == 0, err
-    assert err.startswith("starting embedded PostgreSQL...\n")
+    assert err.splitlines()[:2] == [
+        "pgwarden check: no URL given (nor PGWARDEN_URL or DATABASE_URL): checking a "
+        "throwaway embedded PostgreSQL, removed afterwards",
+        "starting embedded PostgreSQL...",
+    ]
     description = _embedded_location(err)
     assert "embedded PostgreSQL stopped and removed" in err
     report = json.loads(out)
@@ -437,103 +507,35 @@ def test_embedded_default_removed_on_interrupt(sig: signal.Signals) -> None:
     assert not data_dir.exists()
 
 
-# --------------------------------------------------------------------------------------------
-# Pure helpers (no server)
+def test_embedded_text_report_says_so_on_its_first_line() -> None:
+    proc = run_cli("check", "--pings", "1", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("checking a throwaway embedded server, removed afterwards (")
+    assert proc.stderr.splitlines()[0].startswith("pgwarden check: no URL given")
+    assert "embedded PostgreSQL stopped and removed" in proc.stderr
 
 
-def _settings(**values: tuple[str, str | None]) -> dict[str, check.ServerSetting]:
-    return {
-        name: check.ServerSetting(name, value, unit, "configuration file")
-        for name, (value, unit) in values.items()
-    }
-
-
-def test_assess_idle_session_timeout_against_policy() -> None:
-    settings = _settings(idle_session_timeout=("5000", "ms"))
-    policy = check.PoolPolicy(max_lifetime=1800.0, max_idle=300.0)
-    (finding,) = check.assess(settings, policy=policy)
-    assert finding.level == "warning"
-    assert finding.code == "idle_session_timeout"
-    assert "idle_session_timeout = 5s (set by configuration file)" in finding.message
-    assert check.assess(settings, policy=check.PoolPolicy(max_lifetime=4.0)) == []
-    assert check.assess(_settings(idle_session_timeout=("0", "ms")), policy=policy) == []
-
-
-def test_assess_other_settings() -> None:
-    settings = _settings(
-        idle_in_transaction_session_timeout=("2000", "ms"),
-        tcp_keepalives_idle=("0", "s"),
-        statement_timeout=("30000", "ms"),
-        max_connections=("20", None),
-        superuser_reserved_connections=("0", None),
+def test_fleet_plan_for_instances(pg_server: Server) -> None:
+    proc = run_cli(
+        "check", "--json", "--pings", "1", "--instances", "30", pg_server.url, settings_only=True
     )
-    findings = check.assess(
-        settings, policy=check.PoolPolicy(max_size=10), connections_in_use=18, local=False
-    )
-    codes = {f.code: f.level for f in findings}
-    assert codes == {
-        "idle_in_transaction_session_timeout": "warning",
-        "tcp_keepalives_idle": "info",
-        "statement_timeout": "info",
-        "superuser_reserved_connections": "warning",
-        "connections_in_use": "warning",
-        "max_connections": "info",
-        "tls": "warning",
-    }
-    # Over a Unix socket keepalives do not apply; behind a pooler the fleet note does not.
-    quiet = check.assess(
-        settings, policy=check.PoolPolicy(), socket=True, behind_pooler=True, local=True
-    )
-    assert {f.code for f in quiet} == {
-        "idle_in_transaction_session_timeout",
-        "statement_timeout",
-        "superuser_reserved_connections",
-    }
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    fleet = report["fleet"]
+    assert fleet["instances"] == 30
+    assert len(fleet["shares"]) == 30
+    # The server's budget, less this check's own connection not counted as another's.
+    others = report["connections_in_use"] - 1
+    assert fleet["budget"] == report["usable_connections"] - others
+    assert "fleet_budget" in [f["code"] for f in report["findings"]]
+
+    text = run_cli("check", "--instances", "3", "--fleet-budget", "6", pg_server.url)
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"^fleet\s+budget 6 connection\(s\): fleet_budget=6$", text.stdout, re.M)
 
 
-@pytest.mark.parametrize(
-    ("message", "reason"),
-    [
-        (
-            'connection failed: connection to server at "127.0.0.1", port 1 failed: '
-            "Connection refused\n\tIs the server running on that host and accepting TCP/IP "
-            "connections?",
-            "connection refused",
-        ),
-        (
-            'connection failed: connection to server at "h", port 5432 failed: FATAL:  '
-            'password authentication failed for user "app"',
-            'password authentication failed for user "app"',
-        ),
-        (
-            "failed to resolve host 'nohost.invalid': [Errno -2] Name or service not known",
-            "cannot resolve host name 'nohost.invalid'",
-        ),
-        (
-            'connection is bad: connection to server on socket "/tmp/x/.s.PGSQL.5432" failed: '
-            "No such file or directory\n\tIs the server running locally?",
-            "no server socket at /tmp/x/.s.PGSQL.5432",
-        ),
-        ("connection failed: something new and odd", "something new and odd"),
-    ],
-)
-def test_summarize_connect_error(message: str, reason: str) -> None:
-    assert check.summarize_connect_error(psycopg.OperationalError(message)) == reason
-
-
-def test_summarize_timeout() -> None:
-    exc = psycopg.errors.ConnectionTimeout("connection timeout expired")
-    assert check.summarize_connect_error(exc, 0.5) == "timed out after 2s"
-    assert check.summarize_connect_error(exc, 5) == "timed out after 5s"
-
-
-def test_fmt_duration() -> None:
-    assert [check.fmt_duration(s) for s in (0, 0.25, 5, 90, 1800, 7200, 5400)] == [
-        "0",
-        "250ms",
-        "5s",
-        "90s",
-        "30min",
-        "2h",
-        "90min",
-    ]
+def test_fleet_budget_needs_instances() -> None:
+    proc = run_cli("check", "--fleet-budget", "10", "postgresql://u@127.0.0.1:1/x")
+    assert proc.returncode == 2
+    assert "give --instances N too" in proc.stderr

@@ -35,7 +35,6 @@ import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from typing import Any
 
 from pgwarden._redact import redact
 from pgwarden.cli._args import port, positive_float
+from pgwarden.cli._common import err, url_secrets
 from pgwarden.cli._embedded import with_embedded
 
 __all__ = ["build_parser", "run"]
@@ -112,20 +112,6 @@ def build_parser(prog: str = "pgwarden dashboard") -> argparse.ArgumentParser:
         help="stop after this many seconds (default: run until Ctrl-C)",
     )
     return parser
-
-
-def _err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _password(url: str) -> str | None:
-    try:
-        from psycopg.conninfo import conninfo_to_dict
-
-        value = conninfo_to_dict(url).get("password")
-    except Exception:
-        return None
-    return str(value) if value else None
 
 
 def _settings(url: str) -> Any:
@@ -240,7 +226,7 @@ async def _serve(source: object, args: argparse.Namespace, label: str, db: Any) 
         await server.start()
     except OSError as exc:
         dashboard.close()
-        _err(f"pgwarden dashboard: cannot listen on {args.host}:{args.port}: {exc.strerror}")
+        err(f"pgwarden dashboard: cannot listen on {args.host}:{args.port}: {exc.strerror}")
         return 2
     dashboard.start_sampling()
     stop = asyncio.Event()
@@ -253,7 +239,7 @@ async def _serve(source: object, args: argparse.Namespace, label: str, db: Any) 
                 installed.append(sig)
     print(f"pgwarden dashboard: serving {server.url} for {label} (Ctrl-C to stop)", flush=True)
     if not _is_loopback(str(args.host)):
-        _err(
+        err(
             "pgwarden dashboard: warning: listening beyond loopback; the dashboard has no "
             "authentication, so anyone who can reach this address can read it"
         )
@@ -263,7 +249,7 @@ async def _serve(source: object, args: argparse.Namespace, label: str, db: Any) 
             try:
                 await db.ready()
             except Exception as exc:
-                _err(f"pgwarden dashboard: database not ready yet: {redact(str(exc))}")
+                err(f"pgwarden dashboard: database not ready yet: {redact(str(exc))}")
             tasks = _activity(db, args, stop)
         if args.duration is not None:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -290,9 +276,8 @@ async def _serve(source: object, args: argparse.Namespace, label: str, db: Any) 
 async def _serve_database(url: str, args: argparse.Namespace) -> int:
     from pgwarden import AsyncDatabase
 
-    secret = _password(url)
     db = AsyncDatabase(_settings(url))
-    label = redact(url, secret)
+    label = redact(url, *url_secrets(url))
     return await _serve(db, args, label, db)
 
 
@@ -300,13 +285,15 @@ def _run_loop(coro: Any) -> int:
     try:
         result: int = asyncio.run(coro)
     except KeyboardInterrupt:
-        _err("pgwarden dashboard: stopped")
+        err("pgwarden dashboard: stopped")
         return 0
     return result
 
 
 def _run_embedded(args: argparse.Namespace, prog: str) -> int:
-    return with_embedded(prog, lambda url, _: _run_loop(_serve_database(url, args)))
+    return with_embedded(
+        prog, lambda url, _: _run_loop(_serve_database(url, args)), doing="serving"
+    )
 
 
 def run(argv: Sequence[str], prog: str = "pgwarden dashboard") -> int:
@@ -316,15 +303,15 @@ def run(argv: Sequence[str], prog: str = "pgwarden dashboard") -> int:
     url = args.url
     if url is not None and url.startswith(("http://", "https://")):
         if stats_url is not None:
-            _err(f"{prog}: give either an http(s) URL or --stats-url, not both")
+            err(f"{prog}: give either an http(s) URL or --stats-url, not both")
             return 2
         stats_url, url = url, None
     if stats_url is not None:
         if url is not None:
-            _err(f"{prog}: --stats-url and a database URL are mutually exclusive")
+            err(f"{prog}: --stats-url and a database URL are mutually exclusive")
             return 2
         if not stats_url.startswith(("http://", "https://")):
-            _err(f"{prog}: --stats-url must be an http(s):// URL")
+            err(f"{prog}: --stats-url must be an http(s):// URL")
             return 2
         return _run_loop(_serve(stats_url, args, redact(stats_url), None))
     if url is None:

@@ -6,13 +6,16 @@ argparse parser, so ``pgwarden check --help`` is answered by ``pgwarden.cli.chec
 library; psycopg is loaded only by a subcommand that needs it).
 
 Exit codes shared by all subcommands: 0 success, 1 the command ran and failed, 2 usage error or
-the database could not be reached, 130 interrupted (Ctrl-C).
+the database could not be reached, 130 interrupted (Ctrl-C or SIGTERM), 141 stdout was closed
+by its reader (``| head``), which ends the command quietly, without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol, cast
@@ -70,7 +73,9 @@ class _VersionAction(argparse.Action):
         values: object,
         option_string: str | None = None,
     ) -> None:
-        parser.exit(message=f"{PROG} {_version()}\n")
+        # On stdout, like any tool's --version: it is the answer, not a diagnostic.
+        print(f"{PROG} {_version()}", flush=True)
+        parser.exit()
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -128,6 +133,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+#: Exit status when the reader of stdout went away (``pgwarden check URL | head -1``):
+#: 128 + SIGPIPE, what a shell reports for a tool that SIGPIPE ended.
+EXIT_BROKEN_PIPE = 141
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout is gone: end quietly, as a Unix tool does. stdout is pointed
+    at /dev/null so that the interpreter's final flush finds nowhere to fail (it would
+    print "Exception ignored ... BrokenPipeError" on stderr)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from ._scratch import ScratchServer
 
 __all__ = ["DEFAULT_SETTINGS", "PostgresServer", "StopMode"]
 
+#: How `PostgresServer.stop` shuts the server down: ``pg_ctl stop -m <mode>``.
 StopMode = Literal["smart", "fast", "immediate"]
 
 #: Settings every server starts with; each can be overridden by ``settings``.
