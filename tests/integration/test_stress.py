@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from pgwarden.cli.main import main
-from pgwarden.stress import analysis, clients, harness, live, report, scenarios
+from pgwarden.stress import analysis, clients, harness, live, report, scenarios, workers
 from pgwarden.testing.plugin import unavailable
 
 RESULT_KEYS = {
@@ -107,7 +107,7 @@ def check_report(
             assert r["workers"]["reported"] == entry["params"]["processes"], r["worker_errors"]
             assert set(r["latency_ms"]) == {"p50", "p95", "p99", "max"}
             assert r["series"]["connections"], "the sampler recorded nothing"
-            assert re.search(rf"^{client}\s+{r['requests']}\s", stdout, re.M)
+            assert re.search(rf"^{re.escape(client)}\s+{r['requests']}\s", stdout, re.M)
         for name in clients.PGWARDEN_CLIENTS:
             pgw = entry["results"].get(name)
             if pgw is None:
@@ -141,6 +141,15 @@ def test_flagship_all_clients(
     storm = data["scenarios"][0]
     assert storm["max_connections"] == 20
     assert "first success per process" in out
+    # Every client from compiled bytecode, and its time from spawn to first row reported.
+    assert data["bytecode"]["packages"]["pgwarden"] == "compiled"
+    assert "bytecode: compiled pgwarden" in out
+    assert "from process spawn to first row" in out
+    for r in storm["results"].values():
+        spawn = r["first_row_from_spawn_s"]
+        assert spawn["p50"] is not None
+        # It includes the start-signal-to-first-success time, and the interpreter start.
+        assert spawn["p50"] > r["first_success_s"]["p50"] > 0
     check_html(tmp_path / "report.html")
     assert str(tmp_path / "report.html") in out
     text = markdown.read_text()
@@ -241,6 +250,44 @@ def test_failover_scenario(
     assert "after promotion (worst of each failover): pgwarden first write" in out
     check_html(tmp_path / "report.html")
     assert "after promotion" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_fleet_scenario(
+    postgres_binaries: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Processes arriving in waves; pgwarden runs twice (without and with fleet_budget),
+    right after each other; per process, first success and connections over time."""
+    code, out, _, data = run_cli(
+        capsys, tmp_path, "--scenario", "fleet", "--clients", "pgwarden,psycopg_pool", "-q"
+    )
+    check_report(data, ["fleet"], ["pgwarden", "pgwarden+budget", "psycopg_pool"], out)
+    assert code == 0
+    entry = data["scenarios"][0]
+    params = entry["params"]
+    budget = params["variants"]["pgwarden+budget"]["fleet_budget"]
+    # The point of the scenario: the budget is below the processes' combined max_size.
+    assert budget < params["processes"] * params["pool_size"]
+    waves = params["waves"]
+    for client, r in entry["results"].items():
+        fleet = r["fleet"]
+        assert [p["worker"] for p in fleet["processes"]] == list(range(params["processes"]))
+        assert {p["wave"] for p in fleet["processes"]} == set(range(waves["count"]))
+        late = [p for p in fleet["processes"] if p["wave"] == waves["count"] - 1]
+        assert all(p["arrived_s"] == (waves["count"] - 1) * waves["every_s"] for p in late)
+        assert set(fleet["connections"]) == {str(i) for i in range(params["processes"])}
+        # A process has no connection before it arrives.
+        for p in fleet["processes"]:
+            steps = fleet["connections"][str(p["worker"])]
+            assert all(n == 0 for t, n in steps if t < p["arrived_s"] - 0.2), (client, p)
+        assert fleet["never"] == 0, f"{client}: a process never succeeded"
+    pgw = entry["results"]["pgwarden+budget"]
+    assert pgw["fleet"]["share_all_arrived"]["min_pct"] is not None
+    assert "share of connections while all were in" in out
+    html_text = (tmp_path / "report.html").read_text()
+    check_html(tmp_path / "report.html")
+    assert "connections per process" in html_text
+    assert "fleet_budget" in html_text
 
 
 @pytest.mark.slow
@@ -566,6 +613,10 @@ def test_help_lists_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
     for name in scenarios.SCENARIOS:
         assert name in out
     assert "--quick" in out
+    # Every client is named, and the count is theirs (it once said five of seven).
+    assert f"with {len(clients.CLIENTS)} clients" in " ".join(out.split())
+    assert "fleet" in out
+    assert "(opt-in)" in out
 
 
 def test_help_subprocess_lists_stress() -> None:
@@ -585,6 +636,11 @@ def test_help_subprocess_lists_stress() -> None:
 
 def test_resolve_aliases() -> None:
     assert scenarios.resolve(["all"]) == list(scenarios.SCENARIOS)
+    assert scenarios.resolve(["default"]) == [
+        n for n in scenarios.SCENARIOS if n not in scenarios.OPT_IN
+    ]
+    assert "fleet" not in scenarios.resolve(["default"])
+    assert scenarios.resolve(["fleet"]) == ["fleet"]
     assert scenarios.resolve(["pgbouncer", "storm"]) == [
         "storm",
         "pgbouncer-storm",
@@ -1066,7 +1122,7 @@ def test_worker_stops_at_its_hard_limit(tmp_path: Path) -> None:
             [sys.executable, "-m", "pgwarden.stress.worker", str(cfg_path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=harness._worker_env(),
+            env=workers.worker_env(),
         )
         assert proc.stdin is not None
         assert proc.stdout is not None

@@ -1,6 +1,7 @@
 """``pgwarden stress``: fault scenarios, pgwarden against psycopg_pool, SQLAlchemy and naive.
 
-Runs the named scenarios (default: all) with each client in turn, prints live progress
+Runs the named scenarios (default: every scenario but the opt-in ``fleet``) with each client
+in turn, prints live progress
 (stderr) and a table per scenario (stdout), and writes ``results.json`` and a self-contained
 ``report.html`` to ``--out``. Without ``--url`` each scenario starts its own throwaway
 PostgreSQL (and PgBouncer or a fault proxy when it needs one); see ``docs/stress.md``.
@@ -22,7 +23,6 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from pgwarden.cli._args import port, positive_float
 
@@ -41,21 +41,27 @@ def _deadline_seconds(text: str) -> float:
 
 def build_parser(prog: str = "pgwarden stress") -> argparse.ArgumentParser:
     from pgwarden.stress.clients import CLIENTS
-    from pgwarden.stress.scenarios import ALIASES, QUICK, SCENARIOS, SIZES
+    from pgwarden.stress.scenarios import ALIASES, OPT_IN, QUICK, SCENARIOS, SIZES
 
-    scenario_list = "\n".join(f"  {s.name:<18} {s.title}" for s in SCENARIOS.values())
+    scenario_list = "\n".join(
+        f"  {s.name:<18} {s.title}" + (" (opt-in)" if s.name in OPT_IN else "")
+        for s in SCENARIOS.values()
+    )
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(
-            "Run fault scenarios with five clients (pgwarden, psycopg_pool with its defaults, "
-            "SQLAlchemy QueuePool with pool_pre_ping, the same SQLAlchemy code on pgwarden's "
-            "postgresql+pgwarden:// dialect, a naive connect-per-request client) "
+            f"Run fault scenarios with {len(CLIENTS)} clients (pgwarden, psycopg_pool with its "
+            "defaults, SQLAlchemy QueuePool with pool_pre_ping, the same SQLAlchemy code on "
+            "pgwarden's postgresql+pgwarden:// dialect, Django's PostgreSQL backend, the same "
+            "Django code on pgwarden's backend, a naive connect-per-request client) "
             "and report success, errors, latency, server connections, recovery time, "
             "duplicate writes and lost acknowledged writes."
         ),
         epilog=(
             f"scenarios:\n{scenario_list}\n"
-            f"aliases: {', '.join(ALIASES)}\n\n"
+            f"aliases: {', '.join(ALIASES)}\n"
+            f"default: every scenario but the opt-in ones ({', '.join(OPT_IN)}); "
+            "'all' includes them.\n\n"
             f"--quick runs the flagship ({' + '.join(QUICK)}) at size small.\n"
             "exit status: 0 done and pgwarden kept its invariants, 1 pgwarden had a "
             "duplicate or lost write, 2 usage or setup error, 130 interrupted."
@@ -66,7 +72,8 @@ def build_parser(prog: str = "pgwarden stress") -> argparse.ArgumentParser:
         "--scenario",
         action="append",
         metavar="NAME",
-        help="a scenario or alias; repeatable, or comma-separated (default: all)",
+        help="a scenario or alias; repeatable, or comma-separated (default: every scenario "
+        "but the opt-in ones)",
     )
     parser.add_argument(
         "--quick",
@@ -149,13 +156,14 @@ def run(argv: Sequence[str], prog: str = "pgwarden stress") -> int:
         write_json,
         write_markdown,
     )
+    from pgwarden.stress.results import ScenarioEntry
     from pgwarden.stress.scenarios import QUICK, Size, resolve
 
     names: list[str] = []
     for item in args.scenario or []:
         names.extend(part for part in item.split(",") if part.strip())
     if not names:
-        names = list(QUICK) if args.quick else ["all"]
+        names = list(QUICK) if args.quick else ["default"]
     try:
         scenarios = resolve(names)
     except ValueError as exc:
@@ -199,7 +207,7 @@ def run(argv: Sequence[str], prog: str = "pgwarden stress") -> int:
         if not args.quiet:
             print(line, file=sys.stderr, flush=True)
 
-    def on_scenario(entry: dict[str, Any]) -> None:
+    def on_scenario(entry: ScenarioEntry) -> None:
         print(format_scenario(entry), flush=True)
         print(flush=True)
         write_json(report, json_path)

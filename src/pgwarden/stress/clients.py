@@ -42,9 +42,8 @@ worker's start signal, so they are part of the cold start.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -114,6 +113,12 @@ class ClientConfig(Protocol):
     @property
     def orm_share(self) -> float: ...
 
+    @property
+    def fleet_budget(self) -> int | str | None: ...
+
+    @property
+    def fleet_tag(self) -> str: ...
+
 
 class Client(Protocol):
     def read(self, key: str, work: float) -> None: ...
@@ -126,10 +131,12 @@ class Client(Protocol):
 def libpq_kwargs(cfg: ClientConfig) -> dict[str, Any]:
     """Connection keywords for the baselines: the deadline as libpq and server timeouts.
 
-    libpq's ``connect_timeout`` is whole seconds, at least 2.
+    libpq's ``connect_timeout`` is whole seconds, at least 2 (pgwarden's one rule for it).
     """
+    from pgwarden._handle.config import libpq_connect_timeout
+
     return {
-        "connect_timeout": max(2, math.ceil(cfg.deadline)),
+        "connect_timeout": libpq_connect_timeout(cfg.deadline),
         "options": f"-c statement_timeout={max(1, int(cfg.deadline * 1000))}",
         "application_name": cfg.application_name,
     }
@@ -141,9 +148,17 @@ class PgwardenClient:
 
         self._pgw = pgwarden
         self._deadline = cfg.deadline
+        fleet: dict[str, Any] = {}
+        if cfg.fleet_budget is not None:  # the fleet scenario's pgwarden+budget
+            fleet["fleet_budget"] = cfg.fleet_budget
+            if cfg.fleet_tag:
+                fleet["fleet_tag"] = cfg.fleet_tag
         self.db = pgwarden.connect(
             settings=pgwarden.Settings(
-                url=cfg.url, max_size=cfg.pool_size, application_name=cfg.application_name
+                url=cfg.url,
+                max_size=cfg.pool_size,
+                application_name=cfg.application_name,
+                **fleet,
             )
         )
 
@@ -158,7 +173,7 @@ class PgwardenClient:
         with self._pgw.deadline(self._deadline):
             self.db.execute(WRITE_SQL, (run, req_id, worker))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> Mapping[str, Any]:
         return self.db.stats()
 
     def live_stats(self) -> dict[str, Any]:
@@ -482,65 +497,15 @@ def make_client(name: str, cfg: ClientConfig) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Error kinds: one vocabulary for the five clients
+# Error kinds: one vocabulary for every client, from the library's own classifier
 
 #: Kinds that mean "the time ran out" (the request used its deadline).
 TIMEOUT_KINDS = frozenset(
     {"deadline", "pool_timeout", "statement_timeout", "connect_timeout", "late", "hung"}
 )
 
-_SQLSTATE_KINDS = {
-    "53300": "too_many_clients",
-    "53400": "too_many_clients",
-    "57P03": "server_starting",
-    "57014": "statement_timeout",
-    "57P01": "conn_lost",
-    "57P02": "conn_lost",
-    "08006": "conn_lost",
-    "08003": "conn_lost",
-    "08001": "refused",
-    "08004": "refused",
-    "26000": "prepared_stmt",
-    "23505": "duplicate_key",
-    "25006": "read_only",
-    "40001": "conflict",
-    "40P01": "conflict",
-}
-
-_MESSAGE_KINDS: tuple[tuple[str, str], ...] = (
-    ("too many clients", "too_many_clients"),
-    ("remaining connection slots are reserved", "too_many_clients"),
-    ("no more connections allowed", "too_many_clients"),
-    ("query_wait_timeout", "pooler_timeout"),
-    ("server login has been failing", "pooler_login_failing"),
-    ("the database system is starting up", "server_starting"),
-    ("the database system is shutting down", "server_starting"),
-    ("the database system is in recovery mode", "server_starting"),
-    ("the database system is not yet accepting", "server_starting"),
-    ("canceling statement due to statement timeout", "statement_timeout"),
-    ("timeout expired", "connect_timeout"),
-    ("connection refused", "refused"),
-    ("no such file or directory", "refused"),
-    ("prepared statement", "prepared_stmt"),
-    ("server closed the connection", "conn_lost"),
-    ("terminating connection", "conn_lost"),
-    ("consuming input failed", "conn_lost"),
-    ("connection is lost", "conn_lost"),
-    ("the connection is closed", "conn_lost"),
-    ("connection reset", "conn_lost"),
-    ("server conn crashed", "conn_lost"),
-    ("ssl syscall", "conn_lost"),
-    ("sending query failed", "conn_lost"),
-    ("eof detected", "conn_lost"),
-    ("bad file descriptor", "conn_lost"),
-    # psycopg, when the connection dies under a pipeline (pgwarden classifies it as lost).
-    ("cannot exit pipeline mode while busy", "conn_lost"),
-    # libpq with target_session_attrs=read-write found no host that accepts writes.
-    ("session is read-only", "no_primary"),
-    ("server is in hot standby mode", "no_primary"),
-    ("connection to server", "refused"),
-)
-
+#: The clients' own errors that are not about the database, by class name: pgwarden's
+#: (its module is ``pgwarden...``) and the pools' "no connection in time".
 _PGWARDEN_KINDS = {
     "DeadlineExceeded": "deadline",
     "AcquireTimeout": "pool_timeout",
@@ -550,6 +515,43 @@ _PGWARDEN_KINDS = {
     "OutcomeUnknown": "outcome_unknown",
     "NotCommitted": "not_committed",
     "HandleClosed": "handle_closed",
+}
+
+#: How the report names what :func:`pgwarden.core.classify.classify_with_reason` decided:
+#: per failure kind, the first ``(rule, report kind)`` whose rule is in the classifier's
+#: reason (the rule that matched: ``sqlstate 57014``, ``text 'timeout expired'``, ``class
+#: ConnectionTimeout``; never the error's own text), else the kind's default.
+_REPORT_KINDS: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
+    "overload": ((("query_wait_timeout", "query_timeout"), "pooler_timeout"),),
+    "nothing_ran": (
+        (("timeout expired", "class connectiontimeout"), "connect_timeout"),
+        (
+            ("sqlstate 57p03", "the database system is", "not accepting connections"),
+            "server_starting",
+        ),
+        (
+            ("server login has been failing", "pgbouncer cannot connect", "client_login_timeout"),
+            "pooler_login_failing",
+        ),
+        (("session is", "hot standby", "writable connection"), "no_primary"),
+    ),
+    "timeout": ((("sqlstate 57014",), "statement_timeout"),),
+    "permanent": (
+        (("sqlstate 23505",), "duplicate_key"),
+        (("sqlstate 26000",), "prepared_stmt"),
+        (("sqlstate 53400",), "too_many_clients"),
+    ),
+}
+_REPORT_DEFAULTS = {
+    "overload": "too_many_clients",
+    "nothing_ran": "refused",
+    "stale": "conn_lost",
+    "lost": "conn_lost",
+    "lost_commit": "conn_lost",
+    "conflict": "conflict",
+    "failover": "read_only",
+    "timeout": "deadline",
+    "permanent": "other",
 }
 
 
@@ -565,7 +567,12 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def classify(exc: BaseException) -> str:
-    """One short kind for an exception from any of the clients."""
+    """One short kind for an exception from any of the clients (see ``docs/stress.md``).
+
+    The clients' own errors by class (pgwarden's, the pools' timeouts); everything else
+    as the library classifies it (:mod:`pgwarden.core.classify`, imported on the first
+    error, after the start signal), named in the report's vocabulary.
+    """
     cls = type(exc)
     if cls.__module__.startswith("sqlalchemy") and cls.__name__ == "TimeoutError":
         return "pool_timeout"  # QueuePool limit reached, pool_timeout expired
@@ -577,16 +584,16 @@ def classify(exc: BaseException) -> str:
             return kind
     if cls.__name__ == "PoolTimeout":
         return "pool_timeout"
-    sqlstate = getattr(exc, "sqlstate", None)
-    if isinstance(sqlstate, str) and sqlstate in _SQLSTATE_KINDS:
-        return _SQLSTATE_KINDS[sqlstate]
-    text = str(exc).lower()
-    for needle, kind in _MESSAGE_KINDS:
-        if needle in text:
-            return kind
-    if isinstance(exc, TimeoutError):
-        return "deadline"
-    return "other"
+    from pgwarden.core.classify import Phase, classify_with_reason
+
+    # The phase only splits "connection broken" into stale, lost or lost commit, which the
+    # report counts alike (conn_lost); STATEMENT is what a request runs.
+    failure, reason = classify_with_reason(exc, Phase.STATEMENT)
+    rule = reason.lower()
+    for needles, name in _REPORT_KINDS.get(failure.value, ()):
+        if any(needle in rule for needle in needles):
+            return name
+    return _REPORT_DEFAULTS[failure.value]
 
 
 def describe(exc: BaseException) -> str:

@@ -45,7 +45,7 @@ def open_pair(target: Any, plan: Any, say: Any) -> None:
     """Start the pair with the plan's settings and prepare it as the harness prepares its
     own server (schema, the clients' role); point ``target`` at it."""
     from pgwarden._redact import redact
-    from pgwarden.stress.harness import ROLE, HarnessError, prepare_schema_and_role
+    from pgwarden.stress.targets import ROLE, HarnessError, prepare_schema_and_role
     from pgwarden.testing import StandbyPair
 
     try:
@@ -79,7 +79,7 @@ def _point_admin_at(target: Any, server: Any) -> None:
 def apply(action: str, target: Any, t_go: float) -> dict[str, Any]:
     """Carry out one of :data:`ACTIONS`; returns what the fault record should add
     (``promoted_at`` relative to ``t_go``, a ``detail`` line)."""
-    from pgwarden.stress.harness import ADMIN_APP
+    from pgwarden.stress.targets import ADMIN_APP
 
     pair = target.pair
     if action == "rejoin":
@@ -112,7 +112,7 @@ def apply(action: str, target: Any, t_go: float) -> dict[str, Any]:
 def reset(target: Any) -> None:
     """Between clients: both nodes up, the first one primary with the second streaming
     from it, and no client session left on either."""
-    from pgwarden.stress.harness import APP_PREFIX
+    from pgwarden.stress.targets import APP_PREFIX
 
     pair = target.pair
     if pair.demoted is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,10 @@ CLIENT_COLORS = {
     "django": "#0891b2",
     "django-pgwarden": "#65a30d",
     "naive": "#059669",
+    "pgwarden+budget": "#1e3a8a",
 }
+#: The processes of the fleet chart, by wave (a wave's processes share a hue).
+_WAVE_COLORS = ("#2563eb", "#d97706", "#059669", "#db2777", "#7c3aed", "#0891b2")
 _KIND_COLORS = {"ok": "#16a34a", "late": "#f59e0b", "hung": "#7f1d1d"}
 _FAIL = "#dc2626"
 
@@ -150,7 +153,7 @@ def format_table(rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def describe_params(entry: dict[str, Any]) -> str:
+def describe_params(entry: Mapping[str, Any]) -> str:
     p = entry["params"]
     parts = [
         f"{p['processes']} processes x {p['threads']} threads",
@@ -167,7 +170,7 @@ def describe_params(entry: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def format_scenario(entry: dict[str, Any]) -> str:
+def format_scenario(entry: Mapping[str, Any]) -> str:
     """The terminal table (and notes) of one scenario."""
     title = f"{entry['name']}: {entry['title']}"
     if entry.get("skipped"):
@@ -187,6 +190,12 @@ def format_scenario(entry: dict[str, Any]) -> str:
                 + (f" ({missing} of {r['processes']} never)" if missing else "")
             )
         lines.append("   first success per process (from start): " + "; ".join(firsts))
+        from_spawn = fmt_first_row(results)
+        if from_spawn is not None:
+            lines.append("   " + from_spawn)
+    fleet = fmt_fleet(results)
+    if fleet is not None:
+        lines.append("   " + fleet)
     after_promotion = failover.describe(results)
     if after_promotion is not None:
         lines.append(after_promotion)
@@ -210,13 +219,56 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
-def invariant_failures(report: dict[str, Any], client: str | None = None) -> list[str]:
+def fmt_first_row(results: dict[str, dict[str, Any]]) -> str | None:
+    """Per client, from spawning a process to its first row (without the wait at the start
+    barrier): median and worst; None when no result has the figure."""
+    parts = []
+    for client, r in results.items():
+        fs = r.get("first_row_from_spawn_s")
+        if not fs or fs.get("p50") is None:
+            continue
+        parts.append(f"{client} p50 {fmt_ms(_ms(fs['p50']))} max {fmt_ms(_ms(fs['max']))}")
+    if not parts:
+        return None
+    return "from process spawn to first row (bytecode compiled): " + "; ".join(parts)
+
+
+def fmt_fleet(results: dict[str, dict[str, Any]]) -> str | None:
+    """The fleet figures in a line: per client, first success from arrival (median, worst,
+    never) and each process's share of the connections while all were in."""
+    parts = []
+    for client, r in results.items():
+        fleet = r.get("fleet")
+        if not fleet:
+            continue
+        fs = fleet["first_success_s"]
+        share = fleet["share_all_arrived"]
+        text = f"{client} first success p50 {fmt_ms(_ms(fs['p50']))} max {fmt_ms(_ms(fs['max']))}"
+        if fleet["never"]:
+            text += f" ({fleet['never']} of {len(fleet['processes'])} never)"
+        if share["min_pct"] is not None:
+            text += f", share {share['min_pct']:g}-{share['max_pct']:g}%"
+        parts.append(text)
+    if not parts:
+        return None
+    return "per process, from its arrival; share of connections while all were in: " + (
+        "; ".join(parts)
+    )
+
+
+def _is_pgwarden(name: str) -> bool:
+    """A client on pgwarden, or a variant of one (``pgwarden+budget``)."""
+    return name.partition("+")[0] in PGWARDEN_CLIENTS
+
+
+def invariant_failures(report: Mapping[str, Any], client: str | None = None) -> list[str]:
     """pgwarden's hard invariants that failed: duplicates, lost acknowledged writes, and
     torn units of work, for ``client`` or (None) every client on pgwarden
     (:data:`~pgwarden.stress.clients.PGWARDEN_CLIENTS`)."""
-    names = PGWARDEN_CLIENTS if client is None else (client,)
     out = []
     for entry in report["scenarios"]:
+        ran = list(entry.get("results", {}))
+        names = [n for n in ran if _is_pgwarden(n)] if client is None else [client]
         for name in names:
             r = entry.get("results", {}).get(name)
             if r is None:
@@ -232,13 +284,13 @@ def invariant_failures(report: dict[str, Any], client: str | None = None) -> lis
     return out
 
 
-def _pgwarden_clients(report: dict[str, Any]) -> list[str]:
+def _pgwarden_clients(report: Mapping[str, Any]) -> list[str]:
     """The clients on pgwarden that ran in some scenario, in order."""
     ran = {c for e in report["scenarios"] if not e.get("skipped") for c in e["results"]}
     return [c for c in PGWARDEN_CLIENTS if c in ran]
 
 
-def _invariants_line(report: dict[str, Any], failures: list[str]) -> str:
+def _invariants_line(report: Mapping[str, Any], failures: list[str]) -> str:
     clients = _pgwarden_clients(report)
     which = f", for {' and '.join(clients)}" if clients and clients != ["pgwarden"] else ""
     return f"pgwarden invariants (no duplicates, no lost acknowledged writes{which}): " + (
@@ -246,7 +298,7 @@ def _invariants_line(report: dict[str, Any], failures: list[str]) -> str:
     )
 
 
-def format_summary(report: dict[str, Any], json_path: Path, html_path: Path) -> str:
+def format_summary(report: Mapping[str, Any], json_path: Path, html_path: Path) -> str:
     lines = []
     failures = invariant_failures(report)
     ran = [e for e in report["scenarios"] if not e.get("skipped")]
@@ -263,12 +315,34 @@ def format_summary(report: dict[str, Any], json_path: Path, html_path: Path) -> 
         lines.append(f"{_invariants_line(report, failures)}; failures with deadline left: {counts}")
     for client, why in (report.get("options", {}).get("left_out") or {}).items():
         lines.append(f"left out: {client}: {why}")
+    bytecode = fmt_bytecode(report)
+    if bytecode is not None:
+        lines.append(bytecode)
     lines.append(f"JSON:   {json_path}")
     lines.append(f"report: {html_path}")
     return "\n".join(lines)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def fmt_bytecode(report: Mapping[str, Any]) -> str | None:
+    """What the harness compiled before spawning the workers, in a line (None: nothing)."""
+    bytecode = report.get("bytecode")
+    if not bytecode:
+        return None
+    done = [k for k, v in bytecode["packages"].items() if v != "not installed"]
+    failed = [k for k, v in bytecode["packages"].items() if v == "errors"]
+    return (
+        f"bytecode: compiled {', '.join(done)} before spawning the workers, as an installed "
+        "package has it"
+        + (
+            " (PYTHONDONTWRITEBYTECODE is set: the workers read it, write none)"
+            if bytecode.get("dont_write_bytecode")
+            else ""
+        )
+        + (f"; some modules of {', '.join(failed)} did not compile" if failed else "")
+    )
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
     """The tables as a Markdown document (for ``docs/benchmarks.md``), with the machine."""
     m = report["machine"]
     opts = report["options"]
@@ -314,19 +388,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(report: dict[str, Any], path: Path) -> None:
+def write_markdown(report: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_markdown(report), encoding="utf-8")
 
 
-def write_json(report: dict[str, Any], path: Path) -> None:
+def write_json(report: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
-def write_html(report: dict[str, Any], path: Path) -> None:
+def write_html(report: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(report), encoding="utf-8")
 
@@ -456,6 +530,60 @@ def latency_chart(result: dict[str, Any], deadline_s: float, x_max: float, clien
     return _svg(width, height, body, f"latency over time, {client}")
 
 
+def fleet_chart(result: dict[str, Any], x_max: float, budget: object, client: str) -> str:
+    """Each process's connections over time, stacked (a band per process, coloured by its
+    wave): the bands' heights are their shares of the clients' connections."""
+    width, height = 560, 220
+    fleet = result["fleet"]
+    series = {int(w): steps for w, steps in fleet["connections"].items()}
+    waves = {p["worker"]: p["wave"] for p in fleet["processes"]}
+    times = sorted({float(t) for steps in series.values() for t, _ in steps})
+
+    def at(steps: list[list[float]], t: float) -> float:
+        value = 0.0
+        for st, n in steps:
+            if float(st) > t:
+                break
+            value = float(n)
+        return value
+
+    stacks = {t: 0.0 for t in times}
+    bands = []
+    for w in sorted(series):
+        lower = dict(stacks)
+        for t in times:
+            stacks[t] += at(series[w], t)
+        bands.append((w, lower, dict(stacks)))
+    peak = max([*stacks.values(), float(budget) if isinstance(budget, int) else 0.0, 1.0])
+    y_max = peak * 1.1 + 1
+    frame = _Frame(width, height, x_max, 0.0, y_max, log=False)
+    step = max(1, int(_nice_step(y_max)))
+    body = frame.axes([(float(v), str(v)) for v in range(0, int(y_max) + 1, step)])
+    for w, lower, upper in bands:
+        if not times:
+            break
+        # Steps: each value holds until the next sample time.
+        top_pts, bottom_pts = [], []
+        for i, t in enumerate(times):
+            t_next = times[i + 1] if i + 1 < len(times) else t
+            for tt in (t, t_next):
+                top_pts.append(f"{frame.x(tt):.1f},{frame.y(upper[t]):.1f}")
+                bottom_pts.append(f"{frame.x(tt):.1f},{frame.y(lower[t]):.1f}")
+        color = _WAVE_COLORS[waves.get(w, 0) % len(_WAVE_COLORS)]
+        points = " ".join(top_pts + bottom_pts[::-1])
+        body.append(
+            f'<polygon points="{points}" fill="{color}" fill-opacity="0.55" stroke="#fff" '
+            f'stroke-width="0.4"><title>process {w} (wave {waves.get(w, 0)})</title></polygon>'
+        )
+    if isinstance(budget, int):
+        y = frame.y(budget)
+        body.append(
+            f'<line x1="{frame.left}" x2="{width - frame.right}" y1="{y:.1f}" y2="{y:.1f}" '
+            'stroke="#0f172a" stroke-dasharray="6 3"><title>fleet_budget</title></line>'
+        )
+    return _svg(width, height, body, f"connections per process over time, {client}")
+
+
 def connections_chart(
     results: dict[str, dict[str, Any]], x_max: float, max_connections: int | None
 ) -> str:
@@ -525,7 +653,7 @@ def _legend() -> str:
     )
 
 
-def _scenario_html(entry: dict[str, Any]) -> str:
+def _scenario_html(entry: Mapping[str, Any]) -> str:
     name = entry["name"]
     out = [f'<h2 id="{_esc(name)}">{_esc(name)}: {_esc(entry["title"])}</h2>']
     out.append(f'<p class="muted">{_esc(entry["description"])}</p>')
@@ -581,7 +709,24 @@ def _scenario_html(entry: dict[str, Any]) -> str:
             + _legend()
             + "</div>"
         )
+    variants = entry["params"].get("variants") or {}
+    budget = next((v["fleet_budget"] for v in variants.values() if v.get("fleet_budget")), None)
+    for client, r in results.items():
+        if not r.get("fleet"):
+            continue
+        out.append(
+            f'<div class="chart"><h3>{_esc(client)}: connections per process (stacked: '
+            "share over time)</h3>"
+            + fleet_chart(r, x_max, budget if client in variants else None, client)
+            + '<div class="legend muted"><span>one band per process, one colour per wave'
+            "</span>"
+            + ("<span>dashed: fleet_budget</span>" if client in variants else "")
+            + "</div></div>"
+        )
     out.append("</div>")
+    for line in (fmt_first_row(results) if name.endswith("storm") else None, fmt_fleet(results)):
+        if line is not None:
+            out.append(f"<p>{_esc(line)}</p>")
     details = []
     for client, r in results.items():
         bits = []
@@ -610,7 +755,7 @@ def _scenario_html(entry: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render_html(report: dict[str, Any]) -> str:
+def render_html(report: Mapping[str, Any]) -> str:
     m = report["machine"]
     opts = report["options"]
     toc = " · ".join(
@@ -635,6 +780,7 @@ def render_html(report: dict[str, Any]) -> str:
         + _esc(", ".join(f"{k} {v}" for k, v in m["packages"].items() if v))
         + "</p>"
         + verdict
+        + (f'<p class="muted">{_esc(bc)}</p>' if (bc := fmt_bytecode(report)) else "")
         + f"<p>{toc}</p>"
         + '<p class="muted">Columns: <b>success</b> requests that returned within their '
         "deadline; <b>fail-left</b> failures that came back with at least 10% of the deadline "

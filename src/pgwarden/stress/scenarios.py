@@ -20,12 +20,16 @@ from pgwarden.stress.worker import Phase
 
 __all__ = [
     "ALIASES",
+    "DEFAULT",
+    "OPT_IN",
     "QUICK",
     "SCENARIOS",
     "SIZES",
     "FaultStep",
     "Plan",
     "Scenario",
+    "Variant",
+    "Waves",
     "Workload",
     "resolve",
 ]
@@ -92,6 +96,54 @@ class FaultStep:
 
 
 @dataclass(frozen=True)
+class Waves:
+    """Worker processes arriving in ``count`` waves, ``every`` seconds apart (the ``fleet``
+    scenario): process ``i`` of ``n`` is in wave ``i * count // n`` and builds its client
+    and starts its phases that many waves after the start signal. Phase times stay
+    relative to the start signal (:meth:`phases_for`), so every process stops together."""
+
+    count: int
+    every: float
+
+    def wave_of(self, worker: int, processes: int) -> int:
+        return worker * self.count // processes
+
+    def delay(self, worker: int, processes: int) -> float:
+        return round(self.wave_of(worker, processes) * self.every, 3)
+
+    def phases_for(self, phases: tuple[Phase, ...], delay: float) -> tuple[Phase, ...]:
+        """``phases`` as seen from an arrival ``delay`` seconds after the start: what was
+        over by then is gone, what was under way is shortened."""
+        out = []
+        for p in phases:
+            start = p.start - delay
+            duration = p.duration
+            if duration is not None:
+                if start + duration <= 0:
+                    continue
+                duration = start + duration if start < 0 else duration
+            out.append(
+                Phase(
+                    start=max(0.0, start),
+                    interval=p.interval,
+                    requests=p.requests,
+                    duration=duration,
+                )
+            )
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Another run of a client in one scenario, under its own name (``pgwarden+budget``
+    in the ``fleet`` scenario): the same client with ``fleet_budget`` set."""
+
+    name: str
+    client: str
+    fleet_budget: int | str | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     workload: Workload
     faults: tuple[FaultStep, ...] = ()
@@ -100,6 +152,10 @@ class Plan:
     pgbouncer_pool_size: int = 10  # PgBouncer's default_pool_size
     pgbouncer_max_clients: int = 1000  # PgBouncer's max_client_conn
     deadline: float = 5.0
+    #: The processes arrive in waves (None: all at the start signal).
+    waves: Waves | None = None
+    #: Extra runs, each right after the client it varies (when that client runs).
+    variants: tuple[Variant, ...] = ()
 
     @property
     def hard_limit(self) -> float:
@@ -326,6 +382,34 @@ def _failover(size: Size, deadline: float) -> Plan:
     )
 
 
+#: The fleet scenario's budget: fewer connections than its processes' combined max_size
+#: (and than the 17 its server leaves the clients' role).
+FLEET_BUDGET = 10
+
+
+def _fleet(size: Size, deadline: float) -> Plan:
+    # duration: from the start signal, for every process (the last wave gets the rest).
+    waves, every, per_wave, duration = {
+        "tiny": (3, 1.5, 2, 6.0),
+        "small": (3, 2.0, 3, 9.0),
+        "full": (4, 5.0, 4, 30.0),
+    }[size]
+    return Plan(
+        workload=Workload(
+            processes=waves * per_wave,
+            threads=3,
+            pool_size=4,
+            # Reads hold their connection for 20 ms, so every pool grows to its max_size.
+            phases=(Phase(start=0.0, interval=0.02, duration=duration),),
+            read_work=0.02,
+        ),
+        server_settings={"max_connections": 20},
+        deadline=deadline,
+        waves=Waves(count=waves, every=every),
+        variants=(Variant("pgwarden+budget", "pgwarden", FLEET_BUDGET),),
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -407,11 +491,29 @@ SCENARIOS: dict[str, Scenario] = {
             frozenset({"control", "own_server"}),
             _failover,
         ),
+        Scenario(
+            "fleet",
+            "a fleet arriving in waves",
+            "Worker processes arrive in waves, each with max_size=4, together far more than "
+            f"the server's max_connections=20; pgwarden runs twice, without and with "
+            f"fleet_budget={FLEET_BUDGET} (pgwarden+budget). Per process: its time from "
+            "arrival to its first success, and its share of the connections over time.",
+            frozenset({"own_server"}),
+            _fleet,
+        ),
     )
 }
 
+#: Scenarios that run only when named (``--scenario fleet`` or ``all``), not by default:
+#: they take longer than the default set should (see ``docs/stress.md``).
+OPT_IN: tuple[str, ...] = ("fleet",)
+
+#: What ``pgwarden stress`` runs without ``--scenario``.
+DEFAULT: tuple[str, ...] = tuple(name for name in SCENARIOS if name not in OPT_IN)
+
 #: Other names accepted by ``--scenario``.
 ALIASES: dict[str, tuple[str, ...]] = {
+    "default": DEFAULT,
     "all": tuple(SCENARIOS),
     "pgbouncer": ("pgbouncer-storm", "pgbouncer-restart"),
     "cold-start-storm": ("storm",),

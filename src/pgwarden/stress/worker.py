@@ -26,6 +26,11 @@ stdout carries ``ready``, then ``p <ok> <failed>`` every half second (live progr
 :mod:`pgwarden.stress.live`). Another stdin line, or end of input (the harness is gone), stops
 the threads.
 
+With ``start_delay`` (the ``fleet`` scenario's waves) the worker waits that long after ``go``
+before it builds its client: that is its arrival, and its phases count from there. The
+result file also carries ``t_ready`` (when it printed ``ready``), from which the harness
+tells how long the interpreter took to start.
+
 Bounds: each thread stops after ``max_requests``, and ``hard_limit`` seconds after ``go`` a
 timer writes whatever was recorded (requests still running become ``hung``) and exits the
 process with ``os._exit``, whatever the client library is doing.
@@ -78,6 +83,13 @@ class WorkerConfig:
     application_name: str
     stats_interval: float = 0.0  # > 0: send the client's live stats this often (pgwarden)
     orm_share: float = 0.0  # of the writes: ORM units of work (clients with orm_write)
+    #: Seconds after ``go`` before the worker builds its client and starts its phases: its
+    #: arrival (the ``fleet`` scenario's waves). Its phases start from there.
+    start_delay: float = 0.0
+    #: The pgwarden clients' ``Settings.fleet_budget`` (None: pgwarden's default, off).
+    fleet_budget: int | str | None = None
+    #: ``Settings.fleet_tag`` with a budget ("" : pgwarden's default).
+    fleet_tag: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerConfig:
@@ -111,6 +123,7 @@ class _Worker:
         self.rec = _Recorder()
         self.stop = threading.Event()
         self.inflight: list[tuple[float, str, str] | None] = [None] * cfg.threads
+        self.t_ready = 0.0
         self.t_go = 0.0
         self.t_client: float | None = None
         self.client_error: str | None = None
@@ -126,7 +139,7 @@ class _Worker:
         hard_end = self.t_go + cfg.hard_limit
         done = 0
         for phase in cfg.phases:
-            start_at = self.t_go + phase.start
+            start_at = self.t_go + cfg.start_delay + phase.start
             if not self._sleep_until(start_at):
                 return
             end_at = hard_end if phase.duration is None else start_at + phase.duration
@@ -166,13 +179,15 @@ class _Worker:
                 self.client.write(cfg.run, rid, cfg.worker)
             else:
                 self.client.read(rid, cfg.read_work)
+            latency = time.monotonic() - started
         except Exception as exc:
+            # Before classifying: the first error imports the classifier, not the request's.
+            latency = time.monotonic() - started
             kind = classify(exc)
             rec = self.rec
             if kind not in rec.samples:
                 with rec.lock:
                     rec.samples.setdefault(kind, describe(exc))
-        latency = time.monotonic() - started
         if kind == "ok" and latency > cfg.deadline:
             kind = "late"
         rec = self.rec
@@ -217,7 +232,9 @@ class _Worker:
                 "worker": self.cfg.worker,
                 "client": self.cfg.client,
                 "reason": reason,
+                "t_ready": self.t_ready,
                 "t_go": self.t_go,
+                "start_delay": self.cfg.start_delay,
                 "t_client": self.t_client,
                 "t_first_ok": rec.first_ok,
                 "t_end": now,
@@ -311,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args[0], encoding="utf-8") as f:
         cfg = WorkerConfig.from_dict(json.load(f))
     worker = _Worker(cfg)
+    worker.t_ready = time.monotonic()
     _say("ready")
     line = sys.stdin.readline()
     if not line.startswith("go"):
@@ -318,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     worker.t_go = time.monotonic()
     for target in (worker.watch_stdin, worker.hard_stop, worker.progress):
         threading.Thread(target=target, daemon=True).start()
+    if cfg.start_delay > 0 and worker.stop.wait(cfg.start_delay):
+        worker.dump("stopped before its arrival")
+        _say("done")
+        os._exit(0)
     try:
         worker.client = make_client(cfg.client, _ClientSettings(cfg))
         worker.orm = cfg.orm_share > 0 and callable(getattr(worker.client, "orm_write", None))
@@ -371,6 +393,14 @@ class _ClientSettings:
     @property
     def orm_share(self) -> float:
         return self.cfg.orm_share
+
+    @property
+    def fleet_budget(self) -> int | str | None:
+        return self.cfg.fleet_budget
+
+    @property
+    def fleet_tag(self) -> str:
+        return self.cfg.fleet_tag
 
 
 def _jsonable(value: Any) -> Any:
