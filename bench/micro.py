@@ -287,6 +287,77 @@ def transaction_costs(url: str, n: int) -> dict[str, float]:
     }
 
 
+def checkout_costs(url: str, n: int) -> dict[str, float]:
+    """What lending a connection costs: the handle's ``checkout()`` + ``release()`` (what
+    the SQLAlchemy dialect and the Django backend do per checkout) against psycopg_pool's
+    ``getconn()`` + ``putconn()``, sync and async, no deadline, pool warm."""
+    pool = ConnectionPool(url, min_size=1, max_size=4, open=True, kwargs={"autocommit": True})
+    db = Database(Settings(url=url, max_size=4))
+    db.fetchval("SELECT 1")
+    pool.wait()
+
+    def theirs() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            pool.putconn(pool.getconn())
+        return (time.perf_counter() - t0) / n
+
+    def ours() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            db.checkout().release()
+        return (time.perf_counter() - t0) / n
+
+    def ours_transactional() -> float:  # the ORMs' shape: autocommit off, then restored
+        t0 = time.perf_counter()
+        for _ in range(n):
+            db.checkout(autocommit=False).release()
+        return (time.perf_counter() - t0) / n
+
+    try:
+        sync_ours, sync_theirs, sync_ratio = best_ratio(ours, theirs)
+        tx_ours, _, tx_ratio = best_ratio(ours_transactional, theirs)
+    finally:
+        db.close()
+        pool.close()
+
+    async def main() -> tuple[float, float]:
+        apool = AsyncConnectionPool(
+            url, min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
+        )
+        await apool.open(wait=True)
+        adb = AsyncDatabase(Settings(url=url, max_size=4))
+        await adb.fetchval("SELECT 1")
+        a: list[float] = []
+        b: list[float] = []
+        try:
+            for _ in range(ROUNDS):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    await apool.putconn(await apool.getconn())
+                b.append((time.perf_counter() - t0) / n)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    await (await adb.checkout()).release()
+                a.append((time.perf_counter() - t0) / n)
+        finally:
+            await adb.close()
+            await apool.close()
+        return statistics.median(a), statistics.median(b)
+
+    async_ours, async_theirs = asyncio.run(main())
+    return {
+        "sync_pgwarden_us": sync_ours * 1e6,
+        "sync_psycopg_pool_us": sync_theirs * 1e6,
+        "sync_ratio": sync_ratio,
+        "sync_autocommit_off_us": tx_ours * 1e6,
+        "sync_autocommit_off_ratio": tx_ratio,
+        "async_pgwarden_us": async_ours * 1e6,
+        "async_psycopg_pool_us": async_theirs * 1e6,
+        "async_ratio": async_ours / async_theirs,
+    }
+
+
 def _run_python(code: str, env: dict[str, str]) -> float:
     """Run *code* in a fresh interpreter; return the CPU time (user + system, every thread)
     of the whole process, in seconds.
@@ -447,7 +518,14 @@ def main(argv: list[str] | None = None) -> int:
         "noisier, and marked as such in the output",
     )
     parser.add_argument("--write", metavar="FILE", help="write the results as Markdown")
+    parser.add_argument(
+        "--only",
+        metavar="TEXT",
+        help="run only the rows whose name contains TEXT (e.g. 'checkout'); not with --write",
+    )
     args = parser.parse_args(argv)
+    if args.only and args.write:
+        parser.error("--only writes no file: the page holds every row")
     if args.quick:
         ROUNDS = QUICK_ROUNDS
     n: int = args.n if args.n is not None else (200 if args.quick else 2000)
@@ -472,10 +550,16 @@ def main(argv: list[str] | None = None) -> int:
             ("sync fetchval latency", lambda: sync_latency(url, n, results[LOCK_ROW])),
             ("async fetchval latency", lambda: async_latency(url, n, results[LOCK_ROW])),
             ("async throughput, 16 tasks", lambda: async_throughput(url, 16, n // 4)),
+            (CHECKOUT_ROW, lambda: checkout_costs(url, n * 5)),
             ("cold start (fresh interpreter)", lambda: cold_start(url, cold_runs)),
             ("readiness, 200 cold callers", lambda: readiness_200(url, 10)),
             ("costs: commit resolution, deadlines", lambda: transaction_costs(url, n // 4)),
         ]
+        if args.only:
+            steps = [(name, step) for name, step in steps if args.only in name]
+            names = [name for name, _ in steps]
+            if LOCK_ROW not in names and any(n.endswith("fetchval latency") for n in names):
+                steps.insert(0, (LOCK_ROW, lambda: lock_costs(pairs)))
         for name, step in steps:
             print(f"running: {name}...", file=sys.stderr, flush=True)
             results[name] = step()
@@ -505,12 +589,14 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 LOCK_ROW = "lock round trip (threading.Lock)"
+CHECKOUT_ROW = "checkout + release (integrations)"
 
 TARGETS = {
     LOCK_ROW: "measured (no target); x round_trips_per_call in the rows below",
     "sync fetchval latency": "ratio <= 1.10",
     "async fetchval latency": "ratio <= 1.10",
     "async throughput, 16 tasks": "ratio >= 0.95",
+    CHECKOUT_ROW: "measured (no target): the integrations' fixed cost per checkout",
     "cold start (fresh interpreter)": "ratio <= 1.10; first query imports < 10 ms over psycopg",
     "readiness, 200 cold callers": "ratio <= 2.0; opened <= max_size",
     "costs: commit resolution, deadlines": "measured and documented (no target)",
@@ -612,6 +698,13 @@ NOTES = [
     "  pgwarden's side includes readiness guard, breaker check, retry bookkeeping, idle validation",
     "  decision, the default stats tracker (counters and histograms) and the gap detector.",
     "- **throughput, 16 tasks**: 16 asyncio tasks sharing a pool of 16, queries per second.",
+    "- **checkout + release**: `db.checkout().release()` (what the SQLAlchemy dialect and the",
+    "  Django backend do per connection checkout) against psycopg_pool's",
+    "  `pool.putconn(pool.getconn())`, no SQL, pool warm, 5x the latency rows' count per",
+    "  round. pgwarden's side includes the in-flight count, the waiter gauge, the idle poll",
+    "  (validation without a round trip), the leak watch, the shape restored on return and",
+    "  the acquire-wait and use-time histograms; `sync_autocommit_off_*` lends it with",
+    "  `autocommit=False` (the ORMs' shape), which costs two `set_autocommit()` calls.",
     "- **cold start**: a fresh interpreter imports, connects and reads one row: bare psycopg",
     "  (`psycopg.connect(url, autocommit=True).execute('SELECT 1').fetchone()`) against",
     "  `pgwarden.connect().fetchval('SELECT 1')`. `*_cpu_ms` is the CPU time (user + system,",

@@ -15,6 +15,7 @@ from psycopg.types.json import set_json_loads
 import pgwarden
 from pgwarden import AsyncDatabase, DeadlineExceeded, Settings
 from pgwarden._async._compat import COARSE_TICK
+from pgwarden.core.classify import FailureKind
 
 from ._compat import run, sleep
 
@@ -83,7 +84,8 @@ def test_a_checkout_without_a_deadline_is_not_severed(pg_server: Any) -> None:
         async with make(pg_server.url, default_timeout=0.3) as db:
             out = await db.checkout()
             assert out.deadline is None
-            await out.connection.execute("SELECT pg_sleep(0.6)")
+            # Past the backstop's coarse watch (its entry became the leak watch at lend).
+            await out.connection.execute("SELECT pg_sleep(%s)", [0.3 + COARSE_TICK + 0.3])
             assert not out.lost
             await out.release()
 
@@ -150,5 +152,85 @@ def test_a_checkout_held_past_the_leak_threshold_is_reported_once(
         leaks = [r for r in caplog.records if getattr(r, "event", None) == "leak"]
         assert len(leaks) == 1
         assert "test_checkout.py" in leaks[0].getMessage()  # the acquiring call site
+
+    run(main)
+
+
+# --- the public calls integrations make instead of reaching into the handle ---------------------
+def test_rerun_after_failure_counts_decides_and_backs_off(pg_server: Any) -> None:
+    async def main() -> None:
+        async with make(pg_server.url) as db:
+            await db.ready()
+            conflict = psycopg.errors.SerializationFailure("could not serialize access")
+            kind = await db.rerun_after_failure(
+                conflict, attempt=1, deadline=time.monotonic() + 5.0
+            )
+            assert kind is FailureKind.CONFLICT
+            assert db.stats()["counters"]["errors"] == {"conflict": 1}
+            # The budget of attempts is the caller's: the last one is not re-run.
+            with pytest.raises(psycopg.errors.SerializationFailure):
+                await db.rerun_after_failure(
+                    conflict, attempt=2, deadline=time.monotonic() + 5.0, attempts=2
+                )
+            # The caller's own error wraps the driver's: classified by the cause, raised as is.
+            wrapper = RuntimeError("the framework's wrapper")
+            with pytest.raises(RuntimeError):
+                await db.rerun_after_failure(
+                    wrapper,
+                    cause=psycopg.errors.UniqueViolation("duplicate key"),
+                    attempt=1,
+                    deadline=None,
+                )
+            # Out of time: DeadlineExceeded from the failure.
+            with pytest.raises(DeadlineExceeded) as info:
+                await db.rerun_after_failure(conflict, attempt=1, deadline=time.monotonic())
+            assert info.value.__cause__ is conflict
+
+    run(main)
+
+
+def test_rerun_after_failure_resends_a_single_statement_only_if_it_did_not_run(
+    pg_server: Any,
+) -> None:
+    async def main() -> None:
+        async with make(pg_server.url) as db:
+            await db.ready()
+            bound = time.monotonic() + 5.0
+            # A serialization failure is no proof that a lone statement did not run.
+            with pytest.raises(psycopg.errors.SerializationFailure):
+                await db.rerun_after_failure(
+                    psycopg.errors.SerializationFailure("x"),
+                    attempt=1,
+                    deadline=bound,
+                    whole_transaction=False,
+                )
+            # A session the server ended before running it (57P01): sent again.
+            ended = psycopg.errors.AdminShutdown("terminating connection")
+            kind = await db.rerun_after_failure(
+                ended, attempt=1, deadline=bound, whole_transaction=False, connection_lost=True
+            )
+            assert kind is FailureKind.STALE
+
+    run(main)
+
+
+def test_resolve_lost_commit_returns_or_raises_the_handles_verdict(pg_server: Any) -> None:
+    from pgwarden.core.commit import Marker
+
+    async def main() -> None:
+        async with make(pg_server.url) as db:
+            lost = psycopg.OperationalError("server closed the connection unexpectedly")
+            await db.resolve_lost_commit(lost, None)  # wrote nothing: nothing to lose
+            async with db.transaction() as tx:
+                row = await tx.fetchrow(
+                    "SELECT txid_current() AS txid, pg_postmaster_start_time() AS started, "
+                    "pg_stat_get_bgwriter_stat_reset_time() AS reset"
+                )
+            assert row is not None
+            committed = Marker(row["txid"], row["started"], row["reset"])
+            await db.resolve_lost_commit(lost, committed, deadline=time.monotonic() + 5.0)
+            with pytest.raises(pgwarden.AmbiguousCommitError, match="my_switch"):
+                await db.resolve_lost_commit(lost, committed, resolve=False, setting="my_switch")
+            assert db.stats()["counters"]["ambiguous_commits"]
 
     run(main)

@@ -138,6 +138,28 @@ def test_a_deadline_bounds_django_statements_and_returns_their_connection(
     db.close()
 
 
+def _timeout_inside_atomic(alias: str) -> str:
+    with pgwarden.deadline(5), transaction.atomic(using=alias):
+        return str(query(alias, "SHOW statement_timeout"))
+
+
+def test_server_deadlines_off_sends_no_statement_timeout_and_still_bounds(
+    pg_server: Any,
+) -> None:
+    on = use_database(pg_server.url, max_size=2)
+    assert _timeout_inside_atomic(on) != "0"  # the control: set_config of the time left
+    off = use_database(pg_server.url, max_size=2, server_deadlines=False)
+    assert _timeout_inside_atomic(off) == "0"
+    started = time.monotonic()
+    with pytest.raises(pgwarden.DeadlineExceeded), pgwarden.deadline(0.5):
+        sleep_in_a_transaction(off)  # the checkout's sever bounds it instead
+    assert time.monotonic() - started < 3.0
+    assert query(off, "SELECT 6") == 6
+    for alias in (on, off):
+        connections[alias].close()
+        handle_of(alias).close()
+
+
 def test_a_connection_held_too_long_is_reported_as_a_leak(pg_server: Any) -> None:
     alias = use_database(pg_server.url, leak_threshold=0.2)
     db = handle_of(alias)

@@ -58,3 +58,23 @@ def test_a_disarmed_timer_never_fires() -> None:
     assert done.wait(2.0)
     assert [name for name, _ in fired] == ["kept"]
     dog.close()
+
+
+def test_a_rewatched_entry_runs_the_new_callback_at_the_new_time_only() -> None:
+    from pgwarden._sync._compat import COARSE_TICK
+
+    dog = Watchdog()
+    fired, done, record = _recorder()
+    token = dog.watch(time.monotonic() + 0.05, lambda: record("old"))
+    assert dog.rewatch(token, time.monotonic() + 0.2, lambda: record("new", True))
+    assert done.wait(0.2 + COARSE_TICK + 2.0), "the re-pointed watch did not fire"
+    time.sleep(0.1)
+    assert [name for name, _ in fired] == ["new"]
+    # Fired (or unwatched) already: nothing to re-point, the caller watches anew.
+    assert not dog.rewatch(token, time.monotonic(), lambda: record("late"))
+    gone = dog.watch(time.monotonic() + 60.0, lambda: record("never"))
+    dog.unwatch(gone)
+    assert not dog.rewatch(gone, time.monotonic(), lambda: record("never"))
+    time.sleep(COARSE_TICK + 0.2)
+    assert [name for name, _ in fired] == ["new"]
+    dog.close()

@@ -84,8 +84,7 @@ from psycopg.rows import tuple_row
 
 import pgwarden
 from pgwarden._handle.sql import MARKER_IF_ASSIGNED, SET_STATEMENT_TIMEOUT, statement_timeout_args
-from pgwarden._sync.retrying import act_on
-from pgwarden.core.classify import FailureKind, Phase, RetryContext, sqlstate_of
+from pgwarden.core.classify import FailureKind, Phase, sqlstate_of
 from pgwarden.core.commit import Marker
 from pgwarden.core.deadline import current_deadline
 from pgwarden.core.retry import deadline_ran_out
@@ -119,7 +118,6 @@ _DISCONNECTS = frozenset(
 # session before running it (57P01/57P02 on an autocommit statement: see
 # docs/decisions.md, "A server-terminated statement is retried even if it was a write").
 _RESENDABLE = frozenset({FailureKind.NOTHING_RAN, FailureKind.STALE})
-_SINGLE = RetryContext(is_write=True, in_transaction=False)
 _QUERY_CANCELED = "57014"
 _READ_ONLY_SQL_TRANSACTION = "25006"
 _RESOLVE_SETTING = 'OPTIONS["pgwarden"]["resolve_commits"]'
@@ -158,6 +156,16 @@ def _freeze(value: Any) -> Any:
         hash(value)
     except TypeError:
         return ("unhashable", id(value))
+    return value
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of *value*'s containers (dicts, lists, tuples, sets) holding the same
+    leaves: equal to *value* until something in it changes (as `_freeze` would see)."""
+    if isinstance(value, Mapping):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if type(value) in (list, tuple, set, frozenset):
+        return type(value)(_snapshot(v) for v in value)
     return value
 
 
@@ -263,6 +271,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         self._pgwarden_checkout: Checkout | None = None
         self._pgwarden_db: Database | None = None
         self._pgwarden_resolved: _Resolved | None = None
+        #: What `_pgwarden_resolved` was resolved from (copies): compared by value on
+        #: each connect, cheaper than freezing them into the shared cache's key.
+        self._pgwarden_inputs: tuple[Any, Any, Any] | None = None
         #: The lent connection's own cursor factory, put back when it is returned.
         self._pgwarden_saved_factory: Any = None
         #: pgwarden returned the connection itself (not Django's close()): Django's
@@ -299,14 +310,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
 
     def _resolve(self, conn_params: Mapping[str, Any]) -> _Resolved:
         options = self.settings_dict["OPTIONS"]
-        key = (
-            _freeze(conn_params),
-            _freeze(options.get("pgwarden")),
-            _freeze(options.get("pool")),
-        )
+        inputs = (conn_params, options.get("pgwarden"), options.get("pool"))
         cached = self._pgwarden_resolved
-        if cached is not None and cached.key == key and cached.usable():
-            return cached
+        if cached is not None and self._pgwarden_inputs == inputs and cached.usable():
+            return cached  # every connect: the same parameters as last time
+        key = tuple(_freeze(part) for part in inputs)
         with _lock:
             hit = _resolved.get(key)
             if hit is None or not hit.usable():
@@ -319,6 +327,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
                 hit = _Resolved(key, db, target.cursor_factory, parsed.release_between_queries)
                 _resolved[key] = hit
         self._pgwarden_resolved = hit
+        self._pgwarden_inputs = _snapshot(inputs)  # a later change in place is seen
         return hit
 
     def close_pool(self) -> None:
@@ -649,7 +658,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
                 ctx is not None
                 and not conn.autocommit
                 and conn.info.transaction_status == TransactionStatus.IDLE
+                and db.settings.server_deadlines
             ):
+                # Without server deadlines (RDS Proxy pinning), the checkout's own
+                # deadline (its socket is shut down when it passes) bounds the block.
                 self._pgwarden_set_timeout(db, conn, ctx.expires_at)
             # Only such a statement can be sent again: the retry loop counts its failures.
             self._pgwarden_resendable = (
@@ -697,27 +709,23 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
             cause = exc.__cause__
         if db is None or not isinstance(cause, psycopg.Error) or getattr(cause, KIND, None) is None:
             raise exc  # not a failure of a lent connection (nothing was reported)
-        state = db._state
         ctx = current_deadline()
         bound: float | None = ctx.expires_at if ctx is not None else None
         if bound is None and db.settings.default_timeout is not None:
             bound = started + db.settings.default_timeout
-        kind, decision = state.failed(
-            cause,
-            Phase.STATEMENT,
-            _SINGLE,
-            attempt=attempt,
-            deadline=bound,
-            # As the handle's own statements: under an explicit deadline, as many attempts
-            # as fit in it (a pooler that cannot log in for a second is waited out).
-            policy=state.deadline_policy if ctx is not None else state.statement_policy,
-            operation="django",
-            connection_lost=bool(getattr(cause, LOST, False)),
-        )
-        if kind not in _RESENDABLE:
-            raise exc
         try:
-            act_on(state, decision, exc, "django")  # sleeps, or raises
+            # Counted, and sent again (after the backoff) only if it certainly did not
+            # run (`_RESENDABLE`); else raises. Reported already: the pool was acted on.
+            db.rerun_after_failure(
+                exc,
+                cause=cause,
+                attempt=attempt,
+                deadline=bound,
+                whole_transaction=False,
+                connection_lost=bool(getattr(cause, LOST, False)),
+                reported=True,
+                operation="django",
+            )
         except DeadlineExceeded as verdict:
             raise django_flavoured(verdict) from exc
         if wrapper is not None and self.connection is None:
@@ -784,7 +792,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         `NotCommitted` or `AmbiguousCommitError` (the handle's own resolution; the lost
         connection's slot was given back already, see `_pgwarden_failed`)."""
         try:
-            db._transactions.resolve_lost_commit(
+            db.resolve_lost_commit(
                 exc, marker, resolve=resolve, deadline=bound, setting=_RESOLVE_SETTING
             )
         except PgwardenError as verdict:

@@ -42,7 +42,6 @@ did not commit. Use the decorator form to have those re-run too.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -54,8 +53,6 @@ import psycopg
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.utils import Error as DjangoError
 
-from pgwarden._sync.retrying import act_on
-from pgwarden.core.classify import FailureKind, Phase, RetryContext
 from pgwarden.core.deadline import current_deadline, deadline
 from pgwarden.django._context import enter_attempt, leave_attempt
 from pgwarden.django.base import HANDLE, KIND, LOST, READ_ONLY_REFUSAL, DatabaseWrapper
@@ -68,9 +65,6 @@ __all__ = ["AtomicRetry", "Attempt", "atomic_retry", "handle_of"]
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
-
-# The whole block is re-run; it vouches for itself (as pgwarden's run_transaction).
-_WHOLE = RetryContext(is_write=True, idempotent=True)
 
 
 def handle_of(using: str | None = None) -> Database:
@@ -262,25 +256,18 @@ class _Run:
         else:
             backstop = settings.default_timeout
             bound = None if backstop is None else self.started + backstop
-        limit = self.spec.attempts
-        if limit is None:
-            limit = max(settings.retry_attempts, 5)
-        state = db._state
-        kind, decision = state.failed(
-            failure,
-            Phase.STATEMENT,
-            _WHOLE,
-            attempt=self.attempt,
-            deadline=bound,
-            policy=dataclasses.replace(state.statement_policy, attempts=limit),
-            operation="transaction",
-            connection_lost=bool(getattr(failure, LOST, False)),
-            whole_transaction=True,
-        )
+        attempt = self.attempt
         self.attempt += 1
-        if kind is FailureKind.FAILOVER and getattr(failure, KIND, None) is None:
-            db._connections.after_failure(kind)  # the backend did not see it: drain here
-        act_on(state, decision, exc, "transaction")
+        db.rerun_after_failure(  # sleeps the backoff before the next attempt, or raises
+            exc,
+            cause=failure,
+            attempt=attempt,
+            deadline=bound,
+            attempts=self.spec.attempts,
+            connection_lost=bool(getattr(failure, LOST, False)),
+            # The backend classified it (and drained after a failover) when it saw it.
+            reported=getattr(failure, KIND, None) is not None,
+        )
 
     def _handle(self, failure: BaseException) -> Database | None:
         db = getattr(failure, HANDLE, None)

@@ -930,7 +930,7 @@ class PGDialect_pgwarden(_Pgwarden, PGDialect_psycopg):
         resolve: bool,
         deadline: float | None,
     ) -> None:
-        db._transactions.resolve_lost_commit(
+        db.resolve_lost_commit(
             exc, marker, resolve=resolve, deadline=deadline, setting=_RESOLVE_SETTING
         )
 
@@ -1005,7 +1005,7 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
         deadline: float | None,
     ) -> None:
         await_(
-            db._transactions.resolve_lost_commit(
+            db.resolve_lost_commit(
                 exc, marker, resolve=resolve, deadline=deadline, setting=_RESOLVE_SETTING
             )
         )

@@ -32,19 +32,16 @@ A run_transaction() inside another one (same task or thread) raises RuntimeError
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
 from time import monotonic
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast, overload
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from pgwarden.core.classify import FailureKind, Phase, RetryContext
 from pgwarden.core.deadline import Deadline, current_deadline, deadline
-from pgwarden.core.retry import Decision
 from pgwarden.errors import DatabaseUnusable, NotCommitted, OutcomeUnknown
 from pgwarden.sqlalchemy._context import running_transaction
 from pgwarden.sqlalchemy.dialect import HANDLE, READ_ONLY_REFUSAL, REPORTED, _Pgwarden
@@ -59,9 +56,6 @@ if TYPE_CHECKING:
 __all__ = ["run_transaction", "run_transaction_async"]
 
 T = TypeVar("T")
-
-# The whole function is re-run; it vouches for itself (as pgwarden's own run_transaction).
-_WHOLE = RetryContext(is_write=True, idempotent=True)
 
 
 @overload
@@ -96,12 +90,9 @@ def run_transaction(
                 with run.unit() as unit:
                     return fn(unit)
             except Exception as exc:
-                from pgwarden._sync.retrying import act_on
-
-                db, kind, decision, drain = run.failed(exc)
-                if drain:
-                    db._connections.after_failure(kind)
-                act_on(db._state, decision, exc, "transaction")
+                failure = run.failed(exc)
+                # Sleeps the backoff before the next attempt, or raises.
+                cast("Database", failure.db).rerun_after_failure(exc, **failure.how)
 
 
 @overload
@@ -136,12 +127,16 @@ async def run_transaction_async(
                 async with run.unit_async() as unit:
                     return await fn(unit)
             except Exception as exc:
-                from pgwarden._async.retrying import act_on as act_on_async
+                failure = run.failed(exc)
+                # Sleeps the backoff before the next attempt, or raises.
+                await cast("AsyncDatabase", failure.db).rerun_after_failure(exc, **failure.how)
 
-                db, kind, decision, drain = run.failed(exc)
-                if drain:
-                    await db._connections.after_failure(kind)
-                await act_on_async(db._state, decision, exc, "transaction")
+
+class _Failure(NamedTuple):
+    """A failed attempt: its handle, and the arguments of its ``rerun_after_failure``."""
+
+    db: Any
+    how: dict[str, Any]
 
 
 def _scope(timeout: float | None) -> AbstractContextManager[Deadline | None]:
@@ -212,9 +207,9 @@ class _Run:
         except sa_exc.UnboundExecutionError:  # binds per mapper only
             self.bind = None
 
-    def failed(self, exc: Exception) -> tuple[Any, FailureKind, Decision, bool]:
-        """``(handle, kind, decision, drain)`` after attempt ``self.attempt`` failed with
-        *exc*; raises *exc* when it is not the database failing this attempt."""
+    def failed(self, exc: Exception) -> _Failure:
+        """The handle to ask whether to re-run after attempt ``self.attempt`` failed with
+        *exc*, and how to ask it; raises *exc* when it is not the database failing."""
         failure = _database_failure(exc)
         db = None if failure is None else self._handle(failure)
         if failure is None or db is None:
@@ -226,23 +221,17 @@ class _Run:
         else:
             backstop = settings.default_timeout
             bound = None if backstop is None else self.started + backstop
-        limit = self.attempts if self.attempts is not None else max(settings.retry_attempts, 5)
-        state = db._state
-        kind, decision = state.failed(
-            failure,
-            Phase.STATEMENT,
-            _WHOLE,
-            attempt=self.attempt,
-            deadline=bound,
-            policy=dataclasses.replace(state.statement_policy, attempts=limit),
-            operation="transaction",
-            connection_lost=bool(getattr(exc, "connection_invalidated", False)),
-            whole_transaction=True,
-        )
+        how = {
+            "cause": failure,
+            "attempt": self.attempt,
+            "deadline": bound,
+            "attempts": self.attempts,
+            "connection_lost": bool(getattr(exc, "connection_invalidated", False)),
+            # The dialect acted on it (a failover drained) when it saw it.
+            "reported": getattr(failure, REPORTED, None) is not None,
+        }
         self.attempt += 1
-        # The dialect drained the pool when it saw the failover; only one it did not see.
-        drain = kind is FailureKind.FAILOVER and getattr(failure, REPORTED, None) is None
-        return db, kind, decision, drain
+        return _Failure(db, how)
 
     def _handle(self, failure: BaseException) -> Database | AsyncDatabase | None:
         db = getattr(failure, HANDLE, None)
