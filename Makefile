@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Extras that the test suite needs; kept in one place so demo and test agree.
 EXTRAS := dev,cli,prometheus,otel,stress,sqlalchemy,fastapi,django,aws
+# The API reference's builder (Sphinx): in the main venv only, since it checks the docs,
+# not pgwarden's lower bounds (so not in EXTRAS, which .venv-lowest pins).
+DOCS_EXTRAS := docs
+DOCS_BUILD := build/docs
 # A second venv with the lowest versions that pyproject.toml's lower bounds allow:
 # psycopg, psycopg-pool and every library of the extras below (the test tools
 # newest; see LOWEST_CONSTRAINTS_PY), so `make test` proves that the lower bounds
@@ -16,19 +20,20 @@ LOWEST_BIN := $(LOWEST_VENV)/bin
 LOWEST_STAMP := $(LOWEST_VENV)/.installed
 LOWEST_CONSTRAINTS := $(LOWEST_VENV)/constraints.txt
 
-.PHONY: demo test test-lowest lint types check-sync sysdeps bench clean help
+.PHONY: demo test test-lowest lint types check-sync docs docs-check sysdeps bench clean help
 
 help:
 	@echo "make demo   - set up and run pgwarden's main job on an embedded PostgreSQL"
 	@echo "make test   - set up and run lint, types and the whole test suite (what CI runs),"
 	@echo "              then the suite again against the lowest versions pyproject.toml allows"
+	@echo "make docs   - build the API reference and guides (HTML in $(DOCS_BUILD)/html)"
 	@echo "make bench  - micro-benchmarks and full-size stress scenarios (about 20 minutes;"
 	@echo "              writes docs/benchmarks.md)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS),$(DOCS_EXTRAS)]'
 	@touch $(STAMP)
 
 # Every runtime dependency in [project].dependencies pinned to its lower bound
@@ -150,6 +155,15 @@ types: $(STAMP)
 check-sync: $(STAMP)
 	$(BIN)/python scripts/async_to_sync.py --check
 
+# The API reference (from the docstrings) and the task guides: docs/conf.py, docs/index.rst,
+# docs/api/, docs/guides/. Offline (no intersphinx). -W: any warning (a docstring that does
+# not parse, a public name missing from the reference) fails; -E: read everything again.
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -b html -W --keep-going -E -q docs $(DOCS_BUILD)/html
+	@echo "API reference: $(DOCS_BUILD)/html/index.html"
+
+docs-check: docs
+
 # The whole suite twice: newest versions, then the lowest ones the pins allow.
 # The lowest run is the whole suite too, stress and browser tests included:
 # nothing in it needs more than the lower bounds, and at about 4 minutes a run
@@ -161,7 +175,7 @@ define run-lowest-suite
 $(LOWEST_BIN)/python -m pytest
 endef
 
-test: $(STAMP) $(LOWEST_STAMP) sysdeps lint types check-sync
+test: $(STAMP) $(LOWEST_STAMP) sysdeps lint types check-sync docs-check
 	$(BIN)/python -m pytest
 	$(run-lowest-suite)
 
@@ -176,6 +190,9 @@ bench: $(STAMP) sysdeps
 	$(BIN)/python bench/sqlalchemy_bench.py --write docs/benchmarks.md
 	$(BIN)/python bench/deadlines.py --write docs/benchmarks.md
 	$(BIN)/python bench/django_bench.py --write docs/benchmarks.md
+	@# asyncpg is a peer the bulk benchmark compares with, not a dependency of pgwarden.
+	$(BIN)/python -m pip install --quiet 'asyncpg>=0.32'
+	$(BIN)/python bench/bulk.py --write docs/benchmarks.md
 	$(BIN)/pgwarden stress --size full --out pgwarden-report/bench \
 	  --markdown pgwarden-report/bench/stress.md; status=$$?; \
 	  $(BIN)/python bench/sections.py docs/benchmarks.md pgwarden-report/bench/stress.md; \

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from pgwarden._sync.database import Database
     from pgwarden._sync.transaction import Transaction
     from pgwarden.core.deadline import deadline
+    from pgwarden.core.listen import Gap, Notification
+    from pgwarden.core.rows import RowShapeError
 
 __version__ = "0.1.0"
 
@@ -46,11 +48,14 @@ __all__ = [
     "DatabaseUnavailable",
     "DatabaseUnusable",
     "DeadlineExceeded",
+    "Gap",
     "HandleClosed",
     "NotCommitted",
     "NotReady",
+    "Notification",
     "OutcomeUnknown",
     "PgwardenError",
+    "RowShapeError",
     "Settings",
     "SettingsError",
     "Transaction",
@@ -69,6 +74,9 @@ _LAZY = {
     "connect": "pgwarden._registry",
     "connect_async": "pgwarden._registry",
     "deadline": "pgwarden.core.deadline",
+    "Gap": "pgwarden.core.listen",
+    "Notification": "pgwarden.core.listen",
+    "RowShapeError": "pgwarden.core.rows",
 }
 
 

@@ -26,9 +26,11 @@ from typing import Any, Literal, TypeAlias, get_args
 from pgwarden._redact import redact
 from pgwarden.errors import SettingsError
 
-__all__ = ["CredentialSource", "Credentials", "PgBouncerMode", "Settings"]
+__all__ = ["CredentialSource", "Credentials", "FleetBudget", "PgBouncerMode", "Settings"]
 
 PgBouncerMode = Literal["auto", "on", "off"]
+#: `Settings.fleet_budget`: a number of connections, or where to read it from.
+FleetBudget: TypeAlias = 'int | Literal["role", "server"]'
 
 #: What `Settings.credentials` returns (or, on the async handle, what it may await): the
 #: password, or connection parameters (``password``, ``user``, ``host``...) overriding the URL's.
@@ -103,6 +105,14 @@ class Settings:
         "down when it passes. 30 s outlasts ordinary OLTP statements and matches common request "
         "timeouts. Unlike an explicit deadline it is not sent to the server as "
         "statement_timeout (that costs a pipelined BEGIN). None removes the bound.",
+    )
+    server_deadlines: bool = _doc(
+        True,
+        "An explicit deadline on a transaction or stream is also sent to the server as a "
+        "transaction-local statement_timeout (set_config(..., true)), so the server ends a "
+        "statement itself at the deadline. False: pgwarden never sends it (nor any SET); "
+        "the deadline is a cancel request from the client, then the socket sever. For "
+        "RDS Proxy, which may pin sessions on configuration changes (docs/serverless.md).",
     )
 
     # --- TCP liveness ----------------------------------------------------------------------
@@ -217,6 +227,29 @@ class Settings:
         "quiet period (AIMD), so a fleet converges below the server's limit.",
     )
     sizing_quiet_period: float = _doc(5.0, "Seconds without overload before the limit grows by 1.")
+
+    # --- fleet budget ----------------------------------------------------------------------
+    fleet_budget: FleetBudget | None = _doc(  # noqa: RUF009 - _doc returns a dataclass field
+        None,
+        "Connections shared by every process of the fleet (same fleet_tag, any host): an "
+        "integer, 'role' (the role's CONNECTION LIMIT) or 'server' (max_connections less "
+        "the reserved slots). Each process counts its live peers in pg_stat_activity and caps "
+        "its pool at its fair share, so a newcomer gets slots by others shrinking, not by "
+        "waiting for a refusal. None: off (each process sizes itself alone). Turned off "
+        "behind a pooler, where pg_stat_activity shows the pooler.",
+    )
+    fleet_tag: str = _doc(
+        "default",
+        "Names the fleet in application_name (pgwarden:<tag>:<instance>): processes with "
+        "the same tag share one budget. Letters, digits, '_', '.', '-'; at most 20 bytes.",
+    )
+    fleet_interval: float = _doc(
+        1.0,
+        "Seconds between pg_stat_activity samples (one short query, off the hot path). When "
+        "the fleet has more instances than connections they take turns of a third of it; an "
+        "instance waits at most two turns for its next one while the fleet is at most three "
+        "times the budget.",
+    )
 
     # --- commits ---------------------------------------------------------------------------
     resolve_commits: bool = _doc(
@@ -358,6 +391,7 @@ class Settings:
             "health_timeout",
             "sizing_quiet_period",
             "leak_threshold",
+            "fleet_interval",
         )
         for name in positive:
             value = getattr(self, name)
@@ -390,6 +424,19 @@ class Settings:
             raise bad("prepare_threshold", "must be >= 0 or None")
         if self.probe_query is not None and not self.probe_query.strip():
             raise bad("probe_query", "must not be empty")
+        budget = self.fleet_budget
+        if (
+            budget is not None
+            and budget not in ("role", "server")
+            and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1)
+        ):
+            raise bad("fleet_budget", "must be an integer >= 1, 'role', 'server' or None")
+        if not (
+            isinstance(self.fleet_tag, str)
+            and 0 < len(self.fleet_tag.encode()) <= 20
+            and all(c.isascii() and (c.isalnum() or c in "_.-") for c in self.fleet_tag)
+        ):
+            raise bad("fleet_tag", "must be 1-20 letters, digits, '_', '.' or '-'")
 
 
 def _shown(name: str, value: Any) -> str:
@@ -413,6 +460,8 @@ def _parse_env(name: str, raw: str, annotation: Any) -> Any:
     try:
         if "None" in kind and text.lower() in {"", "none", "null"}:
             return None
+        if name == "fleet_budget":
+            return text.lower() if text.lower() in {"role", "server"} else int(text)
         if kind.startswith("bool"):
             if text.lower() in _TRUE:
                 return True

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -179,7 +179,7 @@ def test_a_hidden_write_is_learnt_and_sent_as_a_write_next_time(
     caplog.set_level(logging.INFO, logger="pgwarden")
     query = f"SELECT {writer}_add(%s)"
 
-    async def main() -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    async def main() -> tuple[Any, Mapping[str, Any], Mapping[str, Any]]:
         async with make(fault_proxy.url_for(pg_server.url)) as db:
             await db.ready()
             fault_proxy.cut_on(f"{writer}_add".encode(), when="after")

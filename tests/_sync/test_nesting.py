@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from typing import Any
 
@@ -307,7 +307,7 @@ def test_connection_lost_in_a_nested_run_transaction_reaches_the_outer_level(
     fresh_table(pg_server, "nest_cut", "id text")
     url = fault_proxy.url_for(pg_server.url)
 
-    def main() -> tuple[dict[str, int], dict[str, Any]]:
+    def main() -> tuple[dict[str, int], Mapping[str, Any]]:
         calls = {"outer": 0, "inner": 0}
         with make(url) as db:
             db.ready()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +101,7 @@ def control(server: PostgresServer, outage: Outage) -> None:
         outage.done = True
 
 
-def connect_failures(stats: dict[str, Any]) -> int:
+def connect_failures(stats: Mapping[str, Any]) -> int:
     return sum(stats["counters"]["connect_failures"].values())
 
 

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,7 +255,7 @@ def check_outcome(
     load: Load,
     record: Any,
     demote: str,
-    stats: dict[str, Any],
+    stats: Mapping[str, Any],
     record_property: Callable[[str, object], None],
 ) -> None:
     after = [ended for started, ended, _ in load.acked if started >= record.promoted_at]

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +70,7 @@ def failures_with_deadline_left(result: LoadResult) -> list[tuple[float, str, fl
 def test_restart_under_read_load(pg_server_factory: Any, mode: str) -> None:
     server = pg_server_factory()
 
-    async def main() -> tuple[LoadResult, float, dict[str, Any]]:
+    async def main() -> tuple[LoadResult, float, Mapping[str, Any]]:
         async with make(server.url, max_size=8) as db:
             await db.ready()
             load = asyncio.ensure_future(read_load(db, 16, 4.0, per_call_deadline=10.0))
@@ -168,7 +169,7 @@ def test_connection_dropped_during_commit_is_resolved(
     pg_server.execute(f"CREATE TABLE {table} (id text)")
     url = fault_proxy.url_for(pg_server.url)
 
-    async def main() -> tuple[int, dict[str, Any]]:
+    async def main() -> tuple[int, Mapping[str, Any]]:
         calls = 0
         async with make(url) as db:
             await db.ready()
@@ -299,7 +300,7 @@ def test_wrong_password_fails_fast_without_retries_or_secrets(
     secret = "wrong-" + uuid.uuid4().hex
     url = pg_server.url_for(password=secret)
 
-    async def main() -> tuple[BaseException, float, dict[str, Any]]:
+    async def main() -> tuple[BaseException, float, Mapping[str, Any]]:
         async with make(url) as db:
             started = time.monotonic()
             with pytest.raises(NotReady) as info:
@@ -321,7 +322,7 @@ def test_serialization_failures_all_succeed_and_are_counted(pg_server: Any) -> N
     pg_server.execute("CREATE TABLE counter (id int primary key, n int)")
     pg_server.execute("INSERT INTO counter VALUES (1, 0)")
 
-    async def main() -> dict[str, Any]:
+    async def main() -> Mapping[str, Any]:
         async with make(pg_server.url, max_size=8, retry_budget_floor=100) as db:
 
             async def increment(tx: Any) -> None:
@@ -344,7 +345,7 @@ def test_serialization_failures_all_succeed_and_are_counted(pg_server: Any) -> N
 
 
 def test_permanent_errors_keep_their_psycopg_type_and_are_not_retried(pg_server: Any) -> None:
-    async def main() -> dict[str, Any]:
+    async def main() -> Mapping[str, Any]:
         async with make(pg_server.url) as db:
             await db.execute("DROP TABLE IF EXISTS uniq")
             await db.execute("CREATE TABLE uniq (id int primary key)")
@@ -366,7 +367,7 @@ def test_failover_to_read_only_drains_the_pool(pg_server_factory: Any) -> None:
     server = pg_server_factory()
     server.execute("CREATE TABLE fo (id int)")
 
-    async def main() -> dict[str, Any]:
+    async def main() -> Mapping[str, Any]:
         async with make(server.url, max_size=4) as db:
             await db.execute("INSERT INTO fo VALUES (1)")
             server.set_config(default_transaction_read_only="on")

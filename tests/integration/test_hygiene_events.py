@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -53,7 +54,7 @@ def test_slow_query_event_has_no_parameters(
 def test_leaked_connection_is_reported_once_with_call_site(
     pg_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def main() -> dict[str, Any]:
+    async def main() -> Mapping[str, Any]:
         async with AsyncDatabase(Settings(url=pg_server.url, leak_threshold=0.2)) as db:
             async with db.connection() as conn:
                 await conn.execute("SELECT 1")

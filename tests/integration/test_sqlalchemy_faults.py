@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +138,7 @@ def test_async_orm_units_of_work_survive_faults(
     url = sa_url(proxy.url_for(server.url), max_size=4)
     outcome = Outcome()
 
-    async def main() -> dict[str, Any]:
+    async def main() -> Mapping[str, Any]:
         engine = create_async_engine(url)
         sessions = async_sessionmaker(engine, expire_on_commit=False)
         stop = asyncio.Event()

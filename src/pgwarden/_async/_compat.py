@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from time import monotonic
 from typing import Any, Generic, TypeVar
 
+from psycopg_pool.pool_async import StopWorker
+
 from pgwarden._handle.waits import WaitTimeout
 from pgwarden._signals import DEFAULT_SIGNALS, chain_signal
 
@@ -23,8 +25,11 @@ __all__ = [
     "SingleFlight",
     "WaitTimeout",
     "Watchdog",
+    "loop_gone",
     "on_signals",
+    "run_pool_worker",
     "run_within",
+    "running_loop",
     "sleep",
     "spawn",
 ]
@@ -89,6 +94,50 @@ async def run_within(fn: Callable[[], Awaitable[T]], timeout: float) -> T:
         raise WaitTimeout from None
 
 
+_pool_logger = logging.getLogger("psycopg.pool")
+
+
+async def run_pool_worker(queue: Any) -> None:
+    """psycopg_pool's maintenance worker (``AsyncConnectionPool.worker``), except that
+    cancelling the worker itself ends it.
+
+    psycopg_pool swallows a CancelledError both in its worker and in the connect
+    task it runs (which logs "error connecting" and schedules another attempt), so
+    a worker cancelled mid-connect never ended: the cancellation ``asyncio.run()``
+    sends every task at exit then waited forever (a handler that returned without
+    closing its handle hung its process). Here the worker ends once it is being
+    cancelled, whoever swallowed the CancelledError. A task's own cancellation, with
+    the worker not being cancelled, is still logged and survived, as there.
+    (Python 3.10 has no ``Task.cancelling()``: a swallowed cancellation goes unseen.)
+    """
+    current = asyncio.current_task()
+    cancelling: Callable[[], int] = getattr(current, "cancelling", lambda: 0)
+    while True:
+        task = await queue.get()
+        if isinstance(task, StopWorker):
+            return
+        try:
+            await task.run()
+        except asyncio.CancelledError as exc:
+            if cancelling():
+                raise
+            _pool_logger.warning("task run %s failed: %s: %s", task, type(exc).__name__, exc)
+        except Exception as exc:
+            _pool_logger.warning("task run %s failed: %s: %s", task, type(exc).__name__, exc)
+        if cancelling():
+            raise asyncio.CancelledError
+
+
+def running_loop() -> object:
+    """The event loop this call runs on (what the shell's pool and tasks belong to)."""
+    return asyncio.get_running_loop()
+
+
+def loop_gone(loop: object) -> bool:
+    """*loop* is closed: an earlier ``asyncio.run()`` that created our pool has ended."""
+    return isinstance(loop, asyncio.AbstractEventLoop) and loop.is_closed()
+
+
 class Watchdog:
     """Runs a callback at a monotonic time unless disarmed first (deadlines, leaks).
 
@@ -126,6 +175,14 @@ class Watchdog:
 
     def unwatch(self, token: int) -> None:
         self._coarse.pop(token, None)
+
+    def rewatch(self, token: int, when: float, callback: Callable[[], object]) -> bool:
+        """Point the coarse entry *token* at ``callback()`` at *when* (one entry instead
+        of an `unwatch` and a `watch`); False if it fired or was unwatched already."""
+        if token not in self._coarse:
+            return False
+        self._coarse[token] = (when, callback)
+        return True
 
     def _sweep(self) -> None:
         self._sweeper = None

@@ -8,6 +8,9 @@ module              owns
                     lease that bounds every byte by the call's deadline
 ``execute.py``      single statements (fetch, fetchrow, fetchval, execute)
 ``transaction.py``  transaction(), run_transaction(), COMMIT, commit resolution
+``stream.py``       stream(): a server-side cursor in a read-only transaction
+``copy.py``         COPY in and out on a transaction's connection
+``rows.py``         with_rows(): the per-handle row shape
 ``retrying.py``     carrying out a retry decision
 ``pool.py``         the one seam to psycopg_pool's internals
 =================== ===============================================================
@@ -19,15 +22,23 @@ files by ``scripts/async_to_sync.py``; asyncio specifics live in ``_compat.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from time import monotonic
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
+
+from psycopg import sql
 
 from pgwarden._async._compat import SingleFlight, WaitTimeout, on_signals, sleep
 from pgwarden._async.acquire import AsyncCheckout, AsyncConnections
+from pgwarden._async.copy import CopySink, CopySource
 from pgwarden._async.execute import AsyncStatements
+from pgwarden._async.retrying import act_on
+from pgwarden._async.rows import AsyncRows
+from pgwarden._async.stream import DEFAULT_FETCH_SIZE, AsyncStream
 from pgwarden._async.transaction import AsyncTransaction, AsyncTransactions
 from pgwarden._async.warmup import AsyncWarmup
 from pgwarden._handle.config import call_site
@@ -35,17 +46,25 @@ from pgwarden._handle.sql import ManyParams, Mode, Params, Query
 from pgwarden._handle.state import HandleState, HealthMark
 from pgwarden.core.breaker import BreakerState
 from pgwarden.core.classify import FailureKind, Phase, RetryContext
+from pgwarden.core.commit import Marker
+from pgwarden.core.deadline import current_deadline
 from pgwarden.core.histogram import Histogram
 from pgwarden.core.lifecycle import Event, State
 from pgwarden.core.metrics import MetricsTracker
 from pgwarden.core.retry import RetryPolicy
+from pgwarden.core.rows import RowShape
 from pgwarden.core.tracing import StatementObserver, with_observer, without_observer
 from pgwarden.errors import DeadlineExceeded
 from pgwarden.settings import Settings
 
-__all__ = ["AsyncCheckout", "AsyncDatabase", "AsyncTransaction"]
+if TYPE_CHECKING:
+    from pgwarden._async.listen import Callback, Listener, Subscription
+    from pgwarden.core.stats import Stats
+
+__all__ = ["AsyncCheckout", "AsyncDatabase", "AsyncRows", "AsyncStream", "AsyncTransaction"]
 
 T = TypeVar("T")
+RowT = TypeVar("RowT")
 
 # The health check's own deadline ends this long before the caller's bound
 # (``health_timeout``), so that its outcome, with its own error, reaches the caller
@@ -58,6 +77,13 @@ StatementMark = tuple[StatementObserver, object, object, float]
 
 # report_failure counts and classifies; nobody retries on its verdict.
 _REPORT_ONLY = RetryPolicy(attempts=1)
+
+# rerun_after_failure: a whole transaction function vouches for itself (as
+# run_transaction's); a single statement outside a transaction is sent again only
+# when it certainly did not run.
+_WHOLE_UNIT = RetryContext(is_write=True, idempotent=True)
+_SINGLE_STATEMENT = RetryContext(is_write=True, in_transaction=False)
+_RESENDABLE = frozenset({FailureKind.NOTHING_RAN, FailureKind.STALE})
 
 
 class AsyncDatabase:
@@ -90,6 +116,28 @@ class AsyncDatabase:
             state, self._connections, self._warmup, self._transactions
         )
         self._health_flight: SingleFlight[dict[str, Any]] = SingleFlight()
+        previous: Listener | None = getattr(self, "_listener", None)
+        if previous is not None:
+            previous.forget()  # a snapshot reset ends its subscriptions; a fork: nothing
+        # Made by the first listen(): a handle that never listens does not import the
+        # listener (~3 ms of a cold start's first query).
+        self._listener: Listener | None = None
+        self._listener_lock = threading.Lock()
+        self._connections.failover_hooks.append(self._listener_check_soon)
+
+    def _listening(self) -> Listener:
+        """The handle's listener, made on first use (one per handle, under its lock)."""
+        with self._listener_lock:
+            if self._listener is None:
+                from pgwarden._async.listen import Listener
+
+                self._listener = Listener(self._state, self._connections.watchdog)
+            return self._listener
+
+    def _listener_check_soon(self) -> None:
+        listener = self._listener
+        if listener is not None:
+            listener.check_soon()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.settings.safe_url} {self._state.state.value}>"
@@ -113,6 +161,7 @@ class AsyncDatabase:
         await self._warmup.wait(deadline if timeout is not None else None)
 
     # --- the query API -------------------------------------------------------------------------
+    @overload
     async def fetch(
         self,
         query: Query,
@@ -121,8 +170,32 @@ class AsyncDatabase:
         timeout: float | None = None,
         idempotent: bool = False,
         write: bool | None = None,
-    ) -> list[dict[str, Any]]:
-        """All rows as dicts.
+        row: type[dict[Any, Any]] | None = None,
+    ) -> list[dict[str, Any]]: ...
+    @overload
+    async def fetch(
+        self,
+        query: Query,
+        params: Params = None,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        write: bool | None = None,
+        row: Callable[..., RowT],
+    ) -> list[RowT]: ...
+    async def fetch(
+        self,
+        query: Query,
+        params: Params = None,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        write: bool | None = None,
+        row: RowShape | None = None,
+    ) -> list[Any]:
+        """All rows, as dicts or as *row*: ``tuple``, or a class built from the
+        columns as keyword arguments (a dataclass, Pydantic, attrs; a column it has
+        no field for is a `RowShapeError`). The same *row* applies to `fetchrow`.
 
         Sent again after a failure only when it cannot have written: nothing
         reached the server, or the server proved it a read, or the caller said
@@ -135,11 +208,12 @@ class AsyncDatabase:
         so it is re-sent like a read. The same arguments apply to `fetchrow`,
         `fetchval` and `execute`.
         """
-        result: list[dict[str, Any]] = await self._statements.run(
-            Mode.ROWS, query, params, timeout, idempotent, write
+        result: list[Any] = await self._statements.run(
+            Mode.ROWS, query, params, timeout, idempotent, write, row
         )
         return result
 
+    @overload
     async def fetchrow(
         self,
         query: Query,
@@ -148,12 +222,31 @@ class AsyncDatabase:
         timeout: float | None = None,
         idempotent: bool = False,
         write: bool | None = None,
-    ) -> dict[str, Any] | None:
-        """The first row as a dict, or None."""
-        result: dict[str, Any] | None = await self._statements.run(
-            Mode.ROW, query, params, timeout, idempotent, write
-        )
-        return result
+        row: type[dict[Any, Any]] | None = None,
+    ) -> dict[str, Any] | None: ...
+    @overload
+    async def fetchrow(
+        self,
+        query: Query,
+        params: Params = None,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        write: bool | None = None,
+        row: Callable[..., RowT],
+    ) -> RowT | None: ...
+    async def fetchrow(
+        self,
+        query: Query,
+        params: Params = None,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+        write: bool | None = None,
+        row: RowShape | None = None,
+    ) -> Any:
+        """The first row as a dict (or *row*, see `fetch`), or None."""
+        return await self._statements.run(Mode.ROW, query, params, timeout, idempotent, write, row)
 
     async def fetchval(
         self,
@@ -195,6 +288,85 @@ class AsyncDatabase:
         """Run *query* once per parameter set, atomically (in one transaction)."""
         return await self._transactions.executemany(
             query, list(params_seq), timeout=timeout, idempotent=idempotent
+        )
+
+    @overload
+    def stream(
+        self,
+        query: Query,
+        params: Params = None,
+        *,
+        timeout: float | None = None,
+        fetch_size: int = DEFAULT_FETCH_SIZE,
+        row: type[dict[Any, Any]] | None = None,
+    ) -> AsyncStream[dict[str, Any]]: ...
+    @overload
+    def stream(
+        self,
+        query: Query,
+        params: Params = None,
+        *,
+        timeout: float | None = None,
+        fetch_size: int = DEFAULT_FETCH_SIZE,
+        row: Callable[..., RowT],
+    ) -> AsyncStream[RowT]: ...
+    def stream(
+        self,
+        query: Query,
+        params: Params = None,
+        *,
+        timeout: float | None = None,
+        fetch_size: int = DEFAULT_FETCH_SIZE,
+        row: RowShape | None = None,
+    ) -> AsyncStream[Any]:
+        """The rows of *query* (a SELECT), *fetch_size* at a time from a server-side
+        cursor in a read-only transaction: ``async for row in db.stream(q):``.
+
+        An explicit deadline bounds the whole stream; without one ``default_timeout``
+        bounds each fetch. Use ``async with db.stream(q) as rows:`` when you may stop
+        early. Retried only before the first row (docs/queries.md).
+        """
+        return AsyncStream(self._transactions, query, params, row, fetch_size, timeout)
+
+    def with_rows(self, row: Callable[..., RowT]) -> AsyncRows[RowT]:
+        """A view of this handle whose `fetch`, `fetchrow` and `stream` build *row*
+        (the per-handle row shape; the pool, readiness and metrics are this handle's)."""
+        return AsyncRows(self, row)
+
+    async def copy_in(
+        self,
+        table: str | sql.Composable,
+        source: CopySource,
+        *,
+        columns: Sequence[str] | None = None,
+        format: str = "text",
+        timeout: float | None = None,
+    ) -> int:
+        """COPY *source* into *table*, in a transaction; returns the rows copied.
+
+        *source*: rows (sequences in *columns* order) or a file (or bytes) of COPY
+        data in *format* (``text``, ``csv``, ``binary``). A write: re-sent only when
+        nothing reached the server; a source that fails mid-way leaves no rows.
+        Inside ``run_transaction`` use ``tx.copy_in``.
+        """
+        return await self._transactions.copy_in(
+            table, source, columns=columns, format=format, timeout=timeout
+        )
+
+    async def copy_out(
+        self,
+        query: Query,
+        sink: CopySink,
+        params: Params = None,
+        *,
+        format: str = "text",
+        timeout: float | None = None,
+    ) -> int:
+        """COPY the rows of *query* (a SELECT, or ``TABLE name``) into *sink* (a binary
+        or text file) in *format*; returns the rows copied. Not re-run once it may have
+        written to *sink*."""
+        return await self._transactions.copy_out(
+            query, sink, params, format=format, timeout=timeout
         )
 
     # --- transactions --------------------------------------------------------------------------
@@ -290,9 +462,8 @@ class AsyncDatabase:
         except BaseException:
             state.leave()
             raise
-        if not explicit:
-            lease.rearm(None)
         try:
+            # Without an explicit deadline, lend() ends the default_timeout backstop.
             return await self._connections.lend(
                 lease,
                 call_site(),
@@ -362,6 +533,91 @@ class AsyncDatabase:
         await self._connections.after_failure(kind)
         return kind
 
+    async def rerun_after_failure(
+        self,
+        exc: BaseException,
+        *,
+        attempt: int,
+        deadline: float | None,
+        cause: BaseException | None = None,
+        attempts: int | None = None,
+        whole_transaction: bool = True,
+        connection_lost: bool = False,
+        reported: bool = False,
+        operation: str | None = None,
+    ) -> FailureKind:
+        """Should a unit of work an integration runs itself be run again after attempt
+        *attempt* (1 for the first) failed with *exc*? Returns the failure's kind, after
+        sleeping the backoff, when it should; raises otherwise: *exc* itself, or
+        `DeadlineExceeded` from it when the time ran out (an `OutcomeUnknown` is raised
+        as it is). *cause* is the driver's error inside *exc* (a framework's wrapper):
+        classified instead of *exc* (default: *exc*).
+
+        The failure is counted by kind (``stats()["counters"]["errors"]``, the retry
+        budget) and decided by the handle's own rules, within *deadline* (monotonic; None:
+        no bound) and the retry budget, with the handle's backoff. *whole_transaction*:
+        the unit is a whole transaction function re-run from its start (it vouches for
+        itself, as `run_transaction`), for up to *attempts* attempts (default
+        ``max(retry_attempts, 5)``); False: one statement outside a transaction, sent
+        again only when it certainly did not run (``NOTHING_RAN``, ``STALE``), as often
+        as the handle's single statements are. A read-only server (a failover) drains
+        the pool unless *reported* (it went through `report_failure` already, which
+        did). *operation* names the unit in a `DeadlineExceeded` (default
+        ``"transaction"``, or ``"statement"``)."""
+        state = self._state
+        if whole_transaction:
+            limit = attempts if attempts is not None else max(self.settings.retry_attempts, 5)
+            ctx = _WHOLE_UNIT
+            policy = dataclasses.replace(state.statement_policy, attempts=limit)
+        else:
+            ctx = _SINGLE_STATEMENT
+            # As the handle's own statements: under an explicit deadline, as many
+            # attempts as fit in it (a pooler that cannot log in for a second is waited out).
+            explicit = current_deadline() is not None
+            policy = state.deadline_policy if explicit else state.statement_policy
+        if operation is None:
+            operation = "transaction" if whole_transaction else "statement"
+        kind, decision = state.failed(
+            exc if cause is None else cause,
+            Phase.STATEMENT,
+            ctx,
+            attempt=attempt,
+            deadline=deadline,
+            policy=policy,
+            operation=operation,
+            connection_lost=connection_lost,
+            whole_transaction=whole_transaction,
+        )
+        if not reported:
+            await self._connections.after_failure(kind)
+        if not whole_transaction and kind not in _RESENDABLE:
+            raise exc  # it may have run: only the caller can know whether to send it again
+        await act_on(state, decision, exc, operation)  # sleeps, or raises
+        return kind
+
+    async def resolve_lost_commit(
+        self,
+        exc: BaseException,
+        marker: Marker | None,
+        *,
+        resolve: bool | None = None,
+        deadline: float | None = None,
+        setting: str = "resolve_commits",
+    ) -> None:
+        """End a COMMIT an integration sent whose connection was lost (*exc*), as the
+        handle ends its own: return if it committed (or wrote nothing), raise
+        `NotCommitted` if it certainly did not commit, `AmbiguousCommitError` when
+        resolution is off (*resolve*, default ``resolve_commits``; *setting* names the
+        switch in the message) or nothing could tell by *deadline* (monotonic; None: no
+        bound but the handle's own). *marker* is the transaction's `Marker`, read before
+        the COMMIT (``txid_current_if_assigned()``); None when it wrote nothing. The
+        server is asked on another connection; counted in ``ambiguous_commits``."""
+        if resolve is None:
+            resolve = bool(self.settings.resolve_commits)
+        await self._transactions.resolve_lost_commit(
+            exc, marker, resolve=resolve, deadline=deadline, setting=setting
+        )
+
     def deadline_error(
         self, exc: BaseException | None = None, *, during: str = "statement"
     ) -> DeadlineExceeded:
@@ -370,6 +626,23 @@ class AsyncDatabase:
         place: no password in its message); for an integration to raise instead of a
         driver's timeout or lost-connection error."""
         return self._state.deadline_error(exc, during)
+
+    # --- LISTEN/NOTIFY -------------------------------------------------------------------------
+    def listen(
+        self, *channels: str, callback: Callback[None] | None = None, timeout: float | None = None
+    ) -> Subscription:
+        """A subscription to *channels* on the handle's one listener connection (not
+        from the pool), re-established after a restart, a kill or a failover.
+
+        ``async with db.listen("orders") as sub: async for event in sub:`` yields
+        `Notification` (channel, payload, pid) and, after each outage, one `Gap`
+        (channels, since, reason): notifications may have been missed, re-read the
+        state. With *callback*, each event is passed to it on the listener instead
+        (``async with db.listen("orders", callback=fn):``). Opening returns once
+        every channel is LISTENed, within *timeout* (default ``connect_timeout +
+        ready_timeout``). See docs/listen.md.
+        """
+        return self._listening().subscription(channels, callback, timeout)
 
     # --- health, stats, shutdown ---------------------------------------------------------------
     async def health(self) -> dict[str, Any]:
@@ -437,9 +710,18 @@ class AsyncDatabase:
         state.health_checked(ok, report, began)
         return report
 
-    def stats(self) -> dict[str, Any]:
-        """A plain-dict snapshot of every gauge, counter and histogram."""
-        return self._state.stats(self._connections.pool_stats())
+    def stats(self) -> Stats:
+        """A plain-dict snapshot of every gauge, counter and histogram, shaped as
+        `pgwarden.core.stats.Stats` (a TypedDict: the contract exporters read)."""
+        snapshot = self._state.stats(self._connections.pool_stats())
+        listener = self._listener
+        if listener is None:
+            from pgwarden.core.listen import ListenBook
+
+            snapshot["listen"] = ListenBook().stats()
+        else:
+            snapshot["listen"] = listener.stats()
+        return cast("Stats", snapshot)
 
     def histograms(self) -> Mapping[str, Histogram]:
         """The live histograms behind `stats()` (empty when metrics are off)."""
@@ -453,6 +735,9 @@ class AsyncDatabase:
         if state.state is not State.CLOSING:
             state.fire(Event.CLOSE_REQUESTED)
         give_up_at = monotonic() + timeout
+        listener = self._listener
+        if listener is not None:
+            await listener.close(timeout)  # ends every subscription now
         while state.inflight > 0 and monotonic() < give_up_at:
             await sleep(0.01)
         await self._connections.close(give_up_at - monotonic())

@@ -43,6 +43,7 @@ from pgwarden._handle.state import HandleState
 from pgwarden.core.classify import Phase, classify_failure, sqlstate_of
 from pgwarden.core.resend import READ_ONLY_VIOLATION, StatementSafety, Verdict, Wrap
 from pgwarden.core.retry import RetryPolicy
+from pgwarden.core.rows import RowShape
 from pgwarden.core.tracing import StatementObserver
 from pgwarden.errors import OutcomeUnknown
 
@@ -71,6 +72,7 @@ class AsyncStatements:
         timeout: float | None,
         idempotent: bool,
         write: bool | None = None,
+        row: RowShape | None = None,
     ) -> Any:
         state = self.state
         deadline, explicit = state.deadline_for(timeout)
@@ -91,7 +93,7 @@ class AsyncStatements:
                 token = self.observer.statement_started(mode.value, query)
                 try:
                     result = await self._statement(
-                        lease, mode, query, params, deadline if explicit else None, wrap
+                        lease, mode, query, params, deadline if explicit else None, wrap, row
                     )
                 except BaseException as exc:
                     self.observer.statement_finished(token, exc, None)
@@ -185,9 +187,10 @@ class AsyncStatements:
         params: Params,
         deadline: float | None,
         wrap: Wrap,
+        row: RowShape | None,
     ) -> Any:
         conn = lease.conn
-        cur = cursor_for(conn, mode)
+        cur = cursor_for(conn, mode, row)
         if wrap is Wrap.NONE:
             await cur.execute(query, params)
         elif wrap is Wrap.WRITE and deadline is not None:

@@ -18,6 +18,9 @@ private name                         why pgwarden uses it
 ``_add_connection`` (override)       a faster, capped reconnection backoff; drop attempts left
                                      over after the adaptive limit lowered ``max_size``
 ``_close_connection`` (override)     count closes by reason
+``worker`` (override)                end when cancelled (``asyncio.run()`` cancels every task at
+                                     exit; psycopg_pool's worker swallows the cancellation of a
+                                     connect in progress and never ends)
 ``_add_to_pool``                     adopt the warmup's connection (saves the first caller a
                                      second connect)
 ``_set_connection_expiry_date``      give an adopted connection its lifetime
@@ -25,6 +28,10 @@ private name                         why pgwarden uses it
 ``_growing``                         connection counts; a dropped surplus attempt uncounts
 ``_closed``                          close reason "close"; no adoption into a closed pool
 ``_drained_at``                      close reason "drain"/"failover" (psycopg_pool 3.3+)
+``_pool`` (the idle deque)           abandon a pool whose event loop has closed: close its idle
+                                     connections without awaiting the dead loop's workers
+``_return_connection`` (override),   the fleet budget's share: close idle connections above it
+``_waiting``                         now, and returned ones on return (unless a caller waits)
 ``base.AttemptWithBackoff``          subclassed for the faster backoff (``delay``,
                                      ``update_delay``)
 connection ``_created_at``,          close reasons "drain" and "lifetime" (set by psycopg and
@@ -55,7 +62,7 @@ from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 
-from pgwarden._async._compat import run_within
+from pgwarden._async._compat import run_pool_worker, run_within
 from pgwarden._handle.config import CREDENTIALS_KEY, credential_params, password_of
 from pgwarden._redact import redact
 from pgwarden.core.classify import sqlstate_of
@@ -79,8 +86,19 @@ POOL_PRIVATE_METHODS = (
     "_close_connection",
     "_add_to_pool",
     "_set_connection_expiry_date",
+    "_return_connection",
+    "worker",
 )
-POOL_PRIVATE_ATTRIBUTES = ("_lock", "_nconns", "_max_size", "_growing", "_closed", "_drained_at")
+POOL_PRIVATE_ATTRIBUTES = (
+    "_lock",
+    "_nconns",
+    "_max_size",
+    "_growing",
+    "_closed",
+    "_drained_at",
+    "_pool",
+    "_waiting",
+)
 CONNECTION_PRIVATE_ATTRIBUTES = ("_created_at", "_expire_at")
 
 
@@ -259,6 +277,10 @@ class PgwAsyncPool(AsyncConnectionPool[PgwAsyncConnection]):
                 f"{', '.join(missing)}; install psycopg-pool>=3.3,<3.4"
             )
 
+    @classmethod
+    async def worker(cls, q: Any) -> None:
+        await run_pool_worker(q)
+
     async def _connect(self, timeout: float | None = None) -> PgwAsyncConnection:
         if not self._observer.may_connect:
             # The breaker is open: only its single probe may touch the server.
@@ -323,6 +345,38 @@ class PgwAsyncPool(AsyncConnectionPool[PgwAsyncConnection]):
             attempt = FastReconnect(timeout=self.reconnect_timeout)
         await super()._add_connection(attempt, growing)
 
+    #: The fleet budget's share (`shrink_to`): connections above it are closed when idle.
+    keep_at_most: int | None = None
+
+    async def shrink_to(self, keep: int | None) -> int:
+        """Hold at most *keep* connections (None: no such cap): close idle ones above it
+        now, and ones in use when they come back. Never one in use. Returns how many
+        were closed now."""
+        self.keep_at_most = keep
+        if keep is None:
+            return 0
+        surplus: list[PgwAsyncConnection] = []
+        async with self._lock:
+            while self._pool and self._nconns > keep and not self._closed:
+                surplus.append(self._pool.popleft())
+                self._nconns -= 1
+        for conn in surplus:
+            await self._close_connection(conn)
+        return len(surplus)
+
+    async def _return_connection(self, conn: PgwAsyncConnection, from_getconn: bool) -> None:
+        keep = self.keep_at_most
+        if keep is not None:
+            async with self._lock:
+                # A waiting caller gets it instead: the pool would not grow for it.
+                surplus = self._nconns > keep and not self._waiting and not self._closed
+                if surplus:
+                    self._nconns -= 1
+            if surplus:
+                await self._close_connection(conn)
+                return
+        await super()._return_connection(conn, from_getconn)
+
     async def _close_connection(self, conn: PgwAsyncConnection) -> None:
         self._observer.connection_closed(self._close_reason(conn).value)
         await super()._close_connection(conn)
@@ -349,6 +403,20 @@ class PgwAsyncPool(AsyncConnectionPool[PgwAsyncConnection]):
             await self.drain()
         finally:
             self.drain_reason = CloseReason.DRAIN
+
+    def abandon(self) -> None:
+        """Give up this pool without awaiting anything: its event loop has closed (an
+        earlier ``asyncio.run()``), and its workers, tasks of that loop, ended with it.
+
+        Idle connections are closed at the socket (libpq sends Terminate) and
+        counted as closed; the pool refuses any further use.
+        """
+        self._closed = True
+        idle = list(self._pool)
+        self._pool.clear()
+        for conn in idle:
+            self._observer.connection_closed(CloseReason.CLOSE.value)
+            conn.pgconn.finish()
 
     async def adopt(self, conn: PgwAsyncConnection) -> None:
         """Take a connection opened outside the pool (the warmup's, a probe's) into it.

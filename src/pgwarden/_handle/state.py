@@ -52,6 +52,7 @@ from pgwarden.core.classify import (
     sqlstate_of,
 )
 from pgwarden.core.deadline import current_deadline, effective_deadline
+from pgwarden.core.histogram import Histogram
 from pgwarden.core.hygiene import GapDetector, jittered_lifetime
 from pgwarden.core.lifecycle import Event, Lifecycle, State, accepts_work
 from pgwarden.core.metrics import (
@@ -75,6 +76,7 @@ from pgwarden.settings import Settings
 
 if TYPE_CHECKING:
     from pgwarden._handle.sql import Query
+    from pgwarden.core.fleet import FleetPolicy
 
 __all__ = ["DEADLINE_ATTEMPTS_CAP", "HandleState"]
 
@@ -182,6 +184,25 @@ class HandleState:
         #: refused read-only (they write). Replaced whole, under the lock, so
         #: the hot path reads one immutable set without locking.
         self._learned_writes: frozenset[str | bytes] = frozenset()
+        #: The fleet budget's view and this process's share (None: no fleet_budget). A
+        #: new HandleState after fork gets a new random instance id.
+        self._fleet: FleetPolicy | None = None
+        self._fleet_cap: int | None = None  # the cap last applied by the sampler
+        if s.fleet_budget is not None:
+            # Imported here: a handle without a fleet budget does not pay for it (cold start;
+            # secrets brings hashlib and hmac, ~1.5 ms).
+            import secrets
+
+            from pgwarden.core.fleet import FleetPolicy
+
+            self._fleet = FleetPolicy(
+                instance_id=secrets.token_hex(4),
+                source=s.fleet_budget,
+                max_size=s.max_size,
+                interval=s.fleet_interval,
+            )
+            # A newcomer holds one connection until its first sample gives it a share.
+            self._fleet_cap = self._applied_limit = 1
         self._init_truthful_health()
 
     # --- plain reads (atomic attribute reads; no lock needed) -------------------------------
@@ -499,6 +520,93 @@ class HandleState:
                 )
         self._refresh_fast_path()
 
+    # --- fleet budget ------------------------------------------------------------------------
+    @property
+    def application_name(self) -> str:
+        """Every connection's ``application_name``: with a fleet budget, the fleet mark."""
+        fleet = self._fleet
+        if fleet is None:
+            return self.settings.application_name
+        from pgwarden.core.fleet import member_name
+
+        return member_name(
+            self.settings.application_name, self.settings.fleet_tag, fleet.instance_id
+        )
+
+    @property
+    def fleet_enabled(self) -> bool:
+        fleet = self._fleet
+        return fleet is not None and fleet.off is None
+
+    def fleet_pattern(self) -> str:
+        from pgwarden.core.fleet import member_pattern
+
+        return member_pattern(self.settings.fleet_tag)
+
+    def fleet_observed(self, row: Mapping[str, object]) -> None:
+        """The sampler's row. Turns the fleet off behind a pooler (its connections, not
+        this fleet's, are what pg_stat_activity shows)."""
+        with self._lock:
+            fleet = self._fleet
+            if fleet is None or fleet.off is not None:
+                return
+            if self.pooler is not None:
+                self._fleet_off(fleet, f"behind {self.pooler}: pg_stat_activity shows the pooler")
+                return
+            from pgwarden.core.fleet import FleetSample
+
+            sample = FleetSample.from_row(row, self.settings.fleet_tag)
+            if sample.members.get(fleet.instance_id, 0) == 0:
+                # The sampling connection itself is missing from the view: something
+                # between us and the server renames or multiplexes connections.
+                self._fleet_off(
+                    fleet, "pg_stat_activity does not show this process's connection (a pooler?)"
+                )
+                return
+            fleet.observe(self._wall_clock(), sample)
+
+    def fleet_pooler_seen(self) -> None:
+        """Called once readiness is known: behind a pooler the fleet turns itself off."""
+        with self._lock:
+            fleet = self._fleet
+            if fleet is not None and fleet.off is None and self.pooler is not None:
+                self._fleet_off(fleet, f"behind {self.pooler}: pg_stat_activity shows the pooler")
+
+    def _fleet_off(self, fleet: FleetPolicy, why: str) -> None:
+        fleet.turn_off(why)
+        self._fleet_cap = None
+        self._refresh_fast_path()
+        self.log(logging.WARNING, "fleet budget off: %s", why, event="fleet_off", reason=why)
+
+    def fleet_cap(self) -> tuple[int | None, float]:
+        """``(cap now, seconds until it may change)``; records the cap as applied. The
+        cap is None when there is no fleet budget or it is off."""
+        with self._lock:
+            fleet = self._fleet
+            if fleet is None or fleet.off is not None:
+                self._fleet_cap = None
+                self._refresh_fast_path()
+                return None, fleet.interval if fleet is not None else 1.0
+            wall = self._wall_clock()
+            cap = fleet.cap(wall)
+            self._fleet_cap = cap
+            self._refresh_fast_path()
+            return cap, fleet.turn_ends(wall) - wall
+
+    def fleet_wait(self, deadline: float | None) -> float:
+        """Seconds a caller waits for this process's next turn when its share is zero;
+        at most half of the time left to *deadline*, so the call still fits in it."""
+        with self._lock:
+            fleet = self._fleet
+            if fleet is None or fleet.off is not None or self._fleet_cap != 0:
+                return 0.0
+            wall = self._wall_clock()
+            on = fleet.next_on(wall)
+            wait = fleet.interval if on is None else max(0.0, on - wall)
+        if deadline is not None:
+            wait = min(wait, max(0.0, (deadline - self._clock()) / 2))
+        return wait
+
     # --- sizing ------------------------------------------------------------------------------
     def wanted_limit(self) -> int | None:
         """The pool limit to apply now, if it differs from the applied one."""
@@ -511,6 +619,10 @@ class HandleState:
             wanted = limit.limit
             if wanted >= self.settings.max_size and self._lifecycle.state is State.DEGRADED:
                 self._lifecycle.try_fire(Event.RECOVERED)
+            if self._fleet_cap is not None:
+                # The fleet's share caps the adaptive limit; the pool keeps room for one
+                # (a caller past its wait for a turn still gets a connection).
+                wanted = max(1, min(wanted, self._fleet_cap))
             self._refresh_fast_path()
             return None if wanted == self._applied_limit else wanted
 
@@ -549,10 +661,15 @@ class HandleState:
         self._refresh_fast_path()
 
     def _refresh_fast_path(self) -> None:
+        target = self.settings.max_size
+        if self._fleet_cap is not None:
+            target = max(1, min(target, self._fleet_cap))
         self.fast_path = (
             self._lifecycle.state is State.READY
             and self._breaker.state is BreakerState.CLOSED
-            and self._limit.limit == self._applied_limit == self.settings.max_size
+            and self._limit.limit == self.settings.max_size
+            and self._applied_limit == target
+            and self._fleet_cap != 0
         )
 
     def fire(self, event: Event) -> State:
@@ -779,13 +896,17 @@ class HandleState:
     def tracker(self) -> MetricsTracker:
         return self._tracker
 
-    def histograms(self) -> Mapping[str, Any]:
-        """The live histograms behind ``stats()`` (empty when metrics are off)."""
-        tracker: Any = self._tracker
-        while isinstance(tracker, TeeTracker):
+    def histograms(self) -> Mapping[str, Histogram]:
+        """The live histograms behind ``stats()`` (empty when metrics are off): those of
+        the tracker whose snapshot ``stats()`` shows (a tee's primary), by their
+        ``stats()["histograms"]`` key (``pgwarden.core.stats.Histograms``)."""
+        tracker = self._tracker
+        if isinstance(tracker, TeeTracker):
             tracker = tracker.primary
-        found = getattr(tracker, "histograms", None)
-        return dict(found) if isinstance(found, Mapping) else {}
+        found = getattr(tracker, "histograms", None)  # a StatsTracker's, or a custom one's
+        if not isinstance(found, Mapping):
+            return {}
+        return {key: h for key, h in found.items() if isinstance(h, Histogram)}
 
     def stats(self, pool_stats: Mapping[str, int] | None) -> dict[str, Any]:
         """The plain-dict snapshot behind ``db.stats()``."""
@@ -819,6 +940,8 @@ class HandleState:
             snap["in_flight"] = self._inflight
             # Reading the bucket refills it by the time elapsed but credits no
             # requests: stats() observes, it does not change what retries may do.
+            if self._fleet is not None:
+                snap["fleet"] = self._fleet.snapshot(self._wall_clock())
             snap["retry_budget_tokens"] = round(
                 min(
                     self._budget.max_tokens,

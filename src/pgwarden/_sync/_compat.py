@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+from psycopg_pool.pool import StopWorker
+
 from pgwarden._handle.waits import WaitTimeout
 from pgwarden._signals import DEFAULT_SIGNALS, chain_signal
 
@@ -21,8 +23,11 @@ __all__ = [
     "SingleFlight",
     "WaitTimeout",
     "Watchdog",
+    "loop_gone",
     "on_signals",
+    "run_pool_worker",
     "run_within",
+    "running_loop",
     "sleep",
     "spawn",
 ]
@@ -128,6 +133,32 @@ def run_within(fn: Callable[[], T], timeout: float) -> T:
         raise
 
 
+_pool_logger = logging.getLogger("psycopg.pool")
+
+
+def run_pool_worker(queue: Any) -> None:
+    """psycopg_pool's maintenance worker (``ConnectionPool.worker``), as there: a
+    thread is never cancelled (the async twin differs)."""
+    while True:
+        task = queue.get()
+        if isinstance(task, StopWorker):
+            return
+        try:
+            task.run()
+        except Exception as exc:
+            _pool_logger.warning("task run %s failed: %s: %s", task, type(exc).__name__, exc)
+
+
+def running_loop() -> object:
+    """Threads share one pool for the handle's life: there is no loop to follow."""
+    return None
+
+
+def loop_gone(loop: object) -> bool:
+    """Never: see `running_loop`."""
+    return False
+
+
 class Watchdog:
     """One daemon thread per handle that runs callbacks at their time (deadlines, leaks).
 
@@ -188,6 +219,15 @@ class Watchdog:
     def unwatch(self, token: int) -> None:
         with self._cond:
             self._coarse.pop(token, None)
+
+    def rewatch(self, token: int, when: float, callback: Callable[[], object]) -> bool:
+        """Point the coarse entry *token* at ``callback()`` at *when* (one entry instead
+        of an `unwatch` and a `watch`); False if it fired or was unwatched already."""
+        with self._cond:
+            if token not in self._coarse:
+                return False
+            self._coarse[token] = (when, callback)
+            return True
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="pgwarden-watchdog", daemon=True)

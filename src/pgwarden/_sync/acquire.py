@@ -23,7 +23,7 @@ reach it (`Lease.release`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from time import monotonic
 from typing import Any
@@ -36,7 +36,16 @@ from psycopg_pool import PoolTimeout
 from pgwarden._handle.config import connect_kwargs, libpq_connect_timeout, pool_kwargs
 from pgwarden._handle.net import has_pending_input, sever
 from pgwarden._handle.state import HandleState
-from pgwarden._sync._compat import Background, Lock, SingleFlight, Watchdog, run_within, sleep
+from pgwarden._sync._compat import (
+    Background,
+    Lock,
+    SingleFlight,
+    Watchdog,
+    loop_gone,
+    run_within,
+    running_loop,
+    sleep,
+)
 from pgwarden._sync.pool import PgwConnection, PgwPool
 from pgwarden.core.breaker import Admission
 from pgwarden.core.classify import FailureKind
@@ -141,6 +150,22 @@ class Lease:
             self._timer = watchdog.arm(until + SEVER_GRACE, self._sever)
         else:
             self._watch = watchdog.watch(until, self._sever)
+
+    def backstop_to_watch(self, when: float, callback: Callable[[], object]) -> int:
+        """End the ``default_timeout`` backstop of a lease that is not *precise* (a
+        consumer's checkout: the backstop bounds only getting the connection) and
+        watch ``callback()`` at *when* instead, reusing the backstop's watchdog entry
+        (one entry moved rather than one removed and one added, on the hot path).
+        Returns the watch's token, for `Watchdog.unwatch`."""
+        watchdog = self._connections.watchdog
+        token = self._watch
+        if token is not None and self._timer is None:
+            self._watch = None
+            self._until = None
+            if watchdog.rewatch(token, when, callback):
+                return token
+        self.rearm(None)  # it fired already (a sever), or there is none (default_timeout=None)
+        return watchdog.watch(when, callback)
 
     @property
     def cancel_sent(self) -> bool:
@@ -255,6 +280,38 @@ class Connections:
         self.watchdog = Watchdog()
         self._resize_lock = Lock()
         self._drain_flight: SingleFlight[None] = SingleFlight()
+        #: The event loop the pool and its workers belong to (asyncio; None in threads).
+        self._loop: object = None
+        #: Called (without I/O) when a call finds the server read-only: the listener
+        #: checks its own server at once instead of at its next heartbeat.
+        self.failover_hooks: list[Callable[[], None]] = []
+
+    def _loop_moved(self) -> bool:
+        """Follow the caller's event loop: True when this call runs on a new loop and the
+        pool's loop has closed (sequential ``asyncio.run()`` calls, a serverless handler
+        per invocation, a test framework's loop per test). The old pool is then
+        abandoned: its workers died with their loop, so it would never reconnect or
+        grow again. A pool whose loop still runs elsewhere cannot be shared: refused."""
+        loop = running_loop()
+        old = self._loop
+        if loop is old:
+            return False
+        self._loop = loop
+        if old is None:
+            return False
+        if not loop_gone(old):
+            self._loop = old
+            raise RuntimeError(
+                f"the database handle for {self.settings.safe_url} belongs to another "
+                "event loop that is still running; make one handle per event loop"
+            )
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.abandon()
+        # Both are bound to the old loop once used there.
+        self._resize_lock = Lock()
+        self._drain_flight = SingleFlight()
+        return pool is not None
 
     # --- the pool ------------------------------------------------------------------------------
     def ensure_pool(self) -> PgwPool:
@@ -263,13 +320,20 @@ class Connections:
             self.pool = PgwPool(
                 self.settings.url or "",
                 observer=state,
-                kwargs=connect_kwargs(
-                    self.settings, pgbouncer=state.pgbouncer, adapters=self.adapters
-                ),
+                kwargs={
+                    **connect_kwargs(
+                        self.settings, pgbouncer=state.pgbouncer, adapters=self.adapters
+                    ),
+                    "application_name": state.application_name,  # the fleet's mark
+                },
                 **pool_kwargs(
                     self.settings, max_size=state.applied_limit, max_lifetime=state.max_lifetime
                 ),
             )
+            if self.settings.fleet_budget is not None:
+                from pgwarden._sync.fleet import FleetSampler  # only with a fleet budget
+
+                FleetSampler(self).start()
         return self.pool
 
     def pool_stats(self) -> dict[str, int] | None:
@@ -281,10 +345,12 @@ class Connections:
         self, timeout: float, *, feed_breaker: bool = True, explorer: bool = False
     ) -> PgwConnection:
         """One connection outside the pool, within *timeout*; the outcome is reported."""
+        self._loop_moved()  # a pool left behind is re-made by the warmup that calls this
         kwargs = connect_kwargs(
             self.settings, pgbouncer=self.state.pgbouncer, adapters=self.adapters
         )
         kwargs["connect_timeout"] = libpq_connect_timeout(timeout)
+        kwargs["application_name"] = self.state.application_name
         conninfo = self.settings.url or ""
         started = monotonic()
         try:
@@ -314,15 +380,20 @@ class Connections:
         breaker's next probe; otherwise an open breaker fails fast. The caller
         reports the lease's ``acquire_wait`` and held time when it is a user's
         (internal probes are not counted). An *internal* lease (the health
-        check's) is not counted as a waiting caller either. *cancel*: with an
-        explicit deadline, the server is asked to cancel at the deadline (one
-        statement in autocommit, which no statement_timeout bounds); see
-        `Lease`.
+        check's) is not counted as a waiting caller either, and does not wait for
+        a fleet turn (`HandleState.fleet_wait`). *cancel*: with an explicit
+        deadline, the server is asked to cancel at the deadline (one statement in
+        autocommit, which no statement_timeout bounds); see `Lease`.
         """
         state = self.state
         started = monotonic()
+        if self._loop_moved():
+            self.ensure_pool().open(wait=False)
         if not state.fast_path:
             self._admit(deadline, explicit)
+            turn_in = 0.0 if internal else state.fleet_wait(deadline)
+            if turn_in > 0:
+                sleep(turn_in)  # this process's share is zero until its next turn
             wanted = state.wanted_limit()
             if wanted is not None:
                 self._apply_limit(wanted)
@@ -444,6 +515,15 @@ class Connections:
         pool.adopt(conn)
         return True
 
+    def apply_fleet_cap(self, cap: int | None) -> None:
+        """The fleet sampler's share: the pool's limit, then idle connections above it."""
+        wanted = self.state.wanted_limit()
+        if wanted is not None:
+            self._apply_limit(wanted)
+        pool = self.pool
+        if pool is not None:
+            pool.shrink_to(cap)
+
     def _apply_limit(self, wanted: int) -> None:
         with self._resize_lock:
             pool = self.pool
@@ -460,6 +540,8 @@ class Connections:
         found dead by a poll when it is next checked out.
         """
         if kind is FailureKind.FAILOVER:
+            for hook in self.failover_hooks:
+                hook()
             self.drain(CloseReason.FAILOVER, "server is read-only (failover)")
 
     def drain(self, reason: CloseReason, why: str) -> None:
@@ -513,7 +595,10 @@ class Connections:
         autocommit: bool,
         row_factory: Any,
     ) -> Checkout:
-        """*lease* as an `Checkout` in the consumer's shape, watched for leaks."""
+        """*lease* as an `Checkout` in the consumer's shape, watched for leaks.
+
+        With no explicit *deadline*, the lease's ``default_timeout`` backstop ends here
+        (it bounded getting the connection); its watchdog entry becomes the leak watch."""
         conn = lease.conn
         if not autocommit and conn.autocommit:
             conn.set_autocommit(False)  # idle: no round trip
@@ -522,6 +607,7 @@ class Connections:
         return Checkout(self, lease, site, deadline)
 
     def close(self, timeout: float) -> None:
+        self._loop_moved()  # a pool of a closed loop is abandoned, not awaited
         pool = self.pool
         if pool is not None:
             pool.close(timeout=max(0.0, timeout))
@@ -559,8 +645,11 @@ class Checkout:
         self.connection = lease.conn
         self.deadline = deadline
         self.released = False
-        self._leak = connections.watchdog.watch(
-            lease.acquired_at + connections.settings.leak_threshold, self._leaked
+        leak_at = lease.acquired_at + connections.settings.leak_threshold
+        self._leak = (
+            lease.backstop_to_watch(leak_at, self._leaked)
+            if deadline is None
+            else connections.watchdog.watch(leak_at, self._leaked)
         )
 
     def _leaked(self) -> None:

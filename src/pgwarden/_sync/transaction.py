@@ -41,6 +41,15 @@ set inside the savepoint and restored when it is released: the statement is
 cancelled (a nested ``run_transaction()`` then raises `DeadlineExceeded`) and
 the open transaction goes on.
 
+``server_deadlines=False`` (for RDS Proxy, which may pin a session that changes a
+setting): no ``statement_timeout`` is ever sent. The lease sends a cancel request
+at the transaction's deadline (then severs the socket), is told before COMMIT to
+stop cancelling (a cancel reaching a COMMIT that waits for a synchronous standby
+makes it report a success the standby may not have), and a transaction whose
+deadline passed before COMMIT is never committed. Statements raise the deadline
+error without I/O once a deadline passed; a nested call's shorter deadline
+sends a cancel request of its own (`_ClientDeadlines`).
+
 A nested ``run_transaction()`` re-runs its function in a fresh savepoint only
 after a deadlock (40P01): the server aborted just the statement that waited,
 and rolling back to the savepoint releases the locks the function took (a
@@ -65,18 +74,21 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from threading import current_thread as _current_owner
 from time import monotonic
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import psycopg
+from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row, tuple_row
 
 from pgwarden._handle.config import call_site
+from pgwarden._handle.rows import row_factory
 from pgwarden._handle.sql import (
     MARKER,
     MARKER_IF_ASSIGNED,
@@ -91,8 +103,9 @@ from pgwarden._handle.sql import (
     statement_timeout_args,
 )
 from pgwarden._handle.state import HandleState
-from pgwarden._sync._compat import sleep
-from pgwarden._sync.acquire import Connections, Lease
+from pgwarden._sync._compat import Background, Watchdog, sleep
+from pgwarden._sync.acquire import CANCEL_TIMEOUT, SEVER_GRACE, Connections, Lease
+from pgwarden._sync.copy import CopySink, CopySource, copy_in_on, copy_out_on
 from pgwarden._sync.pool import PgwConnection
 from pgwarden._sync.retrying import after_failed_attempt
 from pgwarden._sync.warmup import Warmup
@@ -117,6 +130,7 @@ from pgwarden.core.commit import (
     timeline_of_wal_file,
 )
 from pgwarden.core.retry import MIN_ATTEMPT_SECONDS, RetryPolicy, deadline_ran_out
+from pgwarden.core.rows import RowShape
 from pgwarden.core.tracing import NOOP_STATEMENT_OBSERVER, StatementObserver
 from pgwarden.errors import AmbiguousCommitError, DatabaseUnusable, NotCommitted, OutcomeUnknown
 
@@ -132,6 +146,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+RowT = TypeVar("RowT")
 
 # What identifies a transaction for commit resolution (its id, which run of the server).
 _TxMarker = Marker
@@ -178,6 +193,107 @@ def query_bytes(conn: PgwConnection, query: Query) -> bytes:
     return query.as_bytes(conn)
 
 
+class _ClientDeadlines:
+    """The deadlines of one transaction kept by the client alone (``server_deadlines=False``).
+
+    Nothing is sent to the server for them. Every statement of the transaction
+    (its query methods, ``executemany``, COPY, SAVEPOINT) raises the deadline
+    error without I/O once the innermost deadline has passed; one running at the
+    outermost deadline is stopped by the lease's cancel request (then its sever);
+    one running at a nested call's shorter deadline by a cancel request of its own.
+    A nested cancel that no statement is known to have consumed (the statement
+    ended as it was sent) could still stop a later statement, or the COMMIT: the
+    connection is closed then, and the transaction ends as `NotCommitted`.
+    """
+
+    __slots__ = ("_expired", "_nested", "_watchdog", "busy", "until")
+
+    def __init__(
+        self, watchdog: Watchdog, until: float | None, expired: Callable[[], Exception]
+    ) -> None:
+        self._watchdog = watchdog
+        self._expired = expired  # the caller's deadline error, made when raised
+        self._nested: _NestedCancel | None = None
+        #: The innermost deadline in force (None: only the default_timeout backstop).
+        self.until = until
+        #: A statement of the transaction is on the wire (read from the timer).
+        self.busy = False
+
+    def run(self, send: Callable[[], T]) -> T:
+        """``send()`` if the deadline has not passed, marked as on the wire."""
+        until = self.until
+        if until is not None and monotonic() >= until:
+            raise self._expired()
+        self.busy = True
+        try:
+            return send()
+        except psycopg.errors.QueryCanceled:
+            nested = self._nested
+            if nested is not None and nested.sent is not None:
+                nested.consumed = True  # the server used the request on this statement
+            raise
+        finally:
+            self.busy = False
+
+    @contextmanager
+    def within(self, conn: PgwConnection, deadline: float) -> Iterator[None]:
+        """A nested call's shorter *deadline*, for as long as the block runs."""
+        outer, previous = self.until, self._nested
+        self.until = deadline if outer is None else min(outer, deadline)
+        cancel = self._nested = _NestedCancel(conn)
+        timer = self._watchdog.arm(deadline, self._at_nested_deadline, cancel)
+        try:
+            yield
+        finally:
+            self._watchdog.disarm(timer)
+            self.until, self._nested = outer, previous
+            cancel.settle(deadline + SEVER_GRACE)
+
+    def _at_nested_deadline(self, cancel: _NestedCancel) -> None:
+        # A timer callback. Between statements there is nothing to stop (and a
+        # cancel would only linger): the next statement raises without I/O instead.
+        cancel.fire(lambda: self.busy)
+
+
+class _NestedCancel:
+    """The cancel request of one nested deadline, if its timer sent one."""
+
+    __slots__ = ("_ended", "_lock", "conn", "consumed", "sent")
+
+    def __init__(self, conn: PgwConnection) -> None:
+        self.conn = conn
+        self.sent: Background | None = None
+        self.consumed = False
+        self._ended = False
+        # The timer (a thread in the sync shell) and the block's end decide under it
+        # whether a request goes out, so none can leave after `settle` looked.
+        self._lock = threading.Lock()
+
+    def fire(self, busy: Callable[[], bool]) -> None:
+        """At the deadline: send the request if the block still runs a statement."""
+        with self._lock:
+            if not self._ended and busy():
+                self.sent = Background(self.send)
+
+    def send(self) -> None:
+        try:
+            self.conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+        except Exception:  # it could not arrive: the statement runs to the outer bound
+            return
+
+    def settle(self, until: float) -> None:
+        """Once the block is over: close the connection unless the request was
+        used up by the statement it stopped (else it may stop a later one)."""
+        with self._lock:
+            self._ended = True
+            sent = self.sent
+        if sent is None:
+            return
+        settled = self.consumed and sent.wait(until - monotonic())
+        if not settled and not (self.conn.closed or self.conn.broken):
+            self.conn.close()
+
+
 class Transaction:
     """Statements inside one transaction. Never retried one by one.
 
@@ -185,14 +301,19 @@ class Transaction:
     ``transaction``), as the handle's own query methods are.
     """
 
-    __slots__ = ("_names", "_observer", "connection")
+    __slots__ = ("_client", "_names", "_observer", "connection")
 
     def __init__(
-        self, connection: PgwConnection, observer: StatementObserver | None = None
+        self,
+        connection: PgwConnection,
+        observer: StatementObserver | None = None,
+        client: _ClientDeadlines | None = None,
     ) -> None:
         self.connection = connection
         self._observer = observer or NOOP_STATEMENT_OBSERVER
         self._names = itertools.count(1)  # savepoint numbers, shared by every nested level
+        # server_deadlines=False: the deadlines are kept here, none is sent (None: sent).
+        self._client = client
 
     @contextmanager
     def savepoint(self) -> Iterator[Transaction]:
@@ -205,13 +326,26 @@ class Transaction:
     def _savepoint(self, deadline: float | None) -> Iterator[None]:
         """A savepoint; with *deadline*, a ``statement_timeout`` of the time left
         inside it, restored to the enclosing level's on release (on rollback the
-        server restores it itself)."""
+        server restores it itself). With the deadlines kept by the client, nothing
+        is sent for *deadline*: see `_ClientDeadlines`."""
         conn = self.connection
         name = b'"pgw_sp_%d"' % next(self._names)  # our own name: nothing to escape
         restore: str | None = None
+        client = self._client
+        if client is not None:
+            # Outside the try: a SAVEPOINT that failed (or was not sent) has nothing
+            # to roll back to, and the enclosing level fails in turn.
+            client.run(lambda: conn.execute(b"SAVEPOINT " + name))
         try:
-            if deadline is None:
+            if client is not None:
+                if deadline is not None:
+                    with client.within(conn, deadline):
+                        yield
+                else:
+                    yield
+            elif deadline is None:
                 conn.execute(b"SAVEPOINT " + name)
+                yield
             else:
                 cur = conn.cursor(row_factory=tuple_row)
                 with conn.pipeline():
@@ -220,7 +354,7 @@ class Transaction:
                     set_statement_timeout(conn, deadline)
                 row = cur.fetchone()
                 restore = None if row is None else row[0]
-            yield
+                yield
         except BaseException:
             _rollback_to_quietly(conn, name)
             raise
@@ -232,10 +366,15 @@ class Transaction:
                 conn.execute(b"RELEASE SAVEPOINT " + name)
                 conn.execute(SET_STATEMENT_TIMEOUT, (restore,))
 
-    def _run(self, mode: Mode, query: Query, params: Params) -> Any:
+    def _run(self, mode: Mode, query: Query, params: Params, row: RowShape | None = None) -> Any:
+        if self._client is not None:
+            return self._client.run(lambda: self._send(mode, query, params, row))
+        return self._send(mode, query, params, row)
+
+    def _send(self, mode: Mode, query: Query, params: Params, row: RowShape | None = None) -> Any:
         token = self._observer.statement_started("transaction", query)
         try:
-            cur = cursor_for(self.connection, mode)
+            cur = cursor_for(self.connection, mode, row)
             cur.execute(query, params)
             result = result_of(cur, mode)
         except BaseException as exc:
@@ -244,22 +383,49 @@ class Transaction:
         self._observer.statement_finished(token, None, cur.rowcount)
         return result
 
-    def fetch(self, query: Query, params: Params = None) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = self._run(Mode.ROWS, query, params)
+    @overload
+    def fetch(
+        self, query: Query, params: Params = None, *, row: type[dict[Any, Any]] | None = None
+    ) -> list[dict[str, Any]]: ...
+    @overload
+    def fetch(
+        self, query: Query, params: Params = None, *, row: Callable[..., RowT]
+    ) -> list[RowT]: ...
+    def fetch(
+        self, query: Query, params: Params = None, *, row: RowShape | None = None
+    ) -> list[Any]:
+        """All rows, each a *row* (dict, tuple or a class: docs/queries.md)."""
+        rows: list[Any] = self._run(Mode.ROWS, query, params, row)
         return rows
 
-    def fetchrow(self, query: Query, params: Params = None) -> dict[str, Any] | None:
-        row: dict[str, Any] | None = self._run(Mode.ROW, query, params)
-        return row
+    @overload
+    def fetchrow(
+        self, query: Query, params: Params = None, *, row: type[dict[Any, Any]] | None = None
+    ) -> dict[str, Any] | None: ...
+    @overload
+    def fetchrow(
+        self, query: Query, params: Params = None, *, row: Callable[..., RowT]
+    ) -> RowT | None: ...
+    def fetchrow(self, query: Query, params: Params = None, *, row: RowShape | None = None) -> Any:
+        """The first row as a *row* (see `fetch`), or None."""
+        return self._run(Mode.ROW, query, params, row)
 
     def fetchval(self, query: Query, params: Params = None) -> Any:
+        """The first column of the first row, or None when there is no row."""
         return self._run(Mode.VALUE, query, params)
 
     def execute(self, query: Query, params: Params = None) -> int:
+        """Run a statement in the transaction; the number of rows it affected."""
         count: int = self._run(Mode.COUNT, query, params)
         return count
 
     def executemany(self, query: Query, params_seq: Iterable[ManyParams]) -> int:
+        """Run *query* once per parameter set in *params_seq*; the rows affected in all."""
+        if self._client is not None:
+            return self._client.run(lambda: self._send_many(query, params_seq))
+        return self._send_many(query, params_seq)
+
+    def _send_many(self, query: Query, params_seq: Iterable[ManyParams]) -> int:
         token = self._observer.statement_started("executemany", query)
         cur = self.connection.cursor()
         try:
@@ -269,6 +435,41 @@ class Transaction:
             raise
         self._observer.statement_finished(token, None, cur.rowcount)
         return cur.rowcount
+
+    def copy_in(
+        self,
+        table: str | sql.Composable,
+        source: CopySource,
+        *,
+        columns: Sequence[str] | None = None,
+        format: str = "text",
+    ) -> int:
+        """COPY *source* into *table* inside this transaction; the rows copied.
+
+        *source*: rows (sequences of values in *columns* order), or a file (or
+        bytes) holding COPY data in *format* (``text``, ``csv``, ``binary``). A
+        source that raises aborts the COPY: the server keeps none of its rows.
+        Inside ``run_transaction`` a re-run sends *source* again: pass one that
+        can be iterated twice (a list, not a generator) if re-runs may happen.
+        """
+        conn, observer = self.connection, self._observer
+        if self._client is not None:
+            return self._client.run(
+                lambda: copy_in_on(conn, observer, table, source, columns, format)
+            )
+        return copy_in_on(conn, observer, table, source, columns, format)
+
+    def copy_out(
+        self, query: Query, sink: CopySink, params: Params = None, *, format: str = "text"
+    ) -> int:
+        """COPY the rows of *query* into *sink* (a binary or text file) in *format*;
+        the rows copied."""
+        conn, observer = self.connection, self._observer
+        if self._client is not None:
+            return self._client.run(
+                lambda: copy_out_on(conn, observer, query, sink, params, format)
+            )
+        return copy_out_on(conn, observer, query, sink, params, format)
 
 
 def result_of(cur: Any, mode: Mode) -> Any:
@@ -283,9 +484,14 @@ def result_of(cur: Any, mode: Mode) -> Any:
     return cur.rowcount
 
 
-def cursor_for(conn: PgwConnection, mode: Mode) -> Any:
-    """A cursor whose rows suit *mode*: tuples for a single value, else dicts."""
-    return conn.cursor(row_factory=tuple_row) if mode is Mode.VALUE else conn.cursor()
+def cursor_for(conn: PgwConnection, mode: Mode, row: RowShape | None = None) -> Any:
+    """A cursor whose rows suit *mode*: tuples for a single value, else *row*
+    (None: the connection's dicts)."""
+    if mode is Mode.VALUE:
+        return conn.cursor(row_factory=tuple_row)
+    if row is None or mode is Mode.COUNT:
+        return conn.cursor()
+    return conn.cursor(row_factory=row_factory(row))
 
 
 class _Open:
@@ -394,7 +600,14 @@ class Transactions:
             lease = self._begin_on_fresh_lease(begin, deadline, explicit)
             with self.connections.held(lease, call_site()):
                 conn = lease.conn
-                tx = Transaction(conn, self.observer)
+                client = None
+                if not self.settings.server_deadlines:
+                    client = _ClientDeadlines(
+                        self.connections.watchdog,
+                        deadline if explicit else None,
+                        lambda: state.deadline_error(None, "transaction"),
+                    )
+                tx = Transaction(conn, self.observer, client)
                 try:
                     token = self._open.set(
                         _Open(tx, lease, isolation, readonly, deadline, explicit)
@@ -404,6 +617,8 @@ class Transactions:
                     finally:
                         self._open.reset(token)
                 except BaseException as exc:
+                    if lease.cancel_sent and isinstance(exc, psycopg.errors.QueryCanceled):
+                        lease.cancel_consumed = True  # the deadline's cancel stopped it
                     rollback_quietly(conn)
                     if not readonly and sqlstate_of(exc) == READ_ONLY_SQL_TRANSACTION:
                         self.connections.read_only_server(lease)
@@ -412,9 +627,9 @@ class Transactions:
                         and isinstance(exc, psycopg.errors.QueryCanceled)
                         and deadline_ran_out(FailureKind.TIMEOUT, monotonic(), deadline)
                     ):
-                        # The deadline ended it (client sever or the server's
-                        # statement timeout at the deadline): the same error as
-                        # every other entry point gives for a deadline.
+                        # The deadline ended it (client sever, the server's
+                        # statement timeout or the client's cancel at the deadline):
+                        # the same error as every other entry point gives for a deadline.
                         raise state.deadline_error(exc, "transaction") from exc
                     if _lost_before_commit(exc, lease):
                         raise NotCommitted(
@@ -422,6 +637,15 @@ class Transactions:
                             f"({state.describe_error(exc)})"
                         ) from exc
                     raise
+                if not lease.stop_cancelling():
+                    # The deadline passed and its cancel is on its way (it could reach
+                    # the COMMIT): never COMMIT now. The release closes the connection
+                    # (the cancel was not consumed), so the server rolls back.
+                    raise state.deadline_error(None, "transaction")
+                if lease.lost:
+                    # Closed before COMMIT (a nested call's cancel not known to be used
+                    # up closes it, _ClientDeadlines): the server rolled back.
+                    raise NotCommitted("connection lost before COMMIT; nothing was committed")
                 self.commit(lease, readonly=readonly, deadline=deadline)
         finally:
             state.leave()
@@ -429,12 +653,17 @@ class Transactions:
     def _begin_on_fresh_lease(self, begin: bytes, deadline: float | None, explicit: bool) -> Lease:
         """Acquire and BEGIN, retrying failures that happen before anything ran."""
         state = self.state
+        bounded = explicit and deadline is not None
+        # server_deadlines=False: no statement_timeout; the lease cancels at the deadline.
+        on_server = bounded and self.settings.server_deadlines
         attempt = 1
         while True:
-            lease = self.connections.lease(deadline, explicit=explicit)
+            lease = self.connections.lease(
+                deadline, explicit=explicit, cancel=bounded and not on_server
+            )
             conn = lease.conn
             try:
-                if explicit and deadline is not None:
+                if on_server and deadline is not None:
                     with conn.pipeline():
                         conn.execute(begin)
                         set_statement_timeout(conn, deadline)
@@ -445,6 +674,8 @@ class Transactions:
                 if not isinstance(exc, Exception):  # cancelled: give the connection back
                     lease.release()
                     raise
+                if lease.cancel_sent and isinstance(exc, psycopg.errors.QueryCanceled):
+                    lease.cancel_consumed = True
                 lost = lease.lost
                 state.lease_returned(lease.acquire_wait, lease.release())
                 after_failed_attempt(
@@ -578,6 +809,44 @@ class Transactions:
             readonly=False,
             timeout=timeout,
             attempts=None if idempotent else 1,
+        )
+
+    def copy_in(
+        self,
+        table: str | sql.Composable,
+        source: CopySource,
+        *,
+        columns: Sequence[str] | None,
+        format: str,
+        timeout: float | None,
+    ) -> int:
+        """COPY in, in a transaction of its own: a write, so never re-run once it
+        may have reached the server (BEGIN is retried: nothing of it ran yet)."""
+
+        def body(tx: Transaction) -> int:
+            return tx.copy_in(table, source, columns=columns, format=format)
+
+        return self.run_transaction(
+            body, isolation=None, readonly=False, timeout=timeout, attempts=1
+        )
+
+    def copy_out(
+        self,
+        query: Query,
+        sink: CopySink,
+        params: Params,
+        *,
+        format: str,
+        timeout: float | None,
+    ) -> int:
+        """COPY out, in a read-only transaction of its own; not re-run once it may
+        have written to *sink* (BEGIN is retried: nothing reached *sink* yet)."""
+
+        def body(tx: Transaction) -> int:
+            return tx.copy_out(query, sink, params, format=format)
+
+        return self.run_transaction(
+            body, isolation=None, readonly=True, timeout=timeout, attempts=1
         )
 
     # --- a single write under a deadline -------------------------------------------------------
