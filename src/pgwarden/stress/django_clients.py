@@ -86,7 +86,7 @@ class DjangoClient:
     # -- what differs between the two Django clients -----------------------------------
     def _database(self, cfg: ClientConfig) -> dict[str, Any]:
         """Django's own backend, its native pool, libpq's timeouts."""
-        options: dict[str, Any] = dict(libpq_kwargs(cfg))
+        options: dict[str, Any] = _libpq_options(cfg.url) | dict(libpq_kwargs(cfg))
         options["pool"] = {
             "min_size": min(4, cfg.pool_size),
             "max_size": cfg.pool_size,
@@ -179,7 +179,7 @@ class DjangoPgwardenClient(DjangoClient):
         self._pgw = pgwarden
         pgw_options = {"max_size": cfg.pool_size, "application_name": cfg.application_name}
         return {"ENGINE": "pgwarden.django", **_connection_settings(cfg.url)} | {
-            "OPTIONS": {"pgwarden": pgw_options}
+            "OPTIONS": _libpq_options(cfg.url) | {"pgwarden": pgw_options}
         }
 
     def _scope(self) -> AbstractContextManager[Any]:
@@ -213,6 +213,18 @@ class DjangoPgwardenClient(DjangoClient):
     def close(self) -> None:
         self._connection.close()
         self._handle().close(timeout=2)
+
+
+_DJANGO_KEYS = ("dbname", "user", "password", "host", "port")
+
+
+def _libpq_options(url: str) -> dict[str, Any]:
+    """The URL's other libpq parameters (``target_session_attrs``, ``sslmode``...), for
+    OPTIONS: Django passes them on to libpq. (Dropping them sent both Django clients of
+    the failover scenario to the first host, the demoted primary, until it went away.)"""
+    from psycopg.conninfo import conninfo_to_dict
+
+    return {k: v for k, v in conninfo_to_dict(url).items() if k not in _DJANGO_KEYS}
 
 
 def _connection_settings(url: str) -> dict[str, Any]:
