@@ -260,3 +260,38 @@ def test_a_statement_that_cannot_have_run_is_sent_again(pg_server: Any) -> None:
         query(alias, "SELECT 1")
     connections[alias].close()
     db.close()
+
+
+def test_a_callable_password_is_asked_for_every_new_connection(pg_server: Any) -> None:
+    role = f"dj_rot_{int(time.monotonic() * 1000) % 10**8}"
+    first, second = "first-secret-1a2b", "second-secret-3c4d"
+    pg_server.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{first}'")
+    current = [first]
+    asked: list[str] = []
+
+    def password() -> str:
+        asked.append(current[0])
+        return current[0]
+
+    alias = use_database(pg_server.url_for(user=role), max_size=2)
+    connections.settings[alias]["PASSWORD"] = password
+    try:
+        assert query(alias, "SELECT current_user") == role
+        assert asked, "the callable was not asked"
+        pg_server.execute(f"ALTER ROLE {role} PASSWORD '{second}'")
+        current[0] = second
+        db = handle_of(alias)
+        # End the pooled session: the next checkout must log in again, with the new one.
+        pg_server.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
+        )
+        connections[alias].close()
+        assert query(alias, "SELECT 7") == 7
+        assert asked[-1] == second
+        for text in (repr(db), repr(db.settings), str(db.stats())):
+            assert first not in text
+            assert second not in text
+    finally:
+        connections[alias].close()
+        handle_of(alias).close()
+        pg_server.execute(f"DROP ROLE IF EXISTS {role}")

@@ -170,8 +170,12 @@ def split_params(conn_params: Mapping[str, Any], options: BackendOptions) -> Con
                 f"pgwarden.django does not take OPTIONS[{key!r}]: Django sets it on every "
                 "connection itself (use DATABASES AUTOCOMMIT)"
             )
+        elif key == "password" and callable(value):
+            # A token provider (RDS IAM, a rotating secret): asked for every new
+            # connection by the handle, never frozen into the connection string.
+            _put(settings, "credentials", value)
         elif key == "password":
-            libpq.update(_credentials(value))
+            libpq.update({"password": value} if value else {})
         elif value is not None:
             libpq[key] = value
     url = make_conninfo("", **libpq)
@@ -180,22 +184,6 @@ def split_params(conn_params: Mapping[str, Any], options: BackendOptions) -> Con
     except TypeError as exc:  # a value of the wrong kind reached a comparison
         raise SettingsError(f'invalid OPTIONS["pgwarden"]: {exc}') from None
     return ConnectTarget(settings=built, adapters=adapters, cursor_factory=cursor_factory)
-
-
-def _credentials(password: object) -> dict[str, Any]:
-    """The libpq parameters for Django's ``PASSWORD``.
-
-    This is the seam for pgwarden's per-connection credentials: a callable ``PASSWORD``
-    (a token provider, called for every new connection) needs the handle to call it
-    when it connects, which this version of pgwarden cannot do yet. Until it can, a
-    callable is refused clearly instead of being turned into the text of a function.
-    """
-    if callable(password):
-        raise SettingsError(
-            "a callable PASSWORD needs pgwarden's per-connection credentials, which this "
-            "version of pgwarden does not have yet; give the password as a string"
-        )
-    return {"password": password} if password else {}
 
 
 def _put(settings: dict[str, Any], name: str, value: Any) -> None:
