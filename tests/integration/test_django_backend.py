@@ -295,3 +295,43 @@ def test_a_callable_password_is_asked_for_every_new_connection(pg_server: Any) -
         connections[alias].close()
         handle_of(alias).close()
         pg_server.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_every_checkout_is_configured_though_connect_skips_what_it_can(
+    pg_server: Any,
+) -> None:
+    """What the cheaper connect() (parameters computed once, AUTOCOMMIT not set again on
+    a connection lent in autocommit, the time zone compared undecoded) must still do on
+    every checkout: Django's time zone back on a pooled connection a request changed,
+    connection_created sent, an in-place edit of the settings entry seen."""
+    from django.db.backends.signals import connection_created
+
+    alias = use_database(pg_server.url, options={"application_name": "pgw-first"}, max_size=1)
+    created: list[str] = []
+
+    def on_created(sender: Any, connection: Any, **kwargs: Any) -> None:
+        created.append(connection.alias)
+
+    connection_created.connect(on_created)
+    try:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SET TIME ZONE 'Asia/Tokyo'")  # left on the pooled connection
+        first_pid = query(alias, "SELECT pg_backend_pid()")
+        connections[alias].close_if_unusable_or_obsolete()  # request_finished
+        assert query(alias, "SELECT pg_backend_pid()") == first_pid  # the same connection
+        assert query(alias, "SHOW TimeZone") == "UTC"  # and Django's time zone again
+        assert connections[alias].get_autocommit() is True
+        with transaction.atomic(using=alias):
+            assert connections[alias].connection.autocommit is False
+        connections[alias].close_if_unusable_or_obsolete()
+        assert created.count(alias) == 2  # one per checkout
+
+        first = handle_of(alias)
+        connections[alias].settings_dict["OPTIONS"]["application_name"] = "pgw-second"
+        assert query(alias, "SELECT current_setting('application_name')") == "pgw-second"
+        assert handle_of(alias) is not first
+        connections[alias].close()
+    finally:
+        connection_created.disconnect(on_created)
+    first.close()
+    handle_of(alias).close()

@@ -13,7 +13,10 @@ connecting (``get_new_connection``)
     and in-flight count. Django then does what it does with any new connection
     (autocommit, isolation level, time zone, ``assume_role``, ``connection_created``);
     the time zone and role are sent only when the pooled connection does not have them
-    already.
+    already. What a pooled connection does not need is not done per checkout: the
+    connection parameters are recomputed only when the settings entry, ``USE_TZ`` or
+    the time zone changed, and AUTOCOMMIT is not set again on a connection lent in
+    autocommit (no round trip is spent on any of it).
 returning (``_close``)
     ``checkout.release()`` (rolls back what is open, restores pgwarden's shape) or
     ``checkout.discard()`` for a connection found lost. Django closes a connection at the
@@ -69,6 +72,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.postgresql import base as postgresql
 from django.db.backends.postgresql.psycopg_any import IsolationLevel
@@ -87,6 +91,7 @@ from pgwarden._handle.sql import MARKER_IF_ASSIGNED, SET_STATEMENT_TIMEOUT, stat
 from pgwarden.core.classify import FailureKind, Phase, sqlstate_of
 from pgwarden.core.commit import Marker
 from pgwarden.core.deadline import current_deadline
+from pgwarden.core.lifecycle import State
 from pgwarden.core.retry import deadline_ran_out
 from pgwarden.django._context import in_atomic_retry
 from pgwarden.django._options import parse_options, split_params
@@ -121,6 +126,8 @@ _RESENDABLE = frozenset({FailureKind.NOTHING_RAN, FailureKind.STALE})
 _QUERY_CANCELED = "57014"
 _READ_ONLY_SQL_TRANSACTION = "25006"
 _RESOLVE_SETTING = 'OPTIONS["pgwarden"]["resolve_commits"]'
+_GONE = (State.CLOSING, State.CLOSED)
+_TIME_ZONE = b"TimeZone"
 
 
 class _Resolved:
@@ -133,13 +140,16 @@ class _Resolved:
         self.db = db
         self.cursor_factory = cursor_factory
         self.release = release
-        self.pid = os.getpid()
+        self.pid = _pid
 
     def usable(self) -> bool:
-        return self.pid == os.getpid() and self.db.state.value not in ("closing", "closed")
+        return self.pid == _pid and self.db.state not in _GONE
 
 
 _lock = threading.Lock()
+# This process's id: read on every connect, so kept here rather than asked of the kernel
+# each time (a forked child sets its own, `_after_fork_in_child`).
+_pid = os.getpid()
 _resolved: dict[Any, _Resolved] = {}
 # Every wrapper of this backend, so that a forked child can make them forget the
 # parent's connections (Django keeps one wrapper per alias and thread).
@@ -288,6 +298,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         self._pgwarden_connecting = False
         #: The statement running now may be sent again (`_pgwarden_observe`).
         self._pgwarden_resendable = False
+        #: Django's time zone name and its bytes, as the server reports TimeZone.
+        self._pgwarden_tz: tuple[str, bytes] | None = None
+        #: What `get_connection_params` last computed, and from what (copies).
+        self._pgwarden_params: tuple[Any, dict[str, Any]] | None = None
         _wrappers.add(self)
 
     # --- the handle -------------------------------------------------------------------------
@@ -304,9 +318,19 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         return self._resolve(self.get_connection_params()).db
 
     def get_connection_params(self) -> dict[str, Any]:
+        # Django computes these on every connect(), i.e. on every checkout here; they
+        # depend only on the settings entry, USE_TZ and the time zone (its adapters
+        # template), so they are recomputed only when one of those changed (compared
+        # by value: a test's in-place edit of the entry is seen).
+        inputs = (self.settings_dict, settings.USE_TZ, self.timezone)
+        memo = self._pgwarden_params
+        if memo is not None and memo[0] == inputs:
+            return dict(memo[1])
         params: dict[str, Any] = super().get_connection_params()
         params.pop("pgwarden", None)  # ours, not libpq's
-        return params
+        # The snapshot after Django's call: it may edit the entry (NAME None pops "service").
+        self._pgwarden_params = (_snapshot(inputs), params)
+        return dict(params)
 
     def _resolve(self, conn_params: Mapping[str, Any]) -> _Resolved:
         options = self.settings_dict["OPTIONS"]
@@ -381,9 +405,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         except DatabaseUnusable as exc:  # not ready, breaker open, no connection in time
             raise django_flavoured(exc) from exc.__cause__
         conn = checkout.connection
+        saved = None
         try:
-            saved = conn.cursor_factory
             if resolved.cursor_factory is not None:
+                saved = conn.cursor_factory
                 conn.cursor_factory = resolved.cursor_factory
             if set_level:
                 conn.isolation_level = self.isolation_level
@@ -394,8 +419,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         self._pgwarden_db = db
         self._pgwarden_saved_factory = saved
         self._pgwarden_released = False
+        self._pgwarden_forget_cursors()  # before the mode changes: it says if any were kept
         self._pgwarden_releasing = resolved.release or checkout.deadline is not None
-        self._pgwarden_open = weakref.WeakSet()
         return conn
 
     def _isolation_from_options(self) -> bool:
@@ -422,7 +447,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         if checkout is None:
             return
         self._pgwarden_checkout = None
-        self._pgwarden_open = weakref.WeakSet()
+        self._pgwarden_forget_cursors()
         conn = checkout.connection
         if self._pgwarden_saved_factory is not None:
             conn.cursor_factory = self._pgwarden_saved_factory
@@ -458,10 +483,17 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         if self._pgwarden_checkout is not None:
             self._pgwarden_checkout = None
             self._pgwarden_saved_factory = None
-            self._pgwarden_open = weakref.WeakSet()
+            self._pgwarden_forget_cursors()
             self.connection = None
             self._pgwarden_released = True
         self._pgwarden_resolved = None
+
+    def _pgwarden_forget_cursors(self) -> None:
+        """No cursor counts as open any more (a new checkout, or none). Cursors are
+        kept only in release mode (`_prepare_cursor`, `_pgwarden_again`); the set is
+        emptied in place, cheaper than a new WeakSet on every connect and release."""
+        if self._pgwarden_releasing:
+            self._pgwarden_open.clear()
 
     def _pgwarden_idle(self) -> bool:
         conn = self.connection
@@ -515,13 +547,20 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         return commit_role or commit_tz
 
     def _pgwarden_timezone(self, connection: Any) -> bool:
-        """Django's time zone (``TIME_ZONE``/``USE_TZ``) on *connection*, if it differs."""
+        """Django's time zone (``TIME_ZONE``/``USE_TZ``) on *connection*, if it differs
+        (compared as the server reports it, undecoded: one C call per checkout)."""
         name = self.timezone_name
-        if name and connection.info.parameter_status("TimeZone") != name:
+        if name and connection.pgconn.parameter_status(_TIME_ZONE) != self._pgwarden_tz_bytes(name):
             with connection.cursor() as cursor:
                 cursor.execute(self.ops.set_time_zone_sql(), [name])
             return True
         return False
+
+    def _pgwarden_tz_bytes(self, name: str) -> bytes:
+        cached = self._pgwarden_tz
+        if cached is None or cached[0] != name:
+            cached = self._pgwarden_tz = (name, name.encode())
+        return cached[1]
 
     def _pgwarden_role(self, connection: Any) -> bool:
         """``assume_role`` on a pooled connection: sent only when the connection's role
@@ -557,6 +596,23 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
             self.validate_no_atomic_block()
             self.autocommit = autocommit
             if autocommit and self.run_commit_hooks_on_set_autocommit_on:
+                self.run_and_clear_commit_hooks()
+                self.run_commit_hooks_on_set_autocommit_on = False
+            return
+        conn = self.connection
+        if (
+            self._pgwarden_connecting
+            and autocommit
+            and conn is not None
+            and conn.autocommit
+            and self._pgwarden_checkout is not None
+            and conn.pgconn.transaction_status == TransactionStatus.IDLE
+        ):
+            # Django's connect() turning AUTOCOMMIT on for the connection checkout()
+            # just lent in autocommit (pgwarden's shape): nothing to set on it, so
+            # only Django's state (what its set_autocommit does after setting it).
+            self.autocommit = True
+            if self.run_commit_hooks_on_set_autocommit_on:
                 self.run_and_clear_commit_hooks()
                 self.run_commit_hooks_on_set_autocommit_on = False
             return
@@ -872,8 +928,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
 
 
 def _after_fork_in_child() -> None:
-    global _lock
+    global _lock, _pid
     _lock = threading.Lock()
+    _pid = os.getpid()
     _resolved.clear()
     for wrapper in list(_wrappers):
         wrapper._pgwarden_forget()
