@@ -46,9 +46,62 @@ OPTIONAL_PARTS = (
     "pgwarden.testing",
     "pgwarden.wsgi",
 )
-# Parts of the handle a first query does not use: loaded by their first use (listen()).
-DEFERRED_PARTS = ("pgwarden.core.listen", "pgwarden._async.listen", "pgwarden._sync.listen")
+# Parts of the handle a first query does not use: loaded by their first use (listen(),
+# stream(), with_rows(), a COPY, a row shape, a retry, a lost COMMIT's resolution).
+_DEFERRED_SHELL_PARTS = ("listen", "copy", "stream", "rows", "retrying")
+DEFERRED_PARTS = (
+    "pgwarden.core.listen",
+    "pgwarden.core.commit",
+    "pgwarden.core.rows",
+    "pgwarden._handle.rows",
+    *(
+        f"pgwarden.{shell}.{part}"
+        for shell in ("_async", "_sync")
+        for part in _DEFERRED_SHELL_PARTS
+    ),
+)
 OTHER_SHELL = {"sync": "pgwarden._async", "async": "pgwarden._sync"}
+# Every pgwarden module a first query loads, the shell's as "{shell}": a module added to
+# this path (a new top-level import in the handle's modules) must be added here, on purpose.
+FIRST_QUERY_MODULES = frozenset(
+    {
+        "pgwarden",
+        "pgwarden._handle",
+        "pgwarden._handle.config",
+        "pgwarden._handle.net",
+        "pgwarden._handle.sql",
+        "pgwarden._handle.state",
+        "pgwarden._handle.waits",
+        "pgwarden._redact",
+        "pgwarden._registry",
+        "pgwarden._signals",
+        "pgwarden.core",
+        "pgwarden.core.breaker",
+        "pgwarden.core.classify",
+        "pgwarden.core.deadline",
+        "pgwarden.core.histogram",
+        "pgwarden.core.hygiene",
+        "pgwarden.core.lifecycle",
+        "pgwarden.core.metrics",
+        "pgwarden.core.prepared",
+        "pgwarden.core.resend",
+        "pgwarden.core.retry",
+        "pgwarden.core.sizing",
+        "pgwarden.core.tracing",
+        "pgwarden.errors",
+        "pgwarden.logs",
+        "pgwarden.settings",
+        "{shell}",
+        "{shell}._compat",
+        "{shell}.acquire",
+        "{shell}.database",
+        "{shell}.execute",
+        "{shell}.pool",
+        "{shell}.transaction",
+        "{shell}.warmup",
+    }
+)
+SHELL_PACKAGE = {"sync": "pgwarden._sync", "async": "pgwarden._async"}
 
 
 def _loaded_beyond_psycopg(code: str, url: str) -> set[str]:
@@ -84,3 +137,57 @@ def test_first_query_loads_only_the_handle(pg_server: Any, shell: str) -> None:
         if any(_is_under(m, p) for p in (*OPTIONAL_PARTS, *DEFERRED_PARTS, OTHER_SHELL[shell]))
     )
     assert unneeded == [], f"the first query imports parts it does not use: {unneeded}"
+
+
+@pytest.mark.parametrize("shell", ["sync", "async"])
+def test_first_query_loads_exactly_the_handle_path(pg_server: Any, shell: str) -> None:
+    loaded = _loaded_beyond_psycopg(FIRST_QUERY[shell], pg_server.url)
+    expected = {m.format(shell=SHELL_PACKAGE[shell]) for m in FIRST_QUERY_MODULES}
+    ours = {m for m in loaded if _is_under(m, "pgwarden")}
+    assert sorted(ours - expected) == [], "new modules on the first query's path"
+    assert sorted(expected - ours) == [], "modules the first query no longer loads: drop them"
+
+
+@pytest.mark.parametrize("shell", ["sync", "async"])
+def test_deferred_parts_load_on_first_use(pg_server: Any, shell: str) -> None:
+    """The deferred parts still work when first used in a fresh process: a stream,
+    a row shape, a with_rows view, a COPY out, a transaction and a write's COMMIT under a
+    deadline (`deferred` stand-ins replaced by the real callables)."""
+    if shell == "sync":
+        code = (
+            "import io, pgwarden\n"
+            "db = pgwarden.connect(os.environ['PGW_COLD_START_URL'])\n"
+            "assert db.fetchval('SELECT 1') == 1\n"
+            "assert [r[0] for r in db.stream('SELECT generate_series(1, 3)', row=tuple)] "
+            "== [1, 2, 3]\n"
+            "assert db.with_rows(tuple).fetchrow('SELECT 7') == (7,)\n"
+            "sink = io.BytesIO()\n"
+            "assert db.copy_out('SELECT 1', sink) == 1 and sink.getvalue() == b'1\\n'\n"
+            "with db.transaction() as tx:\n"
+            "    assert tx.fetchval('SELECT 2') == 2\n"
+            "assert db.execute('SELECT 1', timeout=5, write=True) == 1\n"
+            "db.close()\n"
+        )
+    else:
+        code = (
+            "import asyncio, io, pgwarden\n"
+            "async def main():\n"
+            "    db = pgwarden.connect_async(os.environ['PGW_COLD_START_URL'])\n"
+            "    assert await db.fetchval('SELECT 1') == 1\n"
+            "    assert [r[0] async for r in db.stream('SELECT generate_series(1, 3)', "
+            "row=tuple)] == [1, 2, 3]\n"
+            "    assert await db.with_rows(tuple).fetchrow('SELECT 7') == (7,)\n"
+            "    sink = io.BytesIO()\n"
+            "    assert await db.copy_out('SELECT 1', sink) == 1 and sink.getvalue() == b'1\\n'\n"
+            "    async with db.transaction() as tx:\n"
+            "        assert await tx.fetchval('SELECT 2') == 2\n"
+            "    assert await db.execute('SELECT 1', timeout=5, write=True) == 1\n"
+            "    await db.close()\n"
+            "asyncio.run(main())\n"
+        )
+    loaded = _loaded_beyond_psycopg(code, pg_server.url)
+    package = SHELL_PACKAGE[shell]
+    for part in ("stream", "rows", "copy"):
+        assert f"{package}.{part}" in loaded
+    # a write under a deadline commits with its marker: the commit module came with it
+    assert {"pgwarden._handle.rows", "pgwarden.core.commit"} <= loaded

@@ -34,32 +34,40 @@ from psycopg import sql
 
 from pgwarden._async._compat import SingleFlight, WaitTimeout, on_signals, sleep
 from pgwarden._async.acquire import AsyncCheckout, AsyncConnections
-from pgwarden._async.copy import CopySink, CopySource
 from pgwarden._async.execute import AsyncStatements
-from pgwarden._async.retrying import act_on
-from pgwarden._async.rows import AsyncRows
-from pgwarden._async.stream import DEFAULT_FETCH_SIZE, AsyncStream
 from pgwarden._async.transaction import AsyncTransaction, AsyncTransactions
 from pgwarden._async.warmup import AsyncWarmup
+from pgwarden._handle import deferred
 from pgwarden._handle.config import call_site
-from pgwarden._handle.sql import ManyParams, Mode, Params, Query
+from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, ManyParams, Mode, Params, Query
 from pgwarden._handle.state import HandleState, HealthMark
 from pgwarden.core.breaker import BreakerState
 from pgwarden.core.classify import FailureKind, Phase, RetryContext
-from pgwarden.core.commit import Marker
 from pgwarden.core.deadline import current_deadline
 from pgwarden.core.histogram import Histogram
 from pgwarden.core.lifecycle import Event, State
 from pgwarden.core.metrics import MetricsTracker
 from pgwarden.core.retry import RetryPolicy
-from pgwarden.core.rows import RowShape
 from pgwarden.core.tracing import StatementObserver, with_observer, without_observer
 from pgwarden.errors import DeadlineExceeded
 from pgwarden.settings import Settings
 
 if TYPE_CHECKING:
+    from pgwarden._async.copy import CopySink, CopySource
     from pgwarden._async.listen import Callback, Listener, Subscription
+    from pgwarden._async.retrying import act_on
+    from pgwarden._async.rows import AsyncRows
+    from pgwarden._async.stream import AsyncStream
+    from pgwarden.core.commit import Marker
+    from pgwarden.core.rows import RowShape
     from pgwarden.core.stats import Stats
+else:
+    # What a first query does not use is imported by its first call (`deferred`):
+    # the stream and row-shape views by stream() and with_rows(), carrying out a
+    # retry decision by the first rerun_after_failure().
+    AsyncStream = deferred("pgwarden._async.stream", "AsyncStream", globals())
+    AsyncRows = deferred("pgwarden._async.rows", "AsyncRows", globals())
+    act_on = deferred("pgwarden._async.retrying", "act_on", globals())
 
 __all__ = ["AsyncCheckout", "AsyncDatabase", "AsyncRows", "AsyncStream", "AsyncTransaction"]
 

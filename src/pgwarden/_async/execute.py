@@ -25,10 +25,9 @@ Failures go to `HandleState.failed`, the one retry decision.
 from __future__ import annotations
 
 from time import monotonic
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgwarden._async.acquire import AsyncConnections, AsyncLease
-from pgwarden._async.retrying import after_failed_attempt
 from pgwarden._async.transaction import (
     QUERY_CANCELED,
     AsyncTransactions,
@@ -37,15 +36,22 @@ from pgwarden._async.transaction import (
     result_of,
     rollback_quietly,
 )
-from pgwarden._async.warmup import AsyncWarmup
+from pgwarden._handle import deferred
 from pgwarden._handle.sql import Mode, Params, Query
 from pgwarden._handle.state import HandleState
 from pgwarden.core.classify import Phase, classify_failure, sqlstate_of
 from pgwarden.core.resend import READ_ONLY_VIOLATION, StatementSafety, Verdict, Wrap
 from pgwarden.core.retry import RetryPolicy
-from pgwarden.core.rows import RowShape
-from pgwarden.core.tracing import StatementObserver
 from pgwarden.errors import OutcomeUnknown
+
+if TYPE_CHECKING:
+    from pgwarden._async.retrying import after_failed_attempt
+    from pgwarden._async.warmup import AsyncWarmup
+    from pgwarden.core.rows import RowShape
+    from pgwarden.core.tracing import StatementObserver
+else:
+    # Only after a failure: imported by the first retry.
+    after_failed_attempt = deferred("pgwarden._async.retrying", "after_failed_attempt", globals())
 
 __all__ = ["AsyncStatements"]
 

@@ -40,7 +40,7 @@ from pgwarden._async.retrying import after_failed_attempt
 from pgwarden._async.transaction import AsyncTransactions, rollback_quietly
 from pgwarden._handle.config import call_site
 from pgwarden._handle.rows import row_factory
-from pgwarden._handle.sql import Params, Query
+from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, Params, Query
 from pgwarden.core.classify import FailureKind, Phase, RetryContext
 from pgwarden.core.retry import RetryPolicy, deadline_ran_out
 from pgwarden.core.rows import RowShape
@@ -49,9 +49,6 @@ __all__ = ["DEFAULT_FETCH_SIZE", "AsyncStream"]
 
 RowT = TypeVar("RowT")
 
-#: Rows per FETCH unless the caller says otherwise: large enough that the round
-#: trip is a small part of the time per batch, small enough to stay a few MB.
-DEFAULT_FETCH_SIZE = 2000
 
 _BEGIN_READ_ONLY = b"BEGIN READ ONLY"
 # Re-running the opening re-runs a read-only transaction whole: safe.

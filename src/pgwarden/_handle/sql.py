@@ -12,6 +12,7 @@ from pgwarden.core.classify import query_is_write
 from pgwarden.core.deadline import statement_timeout_ms
 
 __all__ = [
+    "DEFAULT_FETCH_SIZE",
     "ISOLATION_CLAUSES",
     "MARKER",
     "MARKER_IF_ASSIGNED",
@@ -40,6 +41,11 @@ class Mode(enum.Enum):
 Query: TypeAlias = str | bytes | SQL | Composed
 Params: TypeAlias = Sequence[Any] | Mapping[str, Any] | None
 ManyParams: TypeAlias = Sequence[Any] | Mapping[str, Any]
+
+#: Rows per FETCH of a stream unless the caller says otherwise: large enough that the
+#: round trip is a small part of the time per batch, small enough to stay a few MB.
+#: Here, not in the stream's module, so that a handle's signatures need no stream.
+DEFAULT_FETCH_SIZE = 2000
 
 #: The one way pgwarden sets a statement timeout: transaction-local, so it
 #: leaves no session state behind (safe behind a transaction pooler). Used

@@ -34,34 +34,42 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from psycopg import sql
 
+from pgwarden._handle import deferred
 from pgwarden._handle.config import call_site
-from pgwarden._handle.sql import ManyParams, Mode, Params, Query
+from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, ManyParams, Mode, Params, Query
 from pgwarden._handle.state import HandleState, HealthMark
 from pgwarden._sync._compat import SingleFlight, WaitTimeout, on_signals, sleep
 from pgwarden._sync.acquire import Checkout, Connections
-from pgwarden._sync.copy import CopySink, CopySource
 from pgwarden._sync.execute import Statements
-from pgwarden._sync.retrying import act_on
-from pgwarden._sync.rows import Rows
-from pgwarden._sync.stream import DEFAULT_FETCH_SIZE, Stream
 from pgwarden._sync.transaction import Transaction, Transactions
 from pgwarden._sync.warmup import Warmup
 from pgwarden.core.breaker import BreakerState
 from pgwarden.core.classify import FailureKind, Phase, RetryContext
-from pgwarden.core.commit import Marker
 from pgwarden.core.deadline import current_deadline
 from pgwarden.core.histogram import Histogram
 from pgwarden.core.lifecycle import Event, State
 from pgwarden.core.metrics import MetricsTracker
 from pgwarden.core.retry import RetryPolicy
-from pgwarden.core.rows import RowShape
 from pgwarden.core.tracing import StatementObserver, with_observer, without_observer
 from pgwarden.errors import DeadlineExceeded
 from pgwarden.settings import Settings
 
 if TYPE_CHECKING:
+    from pgwarden._sync.copy import CopySink, CopySource
     from pgwarden._sync.listen import Callback, Listener, Subscription
+    from pgwarden._sync.retrying import act_on
+    from pgwarden._sync.rows import Rows
+    from pgwarden._sync.stream import Stream
+    from pgwarden.core.commit import Marker
+    from pgwarden.core.rows import RowShape
     from pgwarden.core.stats import Stats
+else:
+    # What a first query does not use is imported by its first call (`deferred`):
+    # the stream and row-shape views by stream() and with_rows(), carrying out a
+    # retry decision by the first rerun_after_failure().
+    Stream = deferred("pgwarden._sync.stream", "Stream", globals())
+    Rows = deferred("pgwarden._sync.rows", "Rows", globals())
+    act_on = deferred("pgwarden._sync.retrying", "act_on", globals())
 
 __all__ = ["Checkout", "Database", "Rows", "Stream", "Transaction"]
 

@@ -39,7 +39,7 @@ import psycopg
 
 from pgwarden._handle.config import call_site
 from pgwarden._handle.rows import row_factory
-from pgwarden._handle.sql import Params, Query
+from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, Params, Query
 from pgwarden._sync.acquire import Lease
 from pgwarden._sync.retrying import after_failed_attempt
 from pgwarden._sync.transaction import Transactions, rollback_quietly
@@ -51,9 +51,6 @@ __all__ = ["DEFAULT_FETCH_SIZE", "Stream"]
 
 RowT = TypeVar("RowT")
 
-#: Rows per FETCH unless the caller says otherwise: large enough that the round
-#: trip is a small part of the time per batch, small enough to stay a few MB.
-DEFAULT_FETCH_SIZE = 2000
 
 _BEGIN_READ_ONLY = b"BEGIN READ ONLY"
 # Re-running the opening re-runs a read-only transaction whole: safe.

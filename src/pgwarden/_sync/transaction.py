@@ -78,17 +78,16 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
-from threading import current_thread as _current_owner
 from time import monotonic
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row, tuple_row
 
+from pgwarden._handle import deferred
 from pgwarden._handle.config import call_site
-from pgwarden._handle.rows import row_factory
 from pgwarden._handle.sql import (
     MARKER,
     MARKER_IF_ASSIGNED,
@@ -105,10 +104,7 @@ from pgwarden._handle.sql import (
 from pgwarden._handle.state import HandleState
 from pgwarden._sync._compat import Background, Watchdog, sleep
 from pgwarden._sync.acquire import CANCEL_TIMEOUT, SEVER_GRACE, Connections, Lease
-from pgwarden._sync.copy import CopySink, CopySource, copy_in_on, copy_out_on
 from pgwarden._sync.pool import PgwConnection
-from pgwarden._sync.retrying import after_failed_attempt
-from pgwarden._sync.warmup import Warmup
 from pgwarden.core.classify import (
     FailureKind,
     Phase,
@@ -116,23 +112,28 @@ from pgwarden.core.classify import (
     classify_failure,
     sqlstate_of,
 )
-from pgwarden.core.commit import (
-    RESOLVE_POLL_SECONDS,
-    Checkpoint,
-    CommitOutcome,
-    Marker,
-    ServerView,
-    Verdict,
-    commit_outcome,
-    full_xid,
-    lost_commit_verdict,
-    restarted_since,
-    timeline_of_wal_file,
-)
 from pgwarden.core.retry import MIN_ATTEMPT_SECONDS, RetryPolicy, deadline_ran_out
-from pgwarden.core.rows import RowShape
 from pgwarden.core.tracing import NOOP_STATEMENT_OBSERVER, StatementObserver
 from pgwarden.errors import AmbiguousCommitError, DatabaseUnusable, NotCommitted, OutcomeUnknown
+
+if TYPE_CHECKING:
+    from pgwarden._handle.rows import row_factory
+    from pgwarden._sync.copy import CopySink, CopySource, copy_in_on, copy_out_on
+    from pgwarden._sync.retrying import after_failed_attempt
+    from pgwarden._sync.warmup import Warmup
+    from pgwarden.core.commit import CommitOutcome, Marker, ServerView
+    from pgwarden.core.rows import RowShape
+else:
+    # Called by what a first query does not do (COPY, a row shape, a retry, a
+    # write's COMMIT): imported by their first call (`deferred`), as is commit
+    # resolution by its first lost COMMIT.
+    copy_in_on = deferred("pgwarden._sync.copy", "copy_in_on", globals())
+    copy_out_on = deferred("pgwarden._sync.copy", "copy_out_on", globals())
+    after_failed_attempt = deferred("pgwarden._sync.retrying", "after_failed_attempt", globals())
+    row_factory = deferred("pgwarden._handle.rows", "row_factory", globals())
+    Marker = deferred("pgwarden.core.commit", "Marker", globals())
+
+from threading import current_thread as _current_owner
 
 __all__ = [
     "QUERY_CANCELED",
@@ -147,9 +148,6 @@ __all__ = [
 
 T = TypeVar("T")
 RowT = TypeVar("RowT")
-
-# What identifies a transaction for commit resolution (its id, which run of the server).
-_TxMarker = Marker
 
 # BEGIN runs before the user's work: a failure there ran nothing of theirs.
 _BEGIN_CONTEXT = RetryContext(is_write=False)
@@ -893,7 +891,7 @@ class Transactions:
         *,
         readonly: bool,
         deadline: float | None,
-        marker: _TxMarker | None = None,
+        marker: Marker | None = None,
     ) -> None:
         """COMMIT; if the connection is lost meanwhile, resolve the outcome by txid.
 
@@ -932,6 +930,8 @@ class Transactions:
         the message) or nothing could tell within the deadline. Asks the server on
         another connection (`pgwarden.core.commit`); counted in ``ambiguous_commits``.
         Used by ``transaction()`` and by the SQLAlchemy dialect."""
+        from pgwarden.core.commit import Verdict, lost_commit_verdict  # after a loss only
+
         state = self.state
         verdict = lost_commit_verdict(resolve=resolve, marker=marker)
         if verdict is Verdict.ASK and marker is not None:
@@ -961,6 +961,8 @@ class Transactions:
         """Ask another connection what became of *marker*'s transaction until the
         answer is final, within the deadline (an internal lease: not a user query,
         not in the metrics). UNKNOWN if no final answer came in time."""
+        from pgwarden.core.commit import RESOLVE_POLL_SECONDS, CommitOutcome, commit_outcome
+
         until = monotonic() + max(self.settings.connect_timeout, RESOLVE_FOR_AT_LEAST)
         if deadline is not None and deadline < until:
             until = deadline
@@ -987,6 +989,14 @@ class Transactions:
 def _server_view(conn: PgwConnection, marker: Marker) -> ServerView | None:
     """What the server says now about *marker*'s transaction: ``RESOLVE``, then the
     latest checkpoint when it may matter (a restart is possible) and can be read."""
+    from pgwarden.core.commit import (
+        Checkpoint,
+        ServerView,
+        full_xid,
+        restarted_since,
+        timeline_of_wal_file,
+    )
+
     cur = conn.cursor(row_factory=dict_row)
     cur.execute(RESOLVE, {"txid": marker.txid})
     row = cur.fetchone()
@@ -1032,7 +1042,7 @@ def _fetch_marker(cur: Any) -> dict[str, Any] | None:
     return row
 
 
-def _marker(row: dict[str, Any] | None) -> _TxMarker | None:
+def _marker(row: dict[str, Any] | None) -> Marker | None:
     return None if row is None else Marker(row["txid"], row["started"], row["stats_reset"])
 
 
