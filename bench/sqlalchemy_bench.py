@@ -9,8 +9,10 @@ Three engines on one throwaway PostgreSQL (pgwarden.testing) unless --url is giv
 * ``queuepool_pre_ping``: the same with ``pool_pre_ping=True`` (a round trip per checkout,
   what SQLAlchemy recommends against stale connections).
 
-Two operations, each one caller in a loop, pool already warm:
+Three operations, each one caller in a loop, pool already warm:
 
+* **checkout**: ``engine.raw_connection().close()`` (async: ``engine.connect()`` and
+  ``get_raw_connection()``), a checkout and its return with nothing sent;
 * **core**: ``with engine.connect() as conn: conn.execute(text("SELECT 1")).scalar_one()``;
 * **orm**: ``with Session(engine) as session: session.get(Item, 1)`` (a new session each
   time, so the identity map never answers: one primary-key SELECT).
@@ -129,7 +131,25 @@ def _summary(times: dict[str, list[float]]) -> dict[str, float]:
     }
 
 
+def _cpu_summary(cpu: dict[str, list[float]]) -> dict[str, float]:
+    """The same for this process's CPU time (``time.thread_time``): what the client side
+    costs, which a loaded machine inflates less than the wall clock (the server's work
+    and the time spent descheduled are not in it)."""
+    med = {name: statistics.median(values) for name, values in cpu.items()}
+    plain = [a / b for a, b in zip(cpu["pgwarden"], cpu["queuepool"], strict=True)]
+    return {
+        "cpu_pgwarden_us": med["pgwarden"] * 1e6,
+        "cpu_queuepool_us": med["queuepool"] * 1e6,
+        "cpu_vs_queuepool": med["pgwarden"] / med["queuepool"],
+        "cpu_vs_queuepool_min": min(plain),
+        "cpu_vs_queuepool_max": max(plain),
+    }
+
+
 def measure_sync(engines: dict[str, Engine], n: int) -> dict[str, dict[str, float]]:
+    def checkout(engine: Engine) -> None:
+        engine.raw_connection().close()
+
     def core(engine: Engine) -> None:
         with engine.connect() as conn:
             conn.execute(SELECT_ONE).scalar_one()
@@ -140,23 +160,30 @@ def measure_sync(engines: dict[str, Engine], n: int) -> dict[str, dict[str, floa
             assert item is not None
 
     out: dict[str, dict[str, float]] = {}
-    for name, op in (("core", core), ("orm", orm)):
+    for name, op in (("checkout", checkout), ("core", core), ("orm", orm)):
         for engine in engines.values():  # warm: the pool, the statement caches
             for _ in range(50):
                 op(engine)
         times: dict[str, list[float]] = {e: [] for e in ENGINES}
+        cpu: dict[str, list[float]] = {e: [] for e in ENGINES}
         for round_no in range(ROUNDS):
             for e in _order(round_no):
                 engine = engines[e]
+                c0 = time.thread_time()
                 t0 = time.perf_counter()
                 for _ in range(n):
                     op(engine)
                 times[e].append((time.perf_counter() - t0) / n)
-        out[name] = _summary(times)
+                cpu[e].append((time.thread_time() - c0) / n)
+        out[name] = _summary(times) | _cpu_summary(cpu)
     return out
 
 
 def measure_async(url: str, n: int) -> dict[str, dict[str, float]]:
+    async def checkout(engine: AsyncEngine) -> None:
+        async with engine.connect() as conn:
+            await conn.get_raw_connection()  # the checkout, no statement
+
     async def core(engine: AsyncEngine) -> None:
         async with engine.connect() as conn:
             (await conn.execute(SELECT_ONE)).scalar_one()
@@ -170,6 +197,7 @@ def measure_async(url: str, n: int) -> dict[str, dict[str, float]]:
         engines = async_engines(url)
         out: dict[str, dict[str, float]] = {}
         ops: tuple[tuple[str, Callable[[AsyncEngine], Awaitable[None]]], ...] = (
+            ("checkout", checkout),
             ("core", core),
             ("orm", orm),
         )
@@ -179,14 +207,17 @@ def measure_async(url: str, n: int) -> dict[str, dict[str, float]]:
                     for _ in range(50):
                         await op(engine)
                 times: dict[str, list[float]] = {e: [] for e in ENGINES}
+                cpu: dict[str, list[float]] = {e: [] for e in ENGINES}
                 for round_no in range(ROUNDS):
                     for e in _order(round_no):
                         engine = engines[e]
+                        c0 = time.thread_time()
                         t0 = time.perf_counter()
                         for _ in range(n):
                             await op(engine)
                         times[e].append((time.perf_counter() - t0) / n)
-                out[name] = _summary(times)
+                        cpu[e].append((time.thread_time() - c0) / n)
+                out[name] = _summary(times) | _cpu_summary(cpu)
         finally:
             for engine in engines.values():
                 await engine.dispose()
@@ -374,6 +405,25 @@ def render(
         )
     lines += [
         "",
+        "Client CPU time per operation (this process's `time.thread_time()`, same rounds):",
+        "the Python side of each engine, server work and descheduled time left out, so it",
+        "moves less with the machine's load than the wall clock above.",
+        "",
+        "| benchmark | pgwarden CPU µs | QueuePool CPU µs | vs QueuePool (CPU) |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['cpu_pgwarden_us']:.1f} | {r['cpu_queuepool_us']:.1f} "
+            f"| {r['cpu_vs_queuepool']:.3f} "
+            f"({r['cpu_vs_queuepool_min']:.2f}-{r['cpu_vs_queuepool_max']:.2f}) |"
+        )
+    lines += [
+        "",
+        "- **checkout**: a checkout and its return, no statement: sync",
+        "  `engine.raw_connection().close()`; async `engine.connect()` and",
+        "  `get_raw_connection()`. Nothing goes on the wire (no transaction began): what is",
+        "  left is each pool's own hand-off, pgwarden's `checkout()` + `release()` included.",
         "- **core**: `with engine.connect() as conn: conn.execute(text('SELECT 1'))`; one",
         "  checkout, the statement, the return. On the wire it is BEGIN, SELECT 1, ROLLBACK",
         "  (reset on return) for every engine; pre-ping adds one round trip (`;`) per checkout.",

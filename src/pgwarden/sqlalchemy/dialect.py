@@ -70,6 +70,7 @@ import pgwarden
 from pgwarden.core.classify import FailureKind, Phase, classify_failure, sqlstate_of
 from pgwarden.core.commit import Marker, Verdict, lost_commit_verdict
 from pgwarden.core.deadline import current_deadline
+from pgwarden.core.lifecycle import State
 from pgwarden.core.retry import deadline_ran_out
 from pgwarden.errors import NotCommitted, PgwardenError
 from pgwarden.settings import Settings
@@ -211,7 +212,7 @@ class PgwardenPool(Pool):
         return self._connect_fn(record)  # a record reconnecting: a checkout of its own
 
     def _do_get(self) -> ConnectionPoolEntry:
-        dialect = cast(Any, self._dialect)
+        dialect: Any = self._dialect
         if dialect._has_events and dialect.dispatch.do_connect:
             self._target = None
             return self._create_connection()  # listeners get the record: NullPool's way
@@ -229,7 +230,7 @@ class PgwardenPool(Pool):
             ours = _lent_of(driver) is not None
             self._target = dialect._pgwarden_target if ours else None
         if ours:
-            record = cast(Any, self._records.get(driver))
+            record: Any = self._records.get(driver)
             if (
                 record is not None
                 and record.dbapi_connection is not None
@@ -237,7 +238,7 @@ class PgwardenPool(Pool):
                 and record.starttime >= self._invalidate_time
             ):
                 dialect._pgwarden_reshape(record.dbapi_connection)
-                return cast(ConnectionPoolEntry, record)
+                return record  # type: ignore[no-any-return]
             if dbapi_connection is None:
                 try:
                     dbapi_connection = dialect._pgwarden_dbapi(driver)
@@ -264,10 +265,14 @@ class PgwardenPool(Pool):
         dbapi_connection = record.dbapi_connection
         if dbapi_connection is None:
             return  # invalidated (closed already) or detached
-        dialect = cast(Any, self._dialect)
+        dialect: Any = self._dialect
         driver = dialect.get_driver_connection(dbapi_connection)
-        if self._records.get(driver) is record and dialect._pgwarden_give_back(dbapi_connection):
-            return  # back in pgwarden's pool; the record waits for its next checkout
+        lent = getattr(driver, _LENT, None)
+        if lent is not None and not lent.discard and self._records.get(driver) is record:
+            # Back to pgwarden's pool (its release rolls back); the record waits for the
+            # next checkout of this connection. Soft-invalidated: closed below instead.
+            dialect._pgwarden_finish(driver, lent, discard=False)
+            return
         with self._records_lock:
             if self._records.get(driver) is record:
                 del self._records[driver]
@@ -371,7 +376,7 @@ class _Target:
         self.row_factory = tuple_row  # SQLAlchemy's rows
         #: The handle is this engine's alone (see `_Pgwarden._needs_own_handle`).
         self.private = private
-        self.pid = os.getpid()
+        self.pid = _process[0]
 
     def serves(self, cargs: tuple[Any, ...], cparams: Mapping[str, Any], private: bool) -> bool:
         return self.usable(private=private) and cargs == self.cargs and cparams == self.cparams
@@ -379,10 +384,24 @@ class _Target:
     def usable(self, *, private: bool) -> bool:
         """Still the handle for these parameters (not a parent's, not closed)?"""
         return (
-            self.pid == os.getpid()
+            self.pid == _process[0]
             and self.private is private
-            and self.db.state.value not in ("closing", "closed")
+            and (state := self.db.state) is not State.CLOSING
+            and state is not State.CLOSED
         )
+
+
+# This process's pid, kept up to date across forks: a checkout compares it instead of
+# asking the kernel (os.getpid() is a system call each time).
+_process = [os.getpid()]
+
+
+def _after_fork_in_child() -> None:
+    _process[0] = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # Types with no driver_connection (psycopg's own connections), so that finding the
@@ -409,7 +428,8 @@ def _lent_of(driver: Any) -> _Lent | None:
 
 
 def _lost(driver: Any) -> bool:
-    return bool(driver.closed or driver.broken)
+    # psycopg's ``broken`` (closed, but not by close()) implies ``closed``.
+    return bool(driver.closed)
 
 
 def _mark(exc: BaseException, name: str, value: object) -> None:
@@ -604,6 +624,14 @@ class _Pgwarden(_Base):
                 driver.cursor_factory = lent.cursor_factory
         return lent
 
+    def _pgwarden_finish(self, driver: Any, lent: _Lent, *, discard: bool) -> None:
+        """`PgwardenPool` returning the checkout *lent* of *driver*: forgotten, then given
+        back (pgwarden's release rolls back and restores its shape) or discarded."""
+        setattr(driver, _LENT, None)
+        if lent.cursor_factory is not None:
+            driver.cursor_factory = lent.cursor_factory
+        self._io_finish(lent, discard=discard)
+
     def on_connect(self) -> Callable[[Any], None]:
         # SQLAlchemy's on_connect adds a notice handler per connect: once per record, and
         # a pgwarden connection can get records in several engines: add it once.
@@ -625,17 +653,6 @@ class _Pgwarden(_Base):
             self.set_isolation_level(dbapi_connection, level)
 
     # --- returning connections -------------------------------------------------------------
-    def _pgwarden_give_back(self, dbapi_connection: Any) -> bool:
-        """`PgwardenPool` returning a checkout: back to pgwarden's pool. False (and
-        nothing done) when it is not a lent pgwarden connection or must be discarded
-        (soft-invalidated): the pool then closes its record (`do_close`)."""
-        lent = _lent_of(_driver(dbapi_connection))
-        if lent is None or lent.discard:
-            return False
-        self._take(dbapi_connection)
-        self._io_finish(lent, discard=False)
-        return True
-
     def do_close(self, dbapi_connection: DBAPIConnection) -> None:
         lent = self._take(dbapi_connection)
         if lent is not None:
@@ -657,6 +674,9 @@ class _Pgwarden(_Base):
             lent.discard = True
 
     def do_rollback(self, dbapi_connection: Any) -> None:
+        # Not skipped when nothing is open: SQLAlchemy's contract (its compliance suite,
+        # test_autocommit_block) is that the DBAPI connection's rollback() is called;
+        # psycopg sends nothing then anyway.
         driver = _driver(dbapi_connection)
         if driver is not None and getattr(driver, "_pgwarden_owned", False) and _lost(driver):
             return  # the server rolled back when the connection went; nothing to send
@@ -672,19 +692,17 @@ class _Pgwarden(_Base):
         driver = _driver(getattr(fairy, "dbapi_connection", None))
         if driver is None:
             return None
-        lent = _lent_of(driver)
+        lent: _Lent | None = getattr(driver, _LENT, None)
         if lent is None:
             return None
-        deadline = lent.deadline()
-        if (
-            deadline is not None
-            and not driver.autocommit
-            and driver.pgconn.transaction_status == _IDLE
-        ):
-            remaining = deadline - monotonic()
-            if remaining <= 0:
-                raise lent.db.deadline_error(None)
-            self._io_set_timeout(driver, remaining)
+        # Only a transaction's first statement (BEGIN not sent yet) needs the deadline.
+        if driver.pgconn.transaction_status == _IDLE and not driver.autocommit:
+            deadline = lent.deadline()
+            if deadline is not None:
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    raise lent.db.deadline_error(None)
+                self._io_set_timeout(driver, remaining)
         return lent
 
     def _observed(
@@ -893,9 +911,8 @@ class PGDialect_pgwarden(_Pgwarden, PGDialect_psycopg):
         return self._pgwarden_lend(self._resolve(cargs, cparams))
 
     def _pgwarden_lend(self, target: _Target) -> Any:
-        checkout = cast("Database", target.db).checkout(
-            autocommit=False, row_factory=target.row_factory
-        )
+        db: Database = target.db  # type: ignore[assignment]
+        checkout = db.checkout(autocommit=False, row_factory=target.row_factory)
         try:
             self._lend(checkout.connection, target, checkout, None)
         except BaseException:
@@ -907,7 +924,7 @@ class PGDialect_pgwarden(_Pgwarden, PGDialect_psycopg):
         return driver
 
     def _io_finish(self, lent: _Lent, *, discard: bool) -> None:
-        checkout = cast("Checkout", lent.checkout)
+        checkout: Checkout = lent.checkout  # type: ignore[assignment]
         if discard:
             checkout.discard()
         else:
