@@ -353,7 +353,9 @@ class PgwAsyncPool(AsyncConnectionPool[PgwAsyncConnection]):
         now, and ones in use when they come back. Never one in use. Returns how many
         were closed now."""
         self.keep_at_most = keep
-        if keep is None:
+        if keep is None or not hasattr(self, "_lock"):
+            # Not open yet: nothing to close, and psycopg_pool 3.3.0 makes its lock only
+            # at open (the fleet sampler starts with the pool, before it opens).
             return 0
         surplus: list[PgwAsyncConnection] = []
         async with self._lock:
