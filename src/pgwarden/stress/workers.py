@@ -169,7 +169,7 @@ class WorkerGroup:
                     chunk = os.read(stream.fileno(), 65536)
                 except BlockingIOError:
                     continue
-                except OSError:
+                except (OSError, ValueError):  # ValueError: closed meanwhile (the group ended)
                     chunk = b""
                 if not chunk:
                     with contextlib.suppress(KeyError, ValueError):
