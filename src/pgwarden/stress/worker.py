@@ -129,7 +129,10 @@ class _Worker:
         self.client_error: str | None = None
         self.client: Any = None
         self.orm = False  # the client runs units of work (set once it is built)
-        self.dumped = threading.Lock()
+        # Held while the results file is written: a second caller (the hard stop racing the
+        # main thread's end) waits for the file rather than exiting the process under it.
+        self.dump_lock = threading.Lock()
+        self.dumped = False
         self.stats: dict[str, Any] = {}
 
     # -- requests ------------------------------------------------------------------------
@@ -211,9 +214,13 @@ class _Worker:
 
     # -- output --------------------------------------------------------------------------
     def dump(self, reason: str) -> None:
-        """Write the results file once (the first caller wins)."""
-        if not self.dumped.acquire(blocking=False):
-            return
+        """Write the results file once: the first caller writes it, a later one waits for it."""
+        with self.dump_lock:
+            if not self.dumped:
+                self._write_results(reason)
+                self.dumped = True
+
+    def _write_results(self, reason: str) -> None:
         now = time.monotonic()
         rec = self.rec
         with rec.lock:
@@ -346,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.t_client = time.monotonic()
     except Exception as exc:  # an import or configuration error: report it, serve nothing
         worker.client_error = describe(exc)
+    reason = "finished"
     if worker.client is not None:
         threads = [
             threading.Thread(target=worker.thread_main, args=(i,), daemon=True)
@@ -353,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for t in threads:
             t.start()
-        _join_all(threads, worker.stop, worker.t_go + cfg.hard_limit)
+        hard_end = worker.t_go + cfg.hard_limit
+        _join_all(threads, worker.stop, hard_end)
+        if time.monotonic() >= hard_end and any(t.is_alive() for t in threads):
+            reason = "hard_limit"  # the same end as the hard stop's, whichever writes first
         client = worker.client
         if cfg.stats_interval > 0:
             worker.send_stats()  # the final figures, for the live dashboard
@@ -363,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             worker.stats = {"error": str(exc)[:200]}
         _run_bounded(client.close, 3.0)
     worker.stop.set()
-    worker.dump("finished")
+    worker.dump(reason)
     _say("done")
     sys.stdout.flush()
     sys.stderr.flush()
