@@ -452,3 +452,32 @@ def test_breaker_open_in_run_transaction_is_not_counted_as_a_query_error(
             fault_proxy.heal()
 
     run(main)
+
+
+@pytest.mark.parametrize("resolve_commits", [True, False])
+def test_a_transaction_whose_failed_statement_was_caught_never_commits(
+    pg_server: Any, resolve_commits: bool
+) -> None:
+    """The server answers COMMIT on an aborted transaction with ROLLBACK and no error:
+    the block's exit must raise instead of looking committed, and the connection is clean."""
+    fresh_table(pg_server, "aborted_caught")
+
+    async def catch_a_failure_inside(db: AsyncDatabase) -> None:
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO aborted_caught VALUES (1)")
+            with suppress(psycopg.errors.DivisionByZero):
+                await tx.execute("SELECT 1/0")
+
+    async def main() -> None:
+        async with make(pg_server.url, resolve_commits=resolve_commits, max_size=1) as db:
+            with pytest.raises(
+                psycopg.errors.InFailedSqlTransaction, match="nothing was committed"
+            ):
+                await catch_a_failure_inside(db)
+            # The one connection went back rolled back: the next call works on it.
+            assert await db.fetchval("SELECT count(*) FROM aborted_caught") == 0
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO aborted_caught VALUES (2)")
+
+    run(main)
+    assert ids(pg_server, "aborted_caught") == [2]

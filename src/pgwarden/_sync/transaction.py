@@ -894,11 +894,22 @@ class Transactions:
         marker: Marker | None = None,
     ) -> None:
         """COMMIT; if the connection is lost meanwhile, resolve the outcome by txid.
+        A transaction aborted by a failed statement is rolled back and raises
+        ``InFailedSqlTransaction`` (25P02) instead of "committing" (a silent ROLLBACK).
 
         *marker* is the transaction's id and server run when the caller already
         fetched them.
         """
         conn = lease.conn
+        if conn.pgconn.transaction_status == TransactionStatus.INERROR:
+            # A statement failed and the caller caught its error inside the block: the
+            # server would answer this COMMIT with a ROLLBACK and no error, a lost write
+            # that looks committed. Say so instead, whatever resolve_commits is.
+            rollback_quietly(conn)
+            raise psycopg.errors.InFailedSqlTransaction(
+                "the transaction was aborted by an earlier failed statement (its error was "
+                "caught inside the transaction block); it was rolled back, nothing was committed"
+            )
         resolve = self.settings.resolve_commits and not readonly
         if resolve and marker is None:
             # txid NULL when the transaction wrote nothing: nothing to resolve then.
