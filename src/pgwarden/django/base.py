@@ -16,7 +16,10 @@ connecting (``get_new_connection``)
     already. What a pooled connection does not need is not done per checkout: the
     connection parameters are recomputed only when the settings entry, ``USE_TZ`` or
     the time zone changed, and AUTOCOMMIT is not set again on a connection lent in
-    autocommit (no round trip is spent on any of it).
+    autocommit (no round trip is spent on any of it). On the per-request path
+    (``ensure_connection``, ``_cursor``, ``_close``) Django's error wrapper is entered
+    only when a psycopg error is raised (it wraps nothing else), and work needed only
+    after a failure (may the statement be sent again?) is done only then.
 returning (``_close``)
     ``checkout.release()`` (rolls back what is open, restores pgwarden's shape) or
     ``checkout.discard()`` for a connection found lost. Django closes a connection at the
@@ -74,6 +77,7 @@ from typing import TYPE_CHECKING, Any, cast
 import psycopg
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.base import base as django_base
 from django.db.backends.postgresql import base as postgresql
 from django.db.backends.postgresql.psycopg_any import IsolationLevel
 from django.db.backends.utils import CursorWrapper as DjangoCursorWrapper
@@ -81,6 +85,7 @@ from django.db.backends.utils import debug_transaction
 from django.db.utils import DatabaseErrorWrapper
 from django.db.utils import Error as DjangoError
 from django.db.utils import OperationalError as DjangoOperationalError
+from django.db.utils import ProgrammingError as DjangoProgrammingError
 from django.utils.asyncio import async_unsafe
 from django.utils.functional import cached_property
 from psycopg.pq import TransactionStatus
@@ -252,7 +257,9 @@ class _Observed:
         try:
             return self.cursor.close()
         finally:
-            self.db._pgwarden_cursor_closed(self)
+            db = self.db
+            if db._pgwarden_releasing:  # cursors are counted only then
+                db._pgwarden_cursor_closed(self)
 
 
 class CursorWrapper(_Observed, DjangoCursorWrapper):  # type: ignore[misc]
@@ -275,6 +282,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
     health_check_done: bool
     run_on_commit: list[Any]
     run_commit_hooks_on_set_autocommit_on: bool
+    in_atomic_block: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -296,8 +304,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         #: Inside Django's connect(): its own queries (version check, time zone, role,
         #: connection_created receivers) must not give the new connection back.
         self._pgwarden_connecting = False
-        #: The statement running now may be sent again (`_pgwarden_observe`).
-        self._pgwarden_resendable = False
+        #: The cursor wrapper of the single statement running now (`_pgwarden_observe`):
+        #: whether it may be sent again is worked out only if it fails.
+        self._pgwarden_single: Any = None
         #: Django's time zone name and its bytes, as the server reports TimeZone.
         self._pgwarden_tz: tuple[str, bytes] | None = None
         #: What `get_connection_params` last computed, and from what (copies).
@@ -375,6 +384,19 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
                 hit.db.close()
 
     # --- connecting and returning ----------------------------------------------------------
+    @async_unsafe  # type: ignore[untyped-decorator]
+    def ensure_connection(self) -> None:
+        # Django's, with its error wrapping entered only when connecting failed (it
+        # wraps psycopg's errors alone): this runs at the first query of every request.
+        if self.connection is None:
+            if self.in_atomic_block and self.closed_in_transaction:
+                raise DjangoProgrammingError("Cannot open a new connection in an atomic block.")
+            try:
+                self.connect()
+            except psycopg.Error:
+                with self.wrap_database_errors:
+                    raise
+
     def connect(self) -> None:
         """Django's connect(); when the SQL Django sends on a new connection (time zone,
         role, version check) fails before it could run (a pooler that cannot log in,
@@ -397,7 +419,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
 
     @async_unsafe  # type: ignore[untyped-decorator]
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
-        set_level = self._isolation_from_options()
+        self.isolation_level, set_level = self._isolation_from_options()
         resolved = self._resolve(conn_params)
         db = resolved.db
         try:
@@ -419,27 +441,25 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         self._pgwarden_db = db
         self._pgwarden_saved_factory = saved
         self._pgwarden_released = False
-        self._pgwarden_forget_cursors()  # before the mode changes: it says if any were kept
+        if self._pgwarden_releasing:  # before the mode changes: it says if any were kept
+            self._pgwarden_open.clear()
         self._pgwarden_releasing = resolved.release or checkout.deadline is not None
         return conn
 
-    def _isolation_from_options(self) -> bool:
+    def _isolation_from_options(self) -> tuple[Any, bool]:
         """Django's isolation level rule: OPTIONS["isolation_level"] or READ COMMITTED;
-        True when it must be set on the connection."""
+        and whether it must be set on the connection (given in OPTIONS)."""
         options = self.settings_dict["OPTIONS"]
+        if "isolation_level" not in options:  # no KeyError raised on every checkout
+            return IsolationLevel.READ_COMMITTED, False
+        value = options["isolation_level"]
         try:
-            value = options["isolation_level"]
-        except KeyError:
-            self.isolation_level = IsolationLevel.READ_COMMITTED
-            return False
-        try:
-            self.isolation_level = IsolationLevel(value)
+            return IsolationLevel(value), True
         except ValueError:
             raise ImproperlyConfigured(
                 f"Invalid transaction isolation level {value} specified. Use one of the "
                 "psycopg.IsolationLevel values."
             ) from None
-        return True
 
     def _pgwarden_return(self, *, discard: bool = False) -> None:
         """Give the lent connection back to pgwarden (discarded when lost)."""
@@ -447,7 +467,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         if checkout is None:
             return
         self._pgwarden_checkout = None
-        self._pgwarden_forget_cursors()
+        if self._pgwarden_releasing:
+            self._pgwarden_open.clear()  # no cursor counts as open any more
         conn = checkout.connection
         if self._pgwarden_saved_factory is not None:
             conn.cursor_factory = self._pgwarden_saved_factory
@@ -472,8 +493,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
             super()._close()
             return
         try:
-            with self.wrap_database_errors:
-                self._pgwarden_return()
+            self._pgwarden_return()
+        except psycopg.Error:
+            with self.wrap_database_errors:  # Django's wrapping, on the failure path only
+                raise
         finally:
             self.connection = None  # it is the pool's now, even inside atomic()
 
@@ -537,30 +560,41 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
             return False
         return self._pgwarden_timezone(self.connection)
 
+    def init_connection_state(self) -> None:
+        # Django's (PostgreSQL's, on its base class's), without walking the class chain
+        # on each checkout once the version check ran: the session's time zone and role
+        # (`_configure_connection`), committed outside autocommit. `pool` is None here.
+        if self.alias not in django_base.RAN_DB_VERSION_CHECK:
+            super().init_connection_state()
+            return
+        conn = self.connection
+        if conn is not None and self._configure_connection(conn) and not self.get_autocommit():
+            conn.commit()
+
     def _configure_connection(self, connection: Any) -> bool:
         """What Django sends on a new connection, for a pooled one: the time zone and
         ``assume_role`` only when the connection does not have them already. Returns
         whether a COMMIT is needed (a connection not in autocommit). Written out here
         rather than through Django's helpers, which changed within 5.1."""
         commit_tz = self._pgwarden_timezone(connection)
-        commit_role = self._pgwarden_role(connection)
-        return commit_role or commit_tz
+        if self.settings_dict["OPTIONS"].get("assume_role") == getattr(connection, _ROLE, None):
+            return commit_tz  # the common case, checked without a call
+        return self._pgwarden_role(connection) or commit_tz
 
     def _pgwarden_timezone(self, connection: Any) -> bool:
         """Django's time zone (``TIME_ZONE``/``USE_TZ``) on *connection*, if it differs
         (compared as the server reports it, undecoded: one C call per checkout)."""
         name = self.timezone_name
-        if name and connection.pgconn.parameter_status(_TIME_ZONE) != self._pgwarden_tz_bytes(name):
+        if not name:
+            return False
+        cached = self._pgwarden_tz
+        if cached is None or cached[0] != name:
+            cached = self._pgwarden_tz = (name, name.encode())
+        if connection.pgconn.parameter_status(_TIME_ZONE) != cached[1]:
             with connection.cursor() as cursor:
                 cursor.execute(self.ops.set_time_zone_sql(), [name])
             return True
         return False
-
-    def _pgwarden_tz_bytes(self, name: str) -> bytes:
-        cached = self._pgwarden_tz
-        if cached is None or cached[0] != name:
-            cached = self._pgwarden_tz = (name, name.encode())
-        return cached[1]
 
     def _pgwarden_role(self, connection: Any) -> bool:
         """``assume_role`` on a pooled connection: sent only when the connection's role
@@ -661,6 +695,14 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
             ):
                 # Checked out under another deadline: take one bound by this one.
                 self._pgwarden_drop()
+            elif self.connection is not None:
+                # Django's _cursor() for a lent connection, whose health check and
+                # connect are no-ops; its error wrapping entered only on a failure.
+                try:
+                    return self._prepare_cursor(self.create_cursor(name))
+                except psycopg.Error:
+                    with self.wrap_database_errors:
+                        raise
         return super()._cursor(name)
 
     def _prepare_cursor(self, cursor: Any) -> Any:
@@ -719,28 +761,35 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
                 # Without server deadlines (RDS Proxy pinning), the checkout's own
                 # deadline (its socket is shut down when it passes) bounds the block.
                 self._pgwarden_set_timeout(db, conn, ctx.expires_at)
-            # Only such a statement can be sent again: the retry loop counts its failures.
-            self._pgwarden_resendable = (
-                single
-                and conn.autocommit
-                and not self.in_atomic_block
-                and getattr(wrapper.cursor, "name", None) is None
-            )
+            if single:
+                self._pgwarden_single = wrapper
             mark = db.statement_started("django", sql)
             try:
                 result = run(sql, params, *rest)
             except BaseException as exc:
                 cause = exc.__cause__
                 db.statement_finished(mark, cause if isinstance(cause, psycopg.Error) else exc)
-                if not (self._pgwarden_resendable and isinstance(exc, DjangoError)):
+                if not (isinstance(exc, DjangoError) and self._pgwarden_may_resend(conn)):
                     raise
                 self._pgwarden_again(db, wrapper, exc, attempt, started)
                 attempt += 1
                 continue
             finally:
-                self._pgwarden_resendable = False
+                self._pgwarden_single = None
             db.statement_finished(mark, None, wrapper.cursor.rowcount)
             return result
+
+    def _pgwarden_may_resend(self, conn: Any) -> bool:
+        """May the statement running now on *conn* be sent again, should it fail in a
+        way that shows it did not run? Only a single statement in autocommit outside
+        atomic() on a client-side cursor (the retry loop counts its failures)."""
+        wrapper = self._pgwarden_single
+        return (
+            wrapper is not None
+            and conn.autocommit
+            and not self.in_atomic_block
+            and getattr(wrapper.cursor, "name", None) is None
+        )
 
     def _pgwarden_again(
         self,
@@ -911,7 +960,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
         # Counted by the retry loop that may send it again (atomic_retry, or the resend
         # of a statement that cannot have run), else here.
         kind = self._pgwarden_report(
-            db, exc, counted=not (in_atomic_retry() or self._pgwarden_resendable)
+            db, exc, counted=not (in_atomic_retry() or self._pgwarden_may_resend(conn))
         )
         if kind in _DISCONNECTS:
             self._pgwarden_drop(discard=True)
