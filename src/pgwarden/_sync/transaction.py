@@ -894,7 +894,7 @@ class Transactions:
         marker: Marker | None = None,
     ) -> None:
         """COMMIT; if the connection is lost meanwhile, resolve the outcome by txid.
-        A transaction aborted by a failed statement is rolled back and raises
+        A read-write transaction aborted by a failed statement is rolled back and raises
         ``InFailedSqlTransaction`` (25P02) instead of "committing" (a silent ROLLBACK).
 
         *marker* is the transaction's id and server run when the caller already
@@ -904,8 +904,11 @@ class Transactions:
         if conn.pgconn.transaction_status == TransactionStatus.INERROR:
             # A statement failed and the caller caught its error inside the block: the
             # server would answer this COMMIT with a ROLLBACK and no error, a lost write
-            # that looks committed. Say so instead, whatever resolve_commits is.
+            # that looks committed. Say so instead, whatever resolve_commits is (a
+            # read-only transaction had nothing to commit: it just ends).
             rollback_quietly(conn)
+            if readonly:
+                return
             raise psycopg.errors.InFailedSqlTransaction(
                 "the transaction was aborted by an earlier failed statement (its error was "
                 "caught inside the transaction block); it was rolled back, nothing was committed"
