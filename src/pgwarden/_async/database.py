@@ -38,7 +38,7 @@ from pgwarden._async.execute import AsyncStatements
 from pgwarden._async.transaction import AsyncTransaction, AsyncTransactions
 from pgwarden._async.warmup import AsyncWarmup
 from pgwarden._handle import deferred
-from pgwarden._handle.config import call_site
+from pgwarden._handle.config import call_site_ref
 from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, ManyParams, Mode, Params, Query
 from pgwarden._handle.state import HandleState, HealthMark
 from pgwarden.core.breaker import BreakerState
@@ -48,7 +48,12 @@ from pgwarden.core.histogram import Histogram
 from pgwarden.core.lifecycle import Event, State
 from pgwarden.core.metrics import MetricsTracker
 from pgwarden.core.retry import RetryPolicy
-from pgwarden.core.tracing import StatementObserver, with_observer, without_observer
+from pgwarden.core.tracing import (
+    NoopStatementObserver,
+    StatementObserver,
+    with_observer,
+    without_observer,
+)
 from pgwarden.errors import DeadlineExceeded
 from pgwarden.settings import Settings
 
@@ -433,10 +438,10 @@ class AsyncDatabase:
         try:
             if not state.fast_path:
                 await self._warmup.wait(deadline)
-            lease = await self._connections.lease(deadline, explicit=explicit)
+            lease = await self._connections.lease(deadline, explicit=explicit, lent=True)
             if not explicit:
-                lease.rearm(None)
-            async with self._connections.held(lease, call_site()):
+                lease.rearm(None)  # the backstop bounded getting it (if it made a round trip)
+            async with self._connections.held(lease, call_site_ref()):
                 yield lease.conn
         finally:
             state.leave()
@@ -461,23 +466,25 @@ class AsyncDatabase:
         server-side timeout); ``default_timeout`` bounds only getting it.
         """
         state = self._state
-        deadline, explicit = state.deadline_for(timeout)
-        state.enter()
+        # One clock reading for the deadline, the freeze check and the acquire wait.
+        started: float | None = state.enter()
         try:
+            deadline, explicit = state.deadline_for(timeout, started)
             if not state.fast_path:
                 await self._warmup.wait(deadline)
-            lease = await self._connections.lease(deadline, explicit=explicit)
+                started = None  # the acquire wait begins after the warmup's
+            lease = await self._connections.lease(
+                deadline, explicit=explicit, lent=True, started=started
+            )
         except BaseException:
             state.leave()
             raise
         try:
+            if not autocommit and lease.conn.autocommit:
+                await lease.conn.set_autocommit(False)  # idle: no round trip
             # Without an explicit deadline, lend() ends the default_timeout backstop.
-            return await self._connections.lend(
-                lease,
-                call_site(),
-                deadline if explicit else None,
-                autocommit=autocommit,
-                row_factory=row_factory,
+            return self._connections.lend(
+                lease, call_site_ref(), deadline if explicit else None, row_factory=row_factory
             )
         except BaseException:
             state.lease_returned(lease.acquire_wait, await lease.release())
@@ -490,6 +497,8 @@ class AsyncDatabase:
         returns to `statement_finished`. The handle's statement observers are told
         (*operation*: a short name for them, such as ``"sqlalchemy"``)."""
         observer = self._statements.observer
+        if type(observer) is NoopStatementObserver:  # nothing to tell: skip two calls
+            return observer, None, query, monotonic()
         return observer, observer.statement_started(operation, query), query, monotonic()
 
     def statement_finished(
@@ -505,7 +514,8 @@ class AsyncDatabase:
         `report_failure` (which counts it by kind)."""
         finished = monotonic()
         observer, token, query, started = mark
-        observer.statement_finished(token, error, rowcount)
+        if type(observer) is not NoopStatementObserver:
+            observer.statement_finished(token, error, rowcount)
         if error is None:
             self._state.statement_timed(query, finished - started)
 

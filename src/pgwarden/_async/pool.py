@@ -301,6 +301,12 @@ class PgwAsyncPool(AsyncConnectionPool[PgwAsyncConnection]):
         self._observer.connect_succeeded(monotonic() - started, explorer=explorer)
         return conn
 
+    @property
+    def rejecting_logins(self) -> bool:
+        """The server rejected the last login and none succeeded since: `getconn` then
+        waits at most `LOGIN_REJECTED_WAIT` before it raises the refusal."""
+        return self._login_rejected is not None
+
     async def getconn(self, timeout: float | None = None) -> PgwAsyncConnection:
         if self._login_rejected is None:
             conn = await AsyncConnectionPool.getconn(self, timeout)  # no super(): a hot path

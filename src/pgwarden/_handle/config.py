@@ -6,6 +6,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping
+from types import CodeType
 from typing import Any
 
 from pgwarden._redact import mask_secret
@@ -15,7 +16,9 @@ from pgwarden.settings import Settings
 __all__ = [
     "CREDENTIALS_KEY",
     "LIBPQ_MIN_CONNECT_TIMEOUT",
+    "CallSite",
     "call_site",
+    "call_site_ref",
     "connect_kwargs",
     "credential_params",
     "libpq_connect_timeout",
@@ -137,13 +140,44 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def call_site() -> str:
     """``file:line in function`` of the first caller outside pgwarden and contextlib."""
-    frame = sys._getframe(1)
+    return str(call_site_ref())
+
+
+def call_site_ref() -> CallSite:
+    """`call_site`, formatted only when read (``str()``): the hot path keeps the
+    caller's code object and instruction offset, not the frame (which would keep
+    the caller's locals alive) nor a string nobody reads unless a leak is reported."""
+    frame: Any = sys._getframe(1)
     while frame is not None:
-        filename = frame.f_code.co_filename
+        code = frame.f_code
+        filename = code.co_filename
         if not filename.startswith(_PACKAGE_DIR) and "contextlib" not in filename:
-            return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
-        frame = frame.f_back  # type: ignore[assignment]
-    return "<unknown>"
+            return CallSite(code, frame.f_lasti)
+        frame = frame.f_back
+    return CallSite(None, 0)
+
+
+class CallSite:
+    """A caller's code object and instruction offset; ``str()`` gives
+    ``file:line in function`` (``<unknown>`` when no caller was found)."""
+
+    __slots__ = ("code", "offset")
+
+    def __init__(self, code: CodeType | None, offset: int) -> None:
+        self.code = code
+        self.offset = offset
+
+    def __str__(self) -> str:
+        code = self.code
+        if code is None:
+            return "<unknown>"
+        line = code.co_firstlineno  # if the offset maps to no line (it always should)
+        for start, end, lineno in code.co_lines():
+            if start <= self.offset < end:
+                if lineno is not None:
+                    line = lineno
+                break
+        return f"{code.co_filename}:{line} in {code.co_name}"
 
 
 def looks_like_pgbouncer(server_pid: object, key_pid: int) -> bool:

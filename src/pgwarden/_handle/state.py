@@ -246,8 +246,11 @@ class HandleState:
         return self._breaker.state is BreakerState.CLOSED
 
     # --- calls -------------------------------------------------------------------------------
-    def deadline_for(self, timeout: float | None) -> tuple[float | None, bool]:
-        """``(deadline, explicit)`` of a call with per-call *timeout*.
+    def deadline_for(
+        self, timeout: float | None, now: float | None = None
+    ) -> tuple[float | None, bool]:
+        """``(deadline, explicit)`` of a call with per-call *timeout*, starting at *now*
+        (the handle's clock, read here when None).
 
         *explicit* is True when the caller set a bound (``timeout=`` or
         ``pgwarden.deadline()``); the server then also gets it as
@@ -255,13 +258,16 @@ class HandleState:
         client-side backstop (None only when the user set it to None).
         """
         ctx = current_deadline()
+        if now is None:
+            now = self._clock()
         if timeout is None and ctx is None:
             default = self.settings.default_timeout
-            return (None if default is None else self._clock() + default), False
-        return effective_deadline(self._clock(), timeout, None), True
+            return (None if default is None else now + default), False
+        return effective_deadline(now, timeout, None), True
 
-    def enter(self) -> None:
-        """A call starts: count it in flight and for the retry budget; notice a freeze."""
+    def enter(self) -> float:
+        """A call starts: count it in flight and for the retry budget; notice a freeze.
+        Returns the handle's clock reading it began at (for a caller's own timings)."""
         mono, wall = self._clock(), self._wall_clock()
         with self._lock:
             self._inflight += 1
@@ -270,6 +276,7 @@ class HandleState:
                 # A frozen or suspended process: every idle connection may have
                 # died meanwhile, so each gets a round trip before its next use.
                 self.validate_before = mono
+        return mono
 
     def leave(
         self,
@@ -282,19 +289,21 @@ class HandleState:
         """A call ends (however it ended). *seconds*: the successful statement's
         duration (for the query histogram and the slow-query event);
         *acquire_wait* and *used*: its last lease's, when not reported yet."""
-        logs: list[_LogRecord] = []
+        slow: float | None = None  # a slow query's duration, logged outside the lock
         with self._lock:
             self._inflight -= 1
+            tracker = self._tracker
             if acquire_wait is not None:
-                self._tracker.acquire(acquire_wait)
+                tracker.acquire(acquire_wait)
             if used is not None:
-                self._tracker.connection_used(used)
+                tracker.connection_used(used)
             if seconds is not None:
-                self._tracker.query(seconds)
+                tracker.query(seconds)
                 if seconds > self.settings.slow_query_threshold:
-                    self._tracker.slow_query()
-                    logs.append(_slow_query_log(query, seconds))
-        _flush(logs)
+                    tracker.slow_query()
+                    slow = seconds
+        if slow is not None:
+            _flush([_slow_query_log(query, slow)])
 
     def statement_timed(self, query: object, seconds: float) -> None:
         """A statement a consumer sent on a checked-out connection (an ORM's) succeeded
@@ -789,8 +798,10 @@ class HandleState:
                 extra={"event": "ambiguous_commit", "outcome": outcome},
             )
 
-    def leaked(self, site: str, held_since: float) -> None:
-        """A connection has been held past ``leak_threshold`` (reported once per hold)."""
+    def leaked(self, site: object, held_since: float) -> None:
+        """A connection has been held past ``leak_threshold`` (reported once per hold);
+        *site*: where it was acquired, as ``str(site)`` gives it (formatted only here)."""
+        site = str(site)
         with self._lock:
             self._tracker.leaked_connection()
         held = self._clock() - held_since
@@ -972,7 +983,9 @@ class HandleState:
     # --- truthful health: waiters and failure freshness ----------------------------------------
     #: A caller counts in the ``waiting`` gauge once it has waited this long for a
     #: pooled connection, so a checkout served at once never shows, even when a
-    #: scrape lands in the middle of it or its thread is preempted there.
+    #: scrape lands in the middle of it or its thread is preempted there. The shell's
+    #: first getconn slice lasts this long and registers no one (`wait_started` comes
+    #: after it), so a checkout served at once takes no lock for the gauge either.
     WAITING_GRACE = 0.01
     #: Query failures that say the server or the network is gone (not a statement's
     #: own error): seen after a health round trip began, they make its report stale.
@@ -982,8 +995,8 @@ class HandleState:
 
     def _init_truthful_health(self) -> None:
         # Callers waiting for a pooled connection: token -> when their acquire began.
-        # Under the lock like everything else here (two uncontended acquisitions a
-        # checkout, ~0.8 us on these machines: under 1% of a local round trip).
+        # Under the lock like everything else here; only callers not served within
+        # WAITING_GRACE are registered, so a checkout served at once never touches it.
         self._waiters: dict[object, float] = {}
         # Events are counted, not timed, so recording one reads no clock; a
         # health round trip notes the counts when it begins.

@@ -168,21 +168,32 @@ class Watchdog:
     `watch` is coarse and cheaper (a dict entry, no wake-up of the thread unless
     it sleeps with nothing to do) and fires up to `COARSE_TICK` late: for the
     ``default_timeout`` backstop that every call carries.
+
+    Callbacks run on the thread one at a time with the lock released (they may arm
+    again), so the lock is a plain one: nothing holding it ever takes it again.
+    `disarm`, `unwatch` and a failed `rewatch` still return only once the entry's
+    callback, if it is running, has finished (a released lease relies on it: a
+    cancel or a sever must not reach a connection already serving someone else).
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # wakes the thread
+        self._finished = threading.Condition(self._lock)  # a running callback ended
+        self._running: int | None = None  # the token whose callback runs now
         self._heap: list[tuple[float, int, Callable[..., object], tuple[Any, ...]]] = []
         self._live: set[int] = set()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._coarse: dict[int, tuple[float, Callable[[], object]]] = {}
-        self._wake_at = float("inf")  # when the thread's current wait ends
+        # When the thread's current wait ends; -inf while it runs callbacks (it looks
+        # at every entry again before it waits, so no one needs to wake it then).
+        self._wake_at = float("inf")
 
     def arm(self, when: float, callback: Callable[..., object], *args: Any) -> int:
         token = next(self._ids)
-        with self._cond:
+        with self._lock:
             heap = self._heap
             if len(heap) > 64 and len(heap) > 2 * len(self._live):
                 heap[:] = [entry for entry in heap if entry[1] in self._live]
@@ -200,65 +211,106 @@ class Watchdog:
         return token
 
     def disarm(self, token: int) -> None:
-        with self._cond:
+        with self._lock:
             self._live.discard(token)
+            if self._running == token:
+                self._settle(token)
 
     def watch(self, when: float, callback: Callable[[], object]) -> int:
         """Run ``callback()`` within `COARSE_TICK` after *when* unless `unwatch`ed."""
         token = next(self._ids)
-        with self._cond:
+        with self._lock:
             self._coarse[token] = (when, callback)
             if self._thread is None:
                 self._start()
-            elif self._wake_at > time.monotonic() + COARSE_TICK:
-                # It sleeps longer than a coarse entry may wait (at most once a
-                # tick: while entries exist it wakes every tick by itself).
+            elif self._wake_at > when + COARSE_TICK:
+                # It would wake too late for this entry (at most once a tick: while
+                # entries exist it wakes every tick by itself). Compared with *when*
+                # rather than the clock: no clock reading on the hot path.
                 self._cond.notify()
         return token
 
     def unwatch(self, token: int) -> None:
-        with self._cond:
+        with self._lock:
             self._coarse.pop(token, None)
+            if self._running == token:
+                self._settle(token)
 
     def rewatch(self, token: int, when: float, callback: Callable[[], object]) -> bool:
         """Point the coarse entry *token* at ``callback()`` at *when* (one entry instead
         of an `unwatch` and a `watch`); False if it fired or was unwatched already."""
-        with self._cond:
+        with self._lock:
             if token not in self._coarse:
+                if self._running == token:
+                    self._settle(token)
                 return False
             self._coarse[token] = (when, callback)
+            if self._wake_at > when + COARSE_TICK:
+                self._cond.notify()  # moved earlier than the thread's wake-up allows
             return True
+
+    def _settle(self, token: int) -> None:
+        """Wait (the lock held) until *token*'s running callback has finished, unless
+        the callback itself is the caller."""
+        if self._thread is threading.current_thread():
+            return
+        while self._running == token:
+            self._finished.wait()
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="pgwarden-watchdog", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
             self._cond.notify()
 
     def _loop(self) -> None:
-        with self._cond:
-            while not self._closed:
-                heap = self._heap
-                while heap and heap[0][1] not in self._live:
-                    heapq.heappop(heap)
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
                 now = time.monotonic()
-                if self._coarse:
-                    due = [t for t, (when, _) in self._coarse.items() if when <= now]
-                    for token in due:
-                        self._run(self._coarse.pop(token)[1], ())
-                if heap and heap[0][0] <= now:
-                    _, token, callback, args = heapq.heappop(heap)
-                    self._live.discard(token)
-                    self._run(callback, args)
+                due = self._take_due(now)
+                if due is None:
+                    self._sleep(now)
                     continue
-                timeout = heap[0][0] - now if heap else None
-                if self._coarse:
-                    timeout = COARSE_TICK if timeout is None else min(timeout, COARSE_TICK)
-                self._wake_at = float("inf") if timeout is None else now + timeout
-                self._cond.wait(timeout)
+                token, callback, args = due
+                self._running = token
+                self._wake_at = float("-inf")
+            try:
+                self._run(callback, args)
+            finally:
+                with self._lock:
+                    self._running = None
+                    self._finished.notify_all()
+
+    def _take_due(self, now: float) -> tuple[int, Callable[..., object], tuple[Any, ...]] | None:
+        """Remove and return one entry due at *now* (called with the lock held)."""
+        coarse = self._coarse
+        if coarse:
+            for token, (when, callback) in coarse.items():
+                if when <= now:
+                    del coarse[token]
+                    return token, callback, ()
+        heap, live = self._heap, self._live
+        while heap and (heap[0][1] not in live or heap[0][0] <= now):
+            _, token, callback, args = heapq.heappop(heap)
+            if token in live:
+                live.discard(token)
+                return token, callback, args
+        return None
+
+    def _sleep(self, now: float) -> None:
+        """Wait until the next timer, a tick while coarse entries exist, or a notify
+        (called with the lock held, nothing due at *now*)."""
+        heap = self._heap
+        timeout = heap[0][0] - now if heap else None
+        if self._coarse:
+            timeout = COARSE_TICK if timeout is None else min(timeout, COARSE_TICK)
+        self._wake_at = float("inf") if timeout is None else now + timeout
+        self._cond.wait(timeout)
 
     @staticmethod
     def _run(callback: Callable[..., object], args: tuple[Any, ...]) -> None:

@@ -110,11 +110,13 @@ class Lease:
         *,
         precise: bool = True,
         cancel: bool = False,
+        acquired_at: float | None = None,
     ) -> None:
         self._connections = connections
         self.conn = conn
         self.severed = False
-        self.acquired_at = monotonic()
+        #: When the connection was obtained (monotonic; *acquired_at* if given).
+        self.acquired_at = monotonic() if acquired_at is None else acquired_at
         self.acquire_wait = acquire_wait
         self._precise = precise
         # Cancel-at-deadline (single statements under an explicit deadline): the
@@ -128,7 +130,8 @@ class Lease:
         self._timer: Any = None
         self._watch: int | None = None
         self._until: float | None = None
-        self.rearm(until)
+        if until is not None:
+            self.rearm(until)
 
     def rearm(self, until: float | None) -> None:
         """Move the sever timer to *until* (None: no bound). A lease that is not
@@ -164,8 +167,17 @@ class Lease:
             self._until = None
             if watchdog.rewatch(token, when, callback):
                 return token
-        self.rearm(None)  # it fired already (a sever), or there is none (default_timeout=None)
+        elif self._timer is not None:
+            self.rearm(None)
+        # It fired already (a sever), or none was armed (default_timeout=None, or a
+        # checkout's that no round trip needed: see `Connections.lease`).
+        self._until = None
         return watchdog.watch(when, callback)
+
+    @property
+    def armed(self) -> bool:
+        """A sever timer or a backstop watch is set."""
+        return self._timer is not None or self._watch is not None
 
     @property
     def cancel_sent(self) -> bool:
@@ -217,29 +229,33 @@ class Lease:
         """The connection is broken or closed (the server, the network or a sever)."""
         return self.conn.broken or self.conn.closed
 
-    def release(self) -> float:
+    def release(self, *, lost: bool | None = None) -> float:
         """Return the connection to the pool (its reset still under the timer);
-        returns how long it was held."""
+        returns how long it was held. *lost*: `lost`, when the caller just read it."""
         conn = self.conn
         connections = self._connections
         if self._cancel or self._cancelling is not None:
             self._end_cancel_window()
+            lost = None  # the cancel window may have closed it
+        # One reading for both: the connection's last use and the end of the hold.
+        returned = monotonic()
         try:
-            if not self.lost:
-                conn.last_used = monotonic()
+            if not (self.lost if lost is None else lost):
+                conn.last_used = returned
             pool = connections.pool
             if pool is None:
                 conn.close()
             else:
                 pool.putconn(conn)
         finally:
-            self.rearm(None)
+            if self._timer is not None or self._watch is not None:
+                self.rearm(None)
         if self.severed:
             # The server did not answer by the deadline: the network (or the
             # server) went silent, and this connection's siblings are likely as
             # silent. Drop them all rather than hand any of them out again.
             connections.drain(CloseReason.DRAIN, "connection went silent")
-        return monotonic() - self.acquired_at
+        return returned - self.acquired_at
 
     def _end_cancel_window(self) -> None:
         """Before the connection can serve anyone else: no cancel may still be on
@@ -373,6 +389,8 @@ class Connections:
         explicit: bool,
         internal: bool = False,
         cancel: bool = False,
+        lent: bool = False,
+        started: float | None = None,
     ) -> Lease:
         """A usable connection under the deadline, as far as can be known without SQL.
 
@@ -384,11 +402,18 @@ class Connections:
         a fleet turn (`HandleState.fleet_wait`). *cancel*: with an explicit
         deadline, the server is asked to cancel at the deadline (one statement in
         autocommit, which no statement_timeout bounds); see `Lease`.
+
+        *lent*: the connection is handed to the caller's own code (a consumer's
+        checkout, `lend`; ``connection()``), which the ``default_timeout`` backstop
+        bounds only while getting it: without an explicit deadline the backstop is
+        armed only if getting it makes a round trip (a validation), since nothing else
+        does I/O before the lease is returned. *started*: the monotonic time the call
+        began, when the caller has just read it.
         """
         state = self.state
-        started = monotonic()
-        if self._loop_moved():
-            self.ensure_pool().open(wait=False)
+        if started is None:
+            started = monotonic()
+        pass  # threads share one pool for the handle's life: no loop to follow
         if not state.fast_path:
             self._admit(deadline, explicit)
             turn_in = 0.0 if internal else state.fleet_wait(deadline)
@@ -400,35 +425,64 @@ class Connections:
         pool = self.pool
         if pool is None:
             raise HandleClosed(f"the database handle for {self.settings.safe_url} is not open")
+        unarmed = lent and not explicit
+        end = started + self.settings.acquire_timeout
+        if deadline is not None and deadline < end:
+            end = deadline
+        grace = state.WAITING_GRACE
         while True:
-            conn = self._getconn(pool, deadline, explicit, started, counted=not internal)
+            # A first slice of WAITING_GRACE, uncounted (see `_getconn`); a pool refusing
+            # logins ends any wait with the refusal, so it gets no such short slice.
+            left = end - monotonic()
+            conn: PgwConnection | None = None
+            if left > 0 and not pool.rejecting_logins:
+                try:
+                    conn = pool.getconn(left if left < grace else grace)
+                except PoolTimeout:
+                    conn = None  # waited out the grace: from now on it counts as waiting
+            if conn is None:
+                conn = self._getconn(pool, deadline, explicit, started, counted=not internal)
+            now = monotonic()
             lease = Lease(
-                self, conn, deadline, monotonic() - started, precise=explicit, cancel=cancel
+                self,
+                conn,
+                None if unarmed else deadline,
+                now - started,
+                precise=explicit,
+                cancel=cancel,
+                acquired_at=now,
             )
             try:
-                usable = self._usable(lease)
+                fresh = self._fresh(conn, now)
+                if fresh:
+                    return lease
+                if fresh is None:
+                    self.state.connection_closed(CloseReason.BROKEN.value)
+                    lease.discard()
+                elif self._round_trip(lease, now, deadline if unarmed else None):
+                    return lease
             except BaseException:  # cancelled while validating: do not lose the connection
                 lease.release()
                 raise
-            if usable:
-                return lease
 
-    def _usable(self, lease: Lease) -> bool:
-        """Validate without a round trip when possible: a dead connection has
-        input waiting (the server's goodbye, or EOF); one idle past the window
-        (or since a freeze) gets one bounded round trip."""
-        conn = lease.conn
+    def _fresh(self, conn: PgwConnection, now: float) -> bool | None:
+        """Validation without a round trip (*now*: a monotonic reading just taken): None
+        when the connection is dead (input waiting: the server's goodbye, or EOF), False
+        when it was idle past the window (or since a freeze), so it needs `_round_trip`."""
         if has_pending_input(conn):
-            self.state.connection_closed(CloseReason.BROKEN.value)
-            lease.discard()
-            return False
+            return None
         last_used = conn.last_used
-        now = monotonic()
-        if last_used == 0.0 or (
+        return last_used == 0.0 or (
             now - last_used <= self.settings.validation_window
             and last_used >= self.state.validate_before
-        ):
-            return True
+        )
+
+    def _round_trip(self, lease: Lease, now: float, backstop: float | None) -> bool:
+        """One bounded round trip; False (the connection released) if it failed.
+        *backstop*: the lease's unarmed ``default_timeout`` deadline, armed first."""
+        conn = lease.conn
+        if backstop is not None:
+            lease.rearm(backstop)
         timer = self.watchdog.arm(now + VALIDATION_TIMEOUT, lease._sever)
         try:
             conn.execute("")
@@ -449,14 +503,17 @@ class Connections:
         *,
         counted: bool = True,
     ) -> PgwConnection:
-        """`pool.getconn` in slices, so that a breaker that opens meanwhile ends the wait.
+        """`pool.getconn` in slices, so that a breaker that opens meanwhile ends the
+        wait; for a caller that was not served within its first slice.
 
-        A *counted* caller is in the ``waiting`` gauge from *started* until it has a
-        connection or gives up, however that ends (cancellation included). The gauge
-        is ours: psycopg_pool leaves each slice that timed out in its queue (and in
-        its ``requests_waiting``) until a returned connection pops it. A checkout
-        served at once shows in no gauge (`HandleState.WAITING_GRACE`); psycopg_pool
-        has no non-blocking getconn to tell it apart (``getconn(0)`` always times out).
+        That first slice (`lease`'s) lasts `HandleState.WAITING_GRACE`, the time a
+        caller must have waited to count in the ``waiting`` gauge; so a checkout served
+        at once costs the handle's lock nothing, and a *counted* caller is registered
+        here, as waiting since *started*, until it has a connection or gives up,
+        however that ends (cancellation included). The gauge is ours: psycopg_pool
+        leaves each slice that timed out in its queue (and in its ``requests_waiting``)
+        until a returned connection pops it; psycopg_pool has no non-blocking getconn
+        (``getconn(0)`` always times out), hence the short first slice.
         """
         state = self.state
         end = started + self.settings.acquire_timeout
@@ -575,9 +632,10 @@ class Connections:
 
     # --- holding a connection for the user -----------------------------------------------------
     @contextmanager
-    def held(self, lease: Lease, site: str) -> Iterator[Lease]:
-        """Report once if the caller holds *lease* past ``leak_threshold``; release
-        after, and count the user's acquire wait and held time."""
+    def held(self, lease: Lease, site: object) -> Iterator[Lease]:
+        """Report once if the caller holds *lease* past ``leak_threshold`` (*site*: where
+        it was acquired, as ``str()`` gives it); release after, and count the user's
+        acquire wait and held time."""
         now = monotonic()
         leak = self.watchdog.arm(now + self.settings.leak_threshold, self.state.leaked, site, now)
         try:
@@ -587,23 +645,16 @@ class Connections:
             self.state.lease_returned(lease.acquire_wait, lease.release())
 
     def lend(
-        self,
-        lease: Lease,
-        site: str,
-        deadline: float | None,
-        *,
-        autocommit: bool,
-        row_factory: Any,
+        self, lease: Lease, site: object, deadline: float | None, *, row_factory: Any
     ) -> Checkout:
-        """*lease* as an `Checkout` in the consumer's shape, watched for leaks.
+        """*lease* as an `Checkout` with the consumer's *row_factory* (None: dict
+        rows), watched for leaks (*site*: where it was checked out, formatted by
+        ``str()`` only if a leak is reported). The caller sets autocommit first.
 
         With no explicit *deadline*, the lease's ``default_timeout`` backstop ends here
         (it bounded getting the connection); its watchdog entry becomes the leak watch."""
-        conn = lease.conn
-        if not autocommit and conn.autocommit:
-            conn.set_autocommit(False)  # idle: no round trip
         if row_factory is not None:
-            conn.row_factory = row_factory
+            lease.conn.row_factory = row_factory
         return Checkout(self, lease, site, deadline)
 
     def close(self, timeout: float) -> None:
@@ -637,7 +688,11 @@ class Checkout:
     )
 
     def __init__(
-        self, connections: Connections, lease: Lease, site: str, deadline: float | None
+        self,
+        connections: Connections,
+        lease: Lease,
+        site: object,
+        deadline: float | None,
     ) -> None:
         self._connections = connections
         self._lease = lease
@@ -646,11 +701,10 @@ class Checkout:
         self.deadline = deadline
         self.released = False
         leak_at = lease.acquired_at + connections.settings.leak_threshold
-        self._leak = (
-            lease.backstop_to_watch(leak_at, self._leaked)
-            if deadline is None
-            else connections.watchdog.watch(leak_at, self._leaked)
-        )
+        if deadline is None and lease.armed:
+            self._leak = lease.backstop_to_watch(leak_at, self._leaked)
+        else:  # an explicit deadline's timer stays; or no backstop was armed
+            self._leak = connections.watchdog.watch(leak_at, self._leaked)
 
     def _leaked(self) -> None:
         self._connections.state.leaked(self._site, self._lease.acquired_at)
@@ -666,12 +720,17 @@ class Checkout:
         if self.released:
             return
         conn = self.connection
-        try:
-            if not self._lease.lost:
-                _restore_shape(conn)
-        except psycopg.Error:
-            conn.close()  # a connection that cannot be reset is not reused
-        self._finish()
+        lost = self._lease.lost
+        if not lost:
+            if _shape_changed(conn):
+                try:
+                    _restore_shape(conn)
+                except psycopg.Error:
+                    conn.close()  # a connection that cannot be reset is not reused
+                    lost = True
+            elif conn.row_factory is not dict_row:
+                conn.row_factory = dict_row
+        self._finish(lost)
 
     def discard(self) -> None:
         """Close the connection (the consumer found it unusable: an invalidated
@@ -682,19 +741,31 @@ class Checkout:
         self.connection.close()
         self._finish()
 
-    def _finish(self) -> None:
+    def _finish(self, lost: bool | None = None) -> None:
         self.released = True
         connections = self._connections
         connections.watchdog.unwatch(self._leak)
         lease = self._lease
         used: float | None = None
         try:
-            used = lease.release()
+            used = lease.release(lost=lost)
         finally:
             # One call (one lock) for the hold's wait and use times and the end of it.
             connections.state.leave(
                 acquire_wait=None if used is None else lease.acquire_wait, used=used
             )
+
+
+def _shape_changed(conn: PgwConnection) -> bool:
+    """Does putting pgwarden's shape back need a setter or a rollback (not only the
+    row factory, a plain attribute)?"""
+    return (
+        conn.pgconn.transaction_status != TransactionStatus.IDLE
+        or not conn.autocommit
+        or conn.isolation_level is not None
+        or conn.read_only is not None
+        or conn.deferrable is not None
+    )
 
 
 def _restore_shape(conn: PgwConnection) -> None:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 from psycopg import sql
 
 from pgwarden._handle import deferred
-from pgwarden._handle.config import call_site
+from pgwarden._handle.config import call_site_ref
 from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, ManyParams, Mode, Params, Query
 from pgwarden._handle.state import HandleState, HealthMark
 from pgwarden._sync._compat import SingleFlight, WaitTimeout, on_signals, sleep
@@ -50,7 +50,12 @@ from pgwarden.core.histogram import Histogram
 from pgwarden.core.lifecycle import Event, State
 from pgwarden.core.metrics import MetricsTracker
 from pgwarden.core.retry import RetryPolicy
-from pgwarden.core.tracing import StatementObserver, with_observer, without_observer
+from pgwarden.core.tracing import (
+    NoopStatementObserver,
+    StatementObserver,
+    with_observer,
+    without_observer,
+)
 from pgwarden.errors import DeadlineExceeded
 from pgwarden.settings import Settings
 
@@ -429,10 +434,10 @@ class Database:
         try:
             if not state.fast_path:
                 self._warmup.wait(deadline)
-            lease = self._connections.lease(deadline, explicit=explicit)
+            lease = self._connections.lease(deadline, explicit=explicit, lent=True)
             if not explicit:
-                lease.rearm(None)
-            with self._connections.held(lease, call_site()):
+                lease.rearm(None)  # the backstop bounded getting it (if it made a round trip)
+            with self._connections.held(lease, call_site_ref()):
                 yield lease.conn
         finally:
             state.leave()
@@ -457,23 +462,23 @@ class Database:
         server-side timeout); ``default_timeout`` bounds only getting it.
         """
         state = self._state
-        deadline, explicit = state.deadline_for(timeout)
-        state.enter()
+        # One clock reading for the deadline, the freeze check and the acquire wait.
+        started: float | None = state.enter()
         try:
+            deadline, explicit = state.deadline_for(timeout, started)
             if not state.fast_path:
                 self._warmup.wait(deadline)
-            lease = self._connections.lease(deadline, explicit=explicit)
+                started = None  # the acquire wait begins after the warmup's
+            lease = self._connections.lease(deadline, explicit=explicit, lent=True, started=started)
         except BaseException:
             state.leave()
             raise
         try:
+            if not autocommit and lease.conn.autocommit:
+                lease.conn.set_autocommit(False)  # idle: no round trip
             # Without an explicit deadline, lend() ends the default_timeout backstop.
             return self._connections.lend(
-                lease,
-                call_site(),
-                deadline if explicit else None,
-                autocommit=autocommit,
-                row_factory=row_factory,
+                lease, call_site_ref(), deadline if explicit else None, row_factory=row_factory
             )
         except BaseException:
             state.lease_returned(lease.acquire_wait, lease.release())
@@ -486,6 +491,8 @@ class Database:
         returns to `statement_finished`. The handle's statement observers are told
         (*operation*: a short name for them, such as ``"sqlalchemy"``)."""
         observer = self._statements.observer
+        if type(observer) is NoopStatementObserver:  # nothing to tell: skip two calls
+            return observer, None, query, monotonic()
         return observer, observer.statement_started(operation, query), query, monotonic()
 
     def statement_finished(
@@ -501,7 +508,8 @@ class Database:
         `report_failure` (which counts it by kind)."""
         finished = monotonic()
         observer, token, query, started = mark
-        observer.statement_finished(token, error, rowcount)
+        if type(observer) is not NoopStatementObserver:
+            observer.statement_finished(token, error, rowcount)
         if error is None:
             self._state.statement_timed(query, finished - started)
 

@@ -299,6 +299,12 @@ class PgwPool(ConnectionPool[PgwConnection]):
         self._observer.connect_succeeded(monotonic() - started, explorer=explorer)
         return conn
 
+    @property
+    def rejecting_logins(self) -> bool:
+        """The server rejected the last login and none succeeded since: `getconn` then
+        waits at most `LOGIN_REJECTED_WAIT` before it raises the refusal."""
+        return self._login_rejected is not None
+
     def getconn(self, timeout: float | None = None) -> PgwConnection:
         if self._login_rejected is None:
             conn = ConnectionPool.getconn(self, timeout)  # no super(): a hot path
