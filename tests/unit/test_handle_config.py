@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import sys
 
 import psycopg_pool
 import pytest
@@ -18,7 +19,9 @@ from pgwarden import Settings
 from pgwarden._handle.config import (
     LIBPQ_MIN_CONNECT_TIMEOUT,
     POOL_RECONNECT_TIMEOUT,
+    CallSite,
     call_site,
+    call_site_ref,
     connect_kwargs,
     libpq_connect_timeout,
     looks_like_pgbouncer,
@@ -217,6 +220,15 @@ def test_call_site_names_the_first_frame_outside_pgwarden() -> None:
     site = call_site()
     assert site.startswith(__file__ + ":")
     assert site.endswith(" in test_call_site_names_the_first_frame_outside_pgwarden")
+
+
+def test_a_call_site_reference_formats_the_line_it_was_taken_on() -> None:
+    expected_line = sys._getframe().f_lineno + 1
+    site = call_site_ref()
+    assert str(site) == (
+        f"{__file__}:{expected_line} in test_a_call_site_reference_formats_the_line_it_was_taken_on"
+    )
+    assert str(CallSite(None, 0)) == "<unknown>"
 
 
 # --- begin_statement ------------------------------------------------------------------------------

@@ -78,3 +78,44 @@ def test_a_rewatched_entry_runs_the_new_callback_at_the_new_time_only() -> None:
     time.sleep(COARSE_TICK + 0.2)
     assert [name for name, _ in fired] == ["new"]
     dog.close()
+
+
+def test_a_callback_may_arm_another_timer() -> None:
+    """Callbacks run without the watchdog's lock held, so one may arm (the deadline's
+    cancel arms the sever this way) without deadlocking the thread."""
+    dog = Watchdog()
+    fired, done, record = _recorder()
+
+    def first() -> None:
+        record("first")
+        dog.arm(time.monotonic() + 0.01, record, "second", True)
+
+    dog.arm(time.monotonic() + 0.01, first)
+    assert done.wait(2.0), "the timer armed from a callback never fired"
+    assert [name for name, _ in fired] == ["first", "second"]
+    dog.close()
+
+
+def test_disarm_returns_only_after_the_running_callback_ended() -> None:
+    """A lease's release disarms its timers and relies on this: a sever or cancel
+    still running must end before the connection can serve someone else."""
+    dog = Watchdog()
+    entered = threading.Event()
+    ended = threading.Event()
+
+    def slow() -> None:
+        entered.set()
+        time.sleep(0.2)
+        ended.set()
+
+    token = dog.arm(time.monotonic() + 0.01, slow)
+    assert entered.wait(2.0)
+    dog.disarm(token)
+    assert ended.is_set(), "disarm returned while the callback was still running"
+    watched = dog.watch(time.monotonic(), slow)
+    entered.clear()
+    ended.clear()
+    assert entered.wait(2.0)  # a coarse entry fires within a tick
+    dog.unwatch(watched)
+    assert ended.is_set(), "unwatch returned while the callback was still running"
+    dog.close()

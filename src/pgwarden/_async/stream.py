@@ -38,7 +38,7 @@ import psycopg
 from pgwarden._async.acquire import AsyncLease
 from pgwarden._async.retrying import after_failed_attempt
 from pgwarden._async.transaction import AsyncTransactions, rollback_quietly
-from pgwarden._handle.config import call_site
+from pgwarden._handle.config import call_site_ref
 from pgwarden._handle.rows import row_factory
 from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, Params, Query
 from pgwarden.core.classify import FailureKind, Phase, RetryContext
@@ -185,7 +185,7 @@ class AsyncStream(Generic[RowT]):
                 self._lease, self._cursor = lease, cursor
                 now = monotonic()
                 self._leak = connections.watchdog.arm(
-                    now + state.settings.leak_threshold, state.leaked, call_site(), now
+                    now + state.settings.leak_threshold, state.leaked, call_site_ref(), now
                 )
                 return rows
         except BaseException:

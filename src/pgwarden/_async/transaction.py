@@ -88,7 +88,7 @@ from pgwarden._async._compat import Background, Watchdog, sleep
 from pgwarden._async.acquire import CANCEL_TIMEOUT, SEVER_GRACE, AsyncConnections, AsyncLease
 from pgwarden._async.pool import PgwAsyncConnection
 from pgwarden._handle import deferred
-from pgwarden._handle.config import call_site
+from pgwarden._handle.config import call_site_ref
 from pgwarden._handle.sql import (
     MARKER,
     MARKER_IF_ASSIGNED,
@@ -605,7 +605,7 @@ class AsyncTransactions:
             if not state.fast_path:
                 await self.warmup.wait(deadline)
             lease = await self._begin_on_fresh_lease(begin, deadline, explicit)
-            async with self.connections.held(lease, call_site()):
+            async with self.connections.held(lease, call_site_ref()):
                 conn = lease.conn
                 client = None
                 if not self.settings.server_deadlines:

@@ -37,7 +37,7 @@ from typing import Any, Generic, TypeVar
 
 import psycopg
 
-from pgwarden._handle.config import call_site
+from pgwarden._handle.config import call_site_ref
 from pgwarden._handle.rows import row_factory
 from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, Params, Query
 from pgwarden._sync.acquire import Lease
@@ -185,7 +185,7 @@ class Stream(Generic[RowT]):
                 self._lease, self._cursor = lease, cursor
                 now = monotonic()
                 self._leak = connections.watchdog.arm(
-                    now + state.settings.leak_threshold, state.leaked, call_site(), now
+                    now + state.settings.leak_threshold, state.leaked, call_site_ref(), now
                 )
                 return rows
         except BaseException:

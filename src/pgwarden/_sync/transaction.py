@@ -87,7 +87,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row, tuple_row
 
 from pgwarden._handle import deferred
-from pgwarden._handle.config import call_site
+from pgwarden._handle.config import call_site_ref
 from pgwarden._handle.sql import (
     MARKER,
     MARKER_IF_ASSIGNED,
@@ -596,7 +596,7 @@ class Transactions:
             if not state.fast_path:
                 self.warmup.wait(deadline)
             lease = self._begin_on_fresh_lease(begin, deadline, explicit)
-            with self.connections.held(lease, call_site()):
+            with self.connections.held(lease, call_site_ref()):
                 conn = lease.conn
                 client = None
                 if not self.settings.server_deadlines:

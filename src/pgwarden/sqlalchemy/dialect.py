@@ -217,8 +217,13 @@ class PgwardenPool(Pool):
             self._target = None
             return self._create_connection()  # listeners get the record: NullPool's way
         target = self._target
-        if target is not None and target.usable(
-            private=len(self.dispatch.connect) > dialect._pgwarden_own_connect
+        # `_Target.usable`, inlined: this runs on every checkout.
+        if (
+            target is not None
+            and target.pid == _process[0]
+            and target.private is (len(self.dispatch.connect) > dialect._pgwarden_own_connect)
+            and (state := target.db.state) is not State.CLOSING
+            and state is not State.CLOSED
         ):
             # The creator's arguments are the engine's own: skip it (and _resolve).
             driver = dialect._pgwarden_lend(target)
@@ -271,7 +276,7 @@ class PgwardenPool(Pool):
         if lent is not None and not lent.discard and self._records.get(driver) is record:
             # Back to pgwarden's pool (its release rolls back); the record waits for the
             # next checkout of this connection. Soft-invalidated: closed below instead.
-            dialect._pgwarden_finish(driver, lent, discard=False)
+            dialect._pgwarden_give_back(driver, lent)
             return
         with self._records_lock:
             if self._records.get(driver) is record:
@@ -451,6 +456,8 @@ class _Pgwarden(_Base):
     # pool; more means the engine has its own, and so gets a handle of its own.
     _pgwarden_engine: Callable[[], Engine | None] = staticmethod(lambda: None)
     _pgwarden_own_connect = 0
+    #: Are DBAPI cursors SQLAlchemy's adapters around psycopg's (in ``_cursor``)?
+    _adapted_cursor = False
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -624,13 +631,10 @@ class _Pgwarden(_Base):
                 driver.cursor_factory = lent.cursor_factory
         return lent
 
-    def _pgwarden_finish(self, driver: Any, lent: _Lent, *, discard: bool) -> None:
+    def _pgwarden_give_back(self, driver: Any, lent: _Lent) -> None:
         """`PgwardenPool` returning the checkout *lent* of *driver*: forgotten, then given
-        back (pgwarden's release rolls back and restores its shape) or discarded."""
-        setattr(driver, _LENT, None)
-        if lent.cursor_factory is not None:
-            driver.cursor_factory = lent.cursor_factory
-        self._io_finish(lent, discard=discard)
+        back (pgwarden's release rolls back and restores its shape)."""
+        raise NotImplementedError
 
     def on_connect(self) -> Callable[[Any], None]:
         # SQLAlchemy's on_connect adds a notice handler per connect: once per record, and
@@ -676,48 +680,44 @@ class _Pgwarden(_Base):
     def do_rollback(self, dbapi_connection: Any) -> None:
         # Not skipped when nothing is open: SQLAlchemy's contract (its compliance suite,
         # test_autocommit_block) is that the DBAPI connection's rollback() is called;
-        # psycopg sends nothing then anyway.
-        driver = _driver(dbapi_connection)
-        if driver is not None and getattr(driver, "_pgwarden_owned", False) and _lost(driver):
+        # psycopg sends nothing then anyway. Every return passes here, so the connection's
+        # own ``closed`` comes first (psycopg's ``broken`` implies it, see `_lost`): the
+        # rest is read only for a lost connection.
+        if dbapi_connection.closed and getattr(_driver(dbapi_connection), "_pgwarden_owned", False):
             return  # the server rolled back when the connection went; nothing to send
         super().do_rollback(dbapi_connection)
 
     # --- statements ------------------------------------------------------------------------
-    def _before_statement(self, context: ExecutionContext | None) -> _Lent | None:
-        """The checkout of the statement's connection; under a deadline, the first
-        statement of a transaction gets the server-side timeout first."""
-        if context is None:
-            return None
-        fairy = getattr(context.root_connection, "_dbapi_connection", None)
-        driver = _driver(getattr(fairy, "dbapi_connection", None))
-        if driver is None:
-            return None
+    # The statement path runs for every statement: the connection is found through the
+    # cursor (one read, no walk through SQLAlchemy's proxies), and what only a failure
+    # needs is left to handle_error (`_on_error`).
+    def _before_statement(self, cursor: Any) -> _Lent | None:
+        """The checkout of *cursor*'s connection (None: not one of ours); under a
+        deadline, the first statement of a transaction gets the server-side timeout
+        first (`_first_statement`)."""
+        if self._adapted_cursor:
+            cursor = cursor._cursor
+        driver: Any = getattr(cursor, "connection", None)
         lent: _Lent | None = getattr(driver, _LENT, None)
-        if lent is None:
-            return None
-        # Only a transaction's first statement (BEGIN not sent yet) needs the deadline.
-        if driver.pgconn.transaction_status == _IDLE and not driver.autocommit:
-            deadline = lent.deadline()
-            if deadline is not None:
-                remaining = deadline - monotonic()
-                if remaining <= 0:
-                    raise lent.db.deadline_error(None)
-                self._io_set_timeout(driver, remaining)
+        if (
+            lent is not None
+            # A transaction's first statement (BEGIN not sent yet), under a deadline.
+            and driver.pgconn.transaction_status == _IDLE
+            and not driver.autocommit
+            and (lent.checkout.deadline is not None or current_deadline() is not None)
+        ):
+            self._first_statement(driver, lent)
         return lent
 
-    def _observed(
-        self, lent: _Lent, statement: str, cursor: Any, run: Callable[..., object], *args: Any
-    ) -> None:
-        """``run(*args)`` reported to the handle: its statement observers, and the query
-        metrics for a success."""
-        db = lent.db
-        mark = db.statement_started("sqlalchemy", statement)
-        try:
-            run(*args)
-        except BaseException as exc:
-            db.statement_finished(mark, exc)
-            raise
-        db.statement_finished(mark, None, getattr(cursor, "rowcount", None))
+    def _first_statement(self, driver: Any, lent: _Lent) -> None:
+        """The transaction-local ``statement_timeout`` of the time left, sent (pipelined
+        with the implicit BEGIN) before the transaction's first statement."""
+        deadline = lent.deadline()
+        if deadline is not None:
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                raise lent.db.deadline_error(None)
+            self._io_set_timeout(driver, remaining)
 
     def do_execute(
         self,
@@ -726,20 +726,17 @@ class _Pgwarden(_Base):
         parameters: Any,
         context: ExecutionContext | None = None,
     ) -> None:
-        lent = self._before_statement(context)
+        lent = self._before_statement(cursor)
         if lent is None:
             cursor.execute(statement, parameters)
         else:
-            self._observed(lent, statement, cursor, cursor.execute, statement, parameters)
+            _reported(lent, statement, cursor, cursor.execute, statement, parameters)
 
     def do_execute_no_params(
         self, cursor: DBAPICursor, statement: str, context: ExecutionContext | None = None
     ) -> None:
-        lent = self._before_statement(context)
-        if lent is None:
-            cursor.execute(statement)
-        else:
-            self._observed(lent, statement, cursor, cursor.execute, statement)
+        # psycopg sends a statement given no parameters (None) as it is, unparsed.
+        self.do_execute(cursor, statement, None, context)
 
     def do_executemany(
         self,
@@ -748,11 +745,11 @@ class _Pgwarden(_Base):
         parameters: Any,
         context: ExecutionContext | None = None,
     ) -> None:
-        lent = self._before_statement(context)
+        lent = self._before_statement(cursor)
         if lent is None:
             cursor.executemany(statement, parameters)
         else:
-            self._observed(lent, statement, cursor, cursor.executemany, statement, parameters)
+            _reported(lent, statement, cursor, cursor.executemany, statement, parameters)
 
     # --- COMMIT and its resolution ---------------------------------------------------------
     def do_commit(self, dbapi_connection: Any) -> None:
@@ -899,6 +896,19 @@ class _Pgwarden(_Base):
         raise NotImplementedError
 
 
+def _reported(lent: _Lent, statement: str, cursor: Any, run: Any, *args: Any) -> None:
+    """``run(*args)`` (the cursor's execute or executemany) reported to the handle: its
+    statement observers, and the query metrics for a success."""
+    db = lent.db
+    mark = db.statement_started("sqlalchemy", statement)
+    try:
+        run(*args)
+    except BaseException as exc:
+        db.statement_finished(mark, exc)
+        raise
+    db.statement_finished(mark, None, cursor.rowcount)
+
+
 class PGDialect_pgwarden(_Pgwarden, PGDialect_psycopg):
     """``postgresql+pgwarden://`` with ``create_engine()`` (sync)."""
 
@@ -922,6 +932,12 @@ class PGDialect_pgwarden(_Pgwarden, PGDialect_psycopg):
 
     def _pgwarden_dbapi(self, driver: Any) -> Any:
         return driver
+
+    def _pgwarden_give_back(self, driver: Any, lent: _Lent) -> None:
+        setattr(driver, _LENT, None)  # forgotten first
+        if lent.cursor_factory is not None:
+            driver.cursor_factory = lent.cursor_factory
+        lent.checkout.release()
 
     def _io_finish(self, lent: _Lent, *, discard: bool) -> None:
         checkout: Checkout = lent.checkout  # type: ignore[assignment]
@@ -963,6 +979,8 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
     """``postgresql+pgwarden://`` with ``create_async_engine()`` (real asyncio)."""
 
     supports_statement_cache = True
+    # SQLAlchemy's asyncio cursor adapter holds psycopg's cursor in _cursor (2.0 and 2.1).
+    _adapted_cursor = True
     # A connection the garbage collector finds checked out can still be given back
     # (discarded on its event loop) instead of being dropped with a warning.
     has_terminate = True
@@ -976,7 +994,15 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
         return self.loaded_dbapi.connect(async_creator_fn=lambda: self._lend_async(target))
 
     def _pgwarden_lend(self, target: _Target) -> Any:
-        return await_(self._lend_async(target))
+        # The handle's checkout awaited directly (no coroutine of our own around it).
+        db: AsyncDatabase = target.db  # type: ignore[assignment]
+        checkout = await_(db.checkout(autocommit=False, row_factory=target.row_factory))
+        try:
+            self._lend(checkout.connection, target, checkout, asyncio.get_running_loop())
+        except BaseException:
+            await_(checkout.release())
+            raise
+        return checkout.connection
 
     async def _lend_async(self, target: _Target) -> Any:
         checkout = await cast("AsyncDatabase", target.db).checkout(
@@ -995,8 +1021,18 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
 
         return self.loaded_dbapi.connect(async_creator_fn=lent)
 
+    def _pgwarden_give_back(self, driver: Any, lent: _Lent) -> None:
+        setattr(driver, _LENT, None)  # forgotten first
+        if lent.cursor_factory is not None:
+            driver.cursor_factory = lent.cursor_factory
+        if in_greenlet():
+            checkout: AsyncCheckout = lent.checkout  # type: ignore[assignment]
+            await_(checkout.release())
+            return
+        self._io_finish(lent, discard=False)  # the garbage collector's: see _io_finish
+
     def _io_finish(self, lent: _Lent, *, discard: bool) -> None:
-        checkout = cast("AsyncCheckout", lent.checkout)
+        checkout: AsyncCheckout = lent.checkout  # type: ignore[assignment]
         finish = checkout.discard if discard else checkout.release
         if in_greenlet():
             await_(finish())
