@@ -51,6 +51,33 @@ def test_checkout_in_the_consumers_shape_and_release_puts_pgwardens_back(pg_serv
     run(main)
 
 
+def test_a_checkout_that_fails_before_lending_leaves_no_connection_out_of_autocommit(
+    pg_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted between shaping the connection (autocommit off) and lending it: the
+    pool must not get it back in that shape, or pgwarden's next write would run in a
+    transaction nobody commits."""
+    pg_server.execute("DROP TABLE IF EXISTS checkout_interrupted")
+    pg_server.execute("CREATE TABLE checkout_interrupted (id int)")
+
+    async def main() -> None:
+        async with make(pg_server.url, max_size=1) as db:
+            await db.fetchval("SELECT 1")  # the one connection exists and is idle
+
+            def interrupted(*args: Any, **kwargs: Any) -> Any:
+                raise KeyboardInterrupt
+
+            with monkeypatch.context() as patch:
+                patch.setattr(db._connections, "lend", interrupted)
+                with pytest.raises(KeyboardInterrupt):
+                    await db.checkout(autocommit=False)
+            assert db.stats()["in_flight"] == 0
+            await db.execute("INSERT INTO checkout_interrupted VALUES (1)")
+
+    run(main)
+    assert pg_server.execute("SELECT id FROM checkout_interrupted") == [(1,)]
+
+
 def test_discard_closes_the_connection_and_the_pool_replaces_it(pg_server: Any) -> None:
     async def main() -> None:
         async with make(pg_server.url, max_size=1) as db:

@@ -487,6 +487,10 @@ class AsyncDatabase:
                 lease, call_site_ref(), deadline if explicit else None, row_factory=row_factory
             )
         except BaseException:
+            if not lease.conn.autocommit:
+                # Shaped for the consumer and never lent: not back into the pool like this
+                # (pgwarden's next statement on it would run in a transaction nobody ends).
+                await lease.conn.close()
             state.lease_returned(lease.acquire_wait, await lease.release())
             state.leave()
             raise

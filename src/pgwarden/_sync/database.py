@@ -481,6 +481,10 @@ class Database:
                 lease, call_site_ref(), deadline if explicit else None, row_factory=row_factory
             )
         except BaseException:
+            if not lease.conn.autocommit:
+                # Shaped for the consumer and never lent: not back into the pool like this
+                # (pgwarden's next statement on it would run in a transaction nobody ends).
+                lease.conn.close()
             state.lease_returned(lease.acquire_wait, lease.release())
             state.leave()
             raise
