@@ -13,6 +13,7 @@ from psycopg.rows import tuple_row
 from psycopg.types.json import set_json_loads
 
 import pgwarden
+import pgwarden._async.acquire as acquire_module
 from pgwarden import AsyncDatabase, DeadlineExceeded, Settings
 from pgwarden._async._compat import COARSE_TICK
 from pgwarden.core.classify import FailureKind
@@ -76,6 +77,32 @@ def test_a_checkout_that_fails_before_lending_leaves_no_connection_out_of_autoco
 
     run(main)
     assert pg_server.execute("SELECT id FROM checkout_interrupted") == [(1,)]
+
+
+def test_a_release_interrupted_while_resetting_still_gives_the_connection_back(
+    pg_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled or interrupted while the shape is put back: the connection (its shape
+    unknown) is closed and still returned, so nothing stays checked out forever."""
+    pg_server.execute("DROP TABLE IF EXISTS release_interrupted")
+    pg_server.execute("CREATE TABLE release_interrupted (id int)")
+
+    def interrupted(conn: Any) -> Any:
+        raise KeyboardInterrupt
+
+    async def main() -> None:
+        async with make(pg_server.url, max_size=1) as db:
+            out = await db.checkout(autocommit=False)
+            with monkeypatch.context() as patch:
+                patch.setattr(acquire_module, "_restore_shape", interrupted)
+                with pytest.raises(KeyboardInterrupt):
+                    await out.release()
+            assert db.stats()["in_flight"] == 0
+            assert out.connection.closed
+            await db.execute("INSERT INTO release_interrupted VALUES (1)")  # a new connection
+
+    run(main)
+    assert pg_server.execute("SELECT id FROM release_interrupted") == [(1,)]
 
 
 def test_discard_closes_the_connection_and_the_pool_replaces_it(pg_server: Any) -> None:

@@ -730,6 +730,12 @@ class AsyncCheckout:
                 except psycopg.Error:
                     await conn.close()  # a connection that cannot be reset is not reused
                     lost = True
+                except BaseException:
+                    # Interrupted half-way (cancelled, KeyboardInterrupt): its shape is
+                    # unknown, so it is closed, and still given back (never leaked).
+                    await conn.close()
+                    await self._finish(True)
+                    raise
             elif conn.row_factory is not dict_row:
                 conn.row_factory = dict_row
         await self._finish(lost)

@@ -728,6 +728,12 @@ class Checkout:
                 except psycopg.Error:
                     conn.close()  # a connection that cannot be reset is not reused
                     lost = True
+                except BaseException:
+                    # Interrupted half-way (cancelled, KeyboardInterrupt): its shape is
+                    # unknown, so it is closed, and still given back (never leaked).
+                    conn.close()
+                    self._finish(True)
+                    raise
             elif conn.row_factory is not dict_row:
                 conn.row_factory = dict_row
         self._finish(lost)
