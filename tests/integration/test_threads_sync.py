@@ -106,6 +106,12 @@ def test_threads_and_pool_workers_keep_one_probe_and_an_exact_in_flight_count(
     assert db.stats()["in_flight"] == 0
     assert sum(served) > 100
 
+    # The close() check below needs a served handle first. The last probes of the outage
+    # ran under the workers' nearly spent 0.3 s deadlines and may have timed out against a
+    # server still warming up (CI saw this on a loaded machine): an explicit deadline waits
+    # for the breaker's next probe, with the server's whole connect bound.
+    assert db.fetchval("SELECT 1", timeout=15) == 1
+
     # close() while calls are in flight waits for exactly those.
     release = threading.Event()
     started = threading.Barrier(9)
