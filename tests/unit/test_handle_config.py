@@ -20,7 +20,6 @@ from pgwarden._handle.config import (
     LIBPQ_MIN_CONNECT_TIMEOUT,
     POOL_RECONNECT_TIMEOUT,
     CallSite,
-    call_site,
     call_site_ref,
     connect_kwargs,
     libpq_connect_timeout,
@@ -183,7 +182,7 @@ def test_pool_kwargs_are_accepted_by_psycopg_pool(pool_class: type) -> None:
     inspect.signature(pool_class).bind(URL, kwargs={}, open=False, **kwargs)
 
 
-# --- password_of, looks_like_pgbouncer, call_site -------------------------------------------------
+# --- password_of, looks_like_pgbouncer, call_site_ref ---------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -217,7 +216,7 @@ def test_looks_like_pgbouncer(server_pid: object, key_pid: int, expected: bool) 
 
 
 def test_call_site_names_the_first_frame_outside_pgwarden() -> None:
-    site = call_site()
+    site = str(call_site_ref())
     assert site.startswith(__file__ + ":")
     assert site.endswith(" in test_call_site_names_the_first_frame_outside_pgwarden")
 

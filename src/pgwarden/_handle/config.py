@@ -17,7 +17,6 @@ __all__ = [
     "CREDENTIALS_KEY",
     "LIBPQ_MIN_CONNECT_TIMEOUT",
     "CallSite",
-    "call_site",
     "call_site_ref",
     "connect_kwargs",
     "credential_params",
@@ -138,13 +137,9 @@ def password_of(url: str | None) -> str | None:
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def call_site() -> str:
-    """``file:line in function`` of the first caller outside pgwarden and contextlib."""
-    return str(call_site_ref())
-
-
 def call_site_ref() -> CallSite:
-    """`call_site`, formatted only when read (``str()``): the hot path keeps the
+    """Where the first caller outside pgwarden and contextlib is, formatted as
+    ``file:line in function`` only when read (``str()``): the hot path keeps the
     caller's code object and instruction offset, not the frame (which would keep
     the caller's locals alive) nor a string nobody reads unless a leak is reported."""
     frame: Any = sys._getframe(1)

@@ -626,9 +626,7 @@ class _Pgwarden(_Base):
         driver = _driver(connection)
         lent = _lent_of(driver)
         if lent is not None:
-            setattr(driver, _LENT, None)
-            if lent.cursor_factory is not None:
-                driver.cursor_factory = lent.cursor_factory
+            _forget(driver, lent)
         return lent
 
     def _pgwarden_give_back(self, driver: Any, lent: _Lent) -> None:
@@ -896,6 +894,13 @@ class _Pgwarden(_Base):
         raise NotImplementedError
 
 
+def _forget(driver: Any, lent: _Lent) -> None:
+    """*driver* is being returned: no longer lent, and its own cursor factory back."""
+    setattr(driver, _LENT, None)
+    if lent.cursor_factory is not None:
+        driver.cursor_factory = lent.cursor_factory
+
+
 def _reported(lent: _Lent, statement: str, cursor: Any, run: Any, *args: Any) -> None:
     """``run(*args)`` (the cursor's execute or executemany) reported to the handle: its
     statement observers, and the query metrics for a success."""
@@ -934,9 +939,7 @@ class PGDialect_pgwarden(_Pgwarden, PGDialect_psycopg):
         return driver
 
     def _pgwarden_give_back(self, driver: Any, lent: _Lent) -> None:
-        setattr(driver, _LENT, None)  # forgotten first
-        if lent.cursor_factory is not None:
-            driver.cursor_factory = lent.cursor_factory
+        _forget(driver, lent)
         lent.checkout.release()
 
     def _io_finish(self, lent: _Lent, *, discard: bool) -> None:
@@ -994,15 +997,7 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
         return self.loaded_dbapi.connect(async_creator_fn=lambda: self._lend_async(target))
 
     def _pgwarden_lend(self, target: _Target) -> Any:
-        # The handle's checkout awaited directly (no coroutine of our own around it).
-        db: AsyncDatabase = target.db  # type: ignore[assignment]
-        checkout = await_(db.checkout(autocommit=False, row_factory=target.row_factory))
-        try:
-            self._lend(checkout.connection, target, checkout, asyncio.get_running_loop())
-        except BaseException:
-            await_(checkout.release())
-            raise
-        return checkout.connection
+        return await_(self._lend_async(target))
 
     async def _lend_async(self, target: _Target) -> Any:
         checkout = await cast("AsyncDatabase", target.db).checkout(
@@ -1022,9 +1017,7 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
         return self.loaded_dbapi.connect(async_creator_fn=lent)
 
     def _pgwarden_give_back(self, driver: Any, lent: _Lent) -> None:
-        setattr(driver, _LENT, None)  # forgotten first
-        if lent.cursor_factory is not None:
-            driver.cursor_factory = lent.cursor_factory
+        _forget(driver, lent)
         if in_greenlet():
             checkout: AsyncCheckout = lent.checkout  # type: ignore[assignment]
             await_(checkout.release())
