@@ -45,6 +45,7 @@ from pgwarden._async.pool import PgwAsyncConnection, PgwAsyncPool
 from pgwarden._handle.config import connect_kwargs, libpq_connect_timeout, pool_kwargs
 from pgwarden._handle.net import has_pending_input, sever
 from pgwarden._handle.state import HandleState
+from pgwarden._handle.waits import WaitTimeout
 from pgwarden.core.breaker import Admission
 from pgwarden.core.classify import FailureKind
 from pgwarden.core.metrics import CloseReason
@@ -356,9 +357,15 @@ class AsyncConnections:
 
     # --- connects made on behalf of a call -----------------------------------------------------
     async def connect_direct(
-        self, timeout: float, *, feed_breaker: bool = True, explorer: bool = False
+        self,
+        timeout: float,
+        *,
+        feed_breaker: bool = True,
+        explorer: bool = False,
+        cut_short: bool = False,
     ) -> PgwAsyncConnection:
-        """One connection outside the pool, within *timeout*; the outcome is reported."""
+        """One connection outside the pool, within *timeout*; the outcome is reported
+        (*cut_short*: *timeout* is less than the learnt bound, `HandleState.connect_failed`)."""
         self._loop_moved()  # a pool left behind is re-made by the warmup that calls this
         kwargs = connect_kwargs(
             self.settings, pgbouncer=self.state.pgbouncer, adapters=self.adapters
@@ -370,7 +377,9 @@ class AsyncConnections:
         try:
             conn = await run_within(lambda: PgwAsyncConnection.connect(conninfo, **kwargs), timeout)
         except Exception as exc:
-            self.state.connect_failed(exc, feed_breaker=feed_breaker, explorer=explorer)
+            self.state.connect_failed(
+                exc, feed_breaker=feed_breaker, explorer=explorer, cut_short=cut_short
+            )
             raise
         self.state.connect_succeeded(monotonic() - started, explorer=explorer)
         return conn
@@ -555,13 +564,31 @@ class AsyncConnections:
 
     async def _probe(self, deadline: float | None) -> bool:
         """The breaker's single half-open attempt: one direct connect, bounded by a
-        time learnt from this server's own connects, adopted into the pool."""
+        time learnt from this server's own connects, adopted into the pool.
+
+        A probe that its caller's deadline cut below that bound and that timed out
+        proved nothing against the server (a server warming up after a restart takes
+        longer than a nearly spent deadline): it is abandoned, not counted as a
+        failed probe (which would re-open the breaker with a doubled cooldown and
+        refuse every caller meanwhile), and the caller gets its deadline error. The
+        next caller probes at once, with the time it has."""
         state = self.state
         timeout, explorer = state.connect_bound()
+        cut_short = False
         if deadline is not None:
-            timeout = min(timeout, deadline - monotonic())
+            left = deadline - monotonic()
+            if left < timeout:
+                timeout, cut_short = left, True
         try:
-            conn = await self.connect_direct(max(0.0, timeout), explorer=explorer)
+            conn = await self.connect_direct(
+                max(0.0, timeout), explorer=explorer, cut_short=cut_short
+            )
+        except WaitTimeout as exc:
+            if not cut_short:
+                return False  # reported; the breaker decides the next admission
+            state.abandon_probe()
+            state.acquire_timed_out()
+            raise state.deadline_error(exc, "acquire", AcquireTimeout) from exc
         except Exception:
             return False  # reported; the breaker decides the next admission
         except BaseException:

@@ -395,12 +395,21 @@ class HandleState:
         _flush(logs)
 
     def connect_failed(
-        self, exc: BaseException, *, feed_breaker: bool = True, explorer: bool = False
+        self,
+        exc: BaseException,
+        *,
+        feed_breaker: bool = True,
+        explorer: bool = False,
+        cut_short: bool = False,
     ) -> FailureKind:
         """Record a failed connection attempt (pool growth, breaker probe, warmup).
 
         The warmup passes ``feed_breaker=False``: it is already the single
         shared attempt, bounded by ``ready_timeout``, so it needs no breaker.
+        *cut_short*: the attempt had less time than the learnt connect bound (a
+        probe bounded by its caller's nearly spent deadline); running out of that
+        time says nothing about the server, so such a timeout does not count
+        against it (the caller abandons the probe instead, `abandon_probe`).
         """
         kind = classify_failure(exc, Phase.CONNECT)
         # Kept and handed out later (causes, last_error, health): redact it once, now.
@@ -423,7 +432,8 @@ class HandleState:
             # Overload is not an outage: the server is up and says "fewer,
             # please". AIMD sizing answers it; opening the breaker would fail
             # callers that a connection freed a moment later could serve.
-            if feed_breaker and kind is FailureKind.NOTHING_RAN:
+            inconclusive = cut_short and isinstance(exc, WaitTimeout)
+            if feed_breaker and kind is FailureKind.NOTHING_RAN and not inconclusive:
                 before = self._breaker.state
                 moved = self._breaker.on_failure(now, self._rng.random())
                 self._breaker_moved(before, moved, logs)
