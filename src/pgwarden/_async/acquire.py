@@ -44,6 +44,7 @@ from pgwarden._async._compat import (
 from pgwarden._async.pool import PgwAsyncConnection, PgwAsyncPool
 from pgwarden._handle.config import connect_kwargs, libpq_connect_timeout, pool_kwargs
 from pgwarden._handle.net import has_pending_input, sever
+from pgwarden._handle.shape import autocommit_in_place
 from pgwarden._handle.state import HandleState
 from pgwarden._handle.waits import WaitTimeout
 from pgwarden.core.breaker import Admission
@@ -808,7 +809,7 @@ async def _restore_shape(conn: PgwAsyncConnection) -> None:
     set: the reads are plain attributes, the setters take psycopg's lock."""
     if conn.pgconn.transaction_status != TransactionStatus.IDLE:
         await conn.rollback()
-    if not conn.autocommit:
+    if not conn.autocommit and not autocommit_in_place(conn, True):
         await conn.set_autocommit(True)
     if conn.isolation_level is not None:
         await conn.set_isolation_level(None)

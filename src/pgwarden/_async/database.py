@@ -39,6 +39,7 @@ from pgwarden._async.transaction import AsyncTransaction, AsyncTransactions
 from pgwarden._async.warmup import AsyncWarmup
 from pgwarden._handle import deferred
 from pgwarden._handle.config import call_site_ref
+from pgwarden._handle.shape import autocommit_in_place
 from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, ManyParams, Mode, Params, Query
 from pgwarden._handle.state import HandleState, HealthMark
 from pgwarden.core.breaker import BreakerState
@@ -480,8 +481,9 @@ class AsyncDatabase:
             state.leave()
             raise
         try:
-            if not autocommit and lease.conn.autocommit:
-                await lease.conn.set_autocommit(False)  # idle: no round trip
+            conn = lease.conn
+            if not autocommit and conn.autocommit and not autocommit_in_place(conn, False):
+                await conn.set_autocommit(False)  # idle: no round trip
             # Without an explicit deadline, lend() ends the default_timeout backstop.
             return self._connections.lend(
                 lease, call_site_ref(), deadline if explicit else None, row_factory=row_factory

@@ -35,6 +35,7 @@ from psycopg_pool import PoolTimeout
 
 from pgwarden._handle.config import connect_kwargs, libpq_connect_timeout, pool_kwargs
 from pgwarden._handle.net import has_pending_input, sever
+from pgwarden._handle.shape import autocommit_in_place
 from pgwarden._handle.state import HandleState
 from pgwarden._handle.waits import WaitTimeout
 from pgwarden._sync._compat import (
@@ -804,7 +805,7 @@ def _restore_shape(conn: PgwConnection) -> None:
     set: the reads are plain attributes, the setters take psycopg's lock."""
     if conn.pgconn.transaction_status != TransactionStatus.IDLE:
         conn.rollback()
-    if not conn.autocommit:
+    if not conn.autocommit and not autocommit_in_place(conn, True):
         conn.set_autocommit(True)
     if conn.isolation_level is not None:
         conn.set_isolation_level(None)

@@ -36,6 +36,7 @@ from psycopg import sql
 
 from pgwarden._handle import deferred
 from pgwarden._handle.config import call_site_ref
+from pgwarden._handle.shape import autocommit_in_place
 from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, ManyParams, Mode, Params, Query
 from pgwarden._handle.state import HandleState, HealthMark
 from pgwarden._sync._compat import SingleFlight, WaitTimeout, on_signals, sleep
@@ -474,8 +475,9 @@ class Database:
             state.leave()
             raise
         try:
-            if not autocommit and lease.conn.autocommit:
-                lease.conn.set_autocommit(False)  # idle: no round trip
+            conn = lease.conn
+            if not autocommit and conn.autocommit and not autocommit_in_place(conn, False):
+                conn.set_autocommit(False)  # idle: no round trip
             # Without an explicit deadline, lend() ends the default_timeout backstop.
             return self._connections.lend(
                 lease, call_site_ref(), deadline if explicit else None, row_factory=row_factory
