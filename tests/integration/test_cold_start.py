@@ -69,6 +69,7 @@ FIRST_QUERY_MODULES = frozenset(
         "pgwarden._handle",
         "pgwarden._handle.config",
         "pgwarden._handle.net",
+        "pgwarden._handle.shape",
         "pgwarden._handle.sql",
         "pgwarden._handle.state",
         "pgwarden._handle.waits",

@@ -265,7 +265,6 @@ import enum
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeAlias
 
 __all__ = [
@@ -709,18 +708,36 @@ def _verdict(exc: BaseException) -> tuple[_Verdict, str]:
     return _PERMANENT, f"unrecognised {type(exc).__name__}"
 
 
-@dataclass(frozen=True)
 class RetryContext:
     """What the caller is doing, as far as retry safety goes.
 
     ``is_write``: the statement may change data (see :func:`is_write_sql`).
     ``idempotent``: the caller vouches that running it twice is harmless.
     ``in_transaction``: it runs inside an explicit transaction block.
+
+    Immutable (``Final``: mypy rejects reassignment). A plain class, not a frozen
+    dataclass, which costs more to define at import and to build (one per failed
+    attempt of a single statement). Compared by identity: nothing compares or
+    hashes contexts.
     """
 
-    is_write: bool
-    idempotent: bool = False
-    in_transaction: bool = False
+    __slots__ = ("idempotent", "in_transaction", "is_write")
+    is_write: Final[bool]
+    idempotent: Final[bool]
+    in_transaction: Final[bool]
+
+    def __init__(
+        self, is_write: bool, idempotent: bool = False, in_transaction: bool = False
+    ) -> None:
+        self.is_write = is_write
+        self.idempotent = idempotent
+        self.in_transaction = in_transaction
+
+    def __repr__(self) -> str:
+        return (
+            f"RetryContext(is_write={self.is_write!r}, idempotent={self.idempotent!r}, "
+            f"in_transaction={self.in_transaction!r})"
+        )
 
 
 # (kind) -> (read, write, idempotent write) outside a transaction.

@@ -19,7 +19,6 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
@@ -40,11 +39,31 @@ _current: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
 )
 
 
-@dataclass(frozen=True)
 class Deadline:
-    """An absolute expiry time, in the same monotonic seconds as ``now``."""
+    """An absolute expiry time, in the same monotonic seconds as ``now``.
 
-    expires_at: float
+    A value: immutable (``Final``: mypy rejects reassignment), equal and hashed by
+    ``expires_at``. A plain class, not a frozen dataclass: one is built per
+    ``deadline()`` block, and a frozen dataclass's ``__init__`` and its definition
+    at import both cost more.
+    """
+
+    __slots__ = ("expires_at",)
+    expires_at: Final[float]
+
+    def __init__(self, expires_at: float) -> None:
+        self.expires_at = expires_at
+
+    def __repr__(self) -> str:
+        return f"Deadline(expires_at={self.expires_at!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__ and isinstance(other, Deadline):
+            return self.expires_at == other.expires_at
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.expires_at,))
 
     def remaining(self, now: float) -> float:
         """Seconds left at *now*; never negative."""

@@ -12,7 +12,7 @@ reconnect in the same second.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import Final
 
 __all__ = ["GapDetector", "jittered_lifetime", "needs_validation"]
 
@@ -26,7 +26,6 @@ def needs_validation(idle_for: float, window: float) -> bool:
     return idle_for > window
 
 
-@dataclass
 class GapDetector:
     """Notices that the process was frozen or suspended.
 
@@ -37,11 +36,20 @@ class GapDetector:
     the monotonic one is the honest witness. A large backwards step of the
     wall clock also counts: a wasted validation is cheaper than a missed one.
     The first call only records the time and returns False.
+
+    ``threshold`` is fixed (``Final``); the last readings are private state.
     """
 
-    threshold: float
-    _last_mono: float | None = field(default=None, init=False, repr=False)
-    _last_wall: float = field(default=0.0, init=False, repr=False)
+    __slots__ = ("_last_mono", "_last_wall", "threshold")
+    threshold: Final[float]
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._last_mono: float | None = None
+        self._last_wall = 0.0
+
+    def __repr__(self) -> str:
+        return f"GapDetector(threshold={self.threshold!r})"
 
     def observe(self, mono_now: float, wall_now: float) -> bool:
         last_mono, last_wall = self._last_mono, self._last_wall

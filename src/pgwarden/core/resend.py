@@ -23,7 +23,7 @@ shells ask it how to send each attempt (`Wrap`) and what a failure means.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import Final
 
 from pgwarden.core.classify import FailureKind, RetryContext
 
@@ -50,7 +50,6 @@ class Verdict(enum.Enum):
     OUTCOME_UNKNOWN = "outcome_unknown"  # it may have written: never send it again
 
 
-@dataclass(slots=True)
 class StatementSafety:
     """What is known about one call's statement, updated attempt by attempt.
 
@@ -58,14 +57,39 @@ class StatementSafety:
     it), False (the caller vouched it does not), None (a read by its text only).
     *explicit*: the caller set a deadline, so a write runs in a transaction whose
     COMMIT can be resolved by id.
+
+    *idempotent* and *explicit* are fixed (``Final``); the rest is what the
+    attempts taught. A plain class with ``__slots__`` rather than a dataclass: one
+    is built per call, and the dataclass cost ~0.6 ms to define at import.
+    Compared by identity (nothing compares them).
     """
 
-    writes: bool | None
-    idempotent: bool
-    explicit: bool
-    may_have_run: bool = False  # an attempt of an unproven read may have reached the server
-    #: The failure of that attempt: the cause to report if its outcome turns out unknown.
-    lost_error: BaseException | None = None
+    __slots__ = ("explicit", "idempotent", "lost_error", "may_have_run", "writes")
+    idempotent: Final[bool]
+    explicit: Final[bool]
+
+    def __init__(
+        self,
+        writes: bool | None,
+        idempotent: bool,
+        explicit: bool,
+        may_have_run: bool = False,
+        lost_error: BaseException | None = None,
+    ) -> None:
+        self.writes = writes
+        self.idempotent = idempotent
+        self.explicit = explicit
+        #: An attempt of an unproven read may have reached the server.
+        self.may_have_run = may_have_run
+        #: The failure of that attempt: the cause to report if its outcome turns out unknown.
+        self.lost_error = lost_error
+
+    def __repr__(self) -> str:
+        return (
+            f"StatementSafety(writes={self.writes!r}, idempotent={self.idempotent!r}, "
+            f"explicit={self.explicit!r}, may_have_run={self.may_have_run!r}, "
+            f"lost_error={self.lost_error!r})"
+        )
 
     def wrap(self) -> Wrap:
         """How to send the next attempt."""

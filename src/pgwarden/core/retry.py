@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
-from typing import TypeAlias
+from dataclasses import FrozenInstanceError, dataclass
+from typing import ClassVar, Final, TypeAlias
 
 from pgwarden.core.classify import (
     FailureKind,
@@ -178,17 +178,62 @@ class RetryBudget:
 # --- the decision ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sleep:
+class _Decision:
+    """Base of the decision values: compared, hashed and shown by their fields, like the
+    frozen dataclasses they replace (plain classes: cheaper to define at import).
+
+    Each field is set once, in ``__init__``; a later assignment raises
+    ``FrozenInstanceError`` (and mypy rejects it: the fields are ``Final``), because
+    ``_RAISE`` and the ``GiveUp`` values are shared by every retry loop. The check
+    makes a `Sleep` cost ~1 µs to build, paid only when a call is about to sleep
+    and retry; nothing on the success path builds one.
+    """
+
+    __slots__ = ()
+    #: The field names, in the order of the constructor's parameters.
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if hasattr(self, name):
+            raise FrozenInstanceError(f"cannot assign to field {name!r}")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__qualname__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__ and isinstance(other, _Decision):
+            return self._values() == other._values()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+
+class Sleep(_Decision):
     """Retry: sleep *seconds*, then make attempt ``retry_number + 1``."""
 
-    seconds: float
-    retry_number: int
+    __slots__ = ("retry_number", "seconds")
+    _fields = ("seconds", "retry_number")
+    seconds: Final[float]
+    retry_number: Final[int]
+
+    def __init__(self, seconds: float, retry_number: int) -> None:
+        self.seconds = seconds
+        self.retry_number = retry_number
 
 
-@dataclass(frozen=True)
-class Raise:
+class Raise(_Decision):
     """Not retryable (a permanent error, or unsafe to re-run): raise the failure as it is."""
+
+    __slots__ = ()
 
 
 class GiveUpReason(enum.Enum):
@@ -197,13 +242,17 @@ class GiveUpReason(enum.Enum):
     BUDGET = "budget"
 
 
-@dataclass(frozen=True)
-class GiveUp:
+class GiveUp(_Decision):
     """Retryable, but no further attempt: out of attempts, out of retry budget,
     or out of time. For ``DEADLINE`` the shell raises ``DeadlineExceeded`` from
     the failure; otherwise it raises the failure itself."""
 
-    reason: GiveUpReason
+    __slots__ = ("reason",)
+    _fields = ("reason",)
+    reason: Final[GiveUpReason]
+
+    def __init__(self, reason: GiveUpReason) -> None:
+        self.reason = reason
 
 
 Decision: TypeAlias = Sleep | Raise | GiveUp
