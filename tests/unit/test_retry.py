@@ -44,7 +44,9 @@ def test_is_immutable() -> None:
     policy = RetryPolicy()
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.attempts = 5  # type: ignore[misc]
-    assert dataclasses.replace(policy, attempts=5).attempts == 5
+    changed = policy.with_attempts(5)
+    assert (changed.attempts, changed.base_delay, changed.max_delay) == (5, 0.05, 2.0)
+    assert policy.attempts == 3
 
 
 @pytest.mark.parametrize(

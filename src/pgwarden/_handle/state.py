@@ -30,7 +30,6 @@ Theory of operation of one call::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import threading
@@ -146,9 +145,7 @@ class HandleState:
         )
         #: A caller with a deadline has said how long it will wait: retries run
         #: until the deadline (at the budget's rate), not to a fixed count.
-        self.deadline_policy = dataclasses.replace(
-            self.statement_policy, attempts=DEADLINE_ATTEMPTS_CAP
-        )
+        self.deadline_policy = self.statement_policy.with_attempts(DEADLINE_ATTEMPTS_CAP)
         #: The warmup retries until ready_timeout; it is the one shared
         #: attempt of every waiter, so it spends no retry budget.
         self.warmup_policy = self.deadline_policy

@@ -24,7 +24,6 @@ files by ``scripts/async_to_sync.py``; asyncio specifics live in ``_compat.py``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -586,7 +585,7 @@ class Database:
         if whole_transaction:
             limit = attempts if attempts is not None else max(self.settings.retry_attempts, 5)
             ctx = _WHOLE_UNIT
-            policy = dataclasses.replace(state.statement_policy, attempts=limit)
+            policy = state.statement_policy.with_attempts(limit)
         else:
             ctx = _SINGLE_STATEMENT
             # As the handle's own statements: under an explicit deadline, as many

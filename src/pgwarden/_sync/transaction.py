@@ -732,7 +732,7 @@ class Transactions:
     def _policy(self, attempts: int | None) -> RetryPolicy:
         # Conflicts are expected under contention: at least 5 attempts by default.
         limit = attempts if attempts is not None else max(self.settings.retry_attempts, 5)
-        return dataclasses.replace(self.state.statement_policy, attempts=limit)
+        return self.state.statement_policy.with_attempts(limit)
 
     def _run_nested(
         self,

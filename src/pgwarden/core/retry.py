@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import FrozenInstanceError, dataclass
+from dataclasses import FrozenInstanceError
 from typing import ClassVar, Final, TypeAlias
 
 from pgwarden.core.classify import (
@@ -41,8 +41,46 @@ _MAX_EXPONENT = 63
 _EPSILON = 1e-9
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
+class _FrozenValue:
+    """Base of the policy and decision values: compared, hashed and shown by their fields,
+    like the frozen dataclasses they replace (plain classes: cheaper to define at import).
+
+    Each field is set once, in ``__init__``; a later assignment raises
+    ``FrozenInstanceError`` (and mypy rejects it: the fields are ``Final``), because
+    ``_RAISE`` and the ``GiveUp`` values are shared by every retry loop. The check
+    makes a `Sleep` cost ~1 µs to build, paid only when a call is about to sleep
+    and retry; nothing on the success path builds one.
+    """
+
+    __slots__ = ()
+    #: The field names, in the order of the constructor's parameters.
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if hasattr(self, name):
+            raise FrozenInstanceError(f"cannot assign to field {name!r}")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__qualname__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is self.__class__ and isinstance(other, _FrozenValue):
+            return self._values() == other._values()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+
+class RetryPolicy(_FrozenValue):
     """An immutable retry policy: capped exponential backoff with full jitter.
 
     ``attempts``
@@ -62,17 +100,26 @@ class RetryPolicy:
     attempt (retryable or not, attempts, deadline, budget) is :func:`decide`.
     """
 
-    attempts: int = 3
-    base_delay: float = 0.05
-    max_delay: float = 2.0
+    __slots__ = ("attempts", "base_delay", "max_delay")
+    _fields = ("attempts", "base_delay", "max_delay")
+    attempts: Final[int]
+    base_delay: Final[float]
+    max_delay: Final[float]
 
-    def __post_init__(self) -> None:
+    def __init__(self, attempts: int = 3, base_delay: float = 0.05, max_delay: float = 2.0) -> None:
+        self.attempts = attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
         if self.attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {self.attempts}")
         if not (self.base_delay >= 0 and math.isfinite(self.base_delay)):
             raise ValueError(f"base_delay must be finite and >= 0, got {self.base_delay}")
         if not (self.max_delay >= 0 and math.isfinite(self.max_delay)):
             raise ValueError(f"max_delay must be finite and >= 0, got {self.max_delay}")
+
+    def with_attempts(self, attempts: int) -> RetryPolicy:
+        """This policy with *attempts* attempts instead."""
+        return RetryPolicy(attempts, self.base_delay, self.max_delay)
 
     def cap(self, retry_number: int) -> float:
         """The upper bound of retry *retry_number*'s sleep (``>= 1``)."""
@@ -178,46 +225,7 @@ class RetryBudget:
 # --- the decision ------------------------------------------------------------------------------
 
 
-class _Decision:
-    """Base of the decision values: compared, hashed and shown by their fields, like the
-    frozen dataclasses they replace (plain classes: cheaper to define at import).
-
-    Each field is set once, in ``__init__``; a later assignment raises
-    ``FrozenInstanceError`` (and mypy rejects it: the fields are ``Final``), because
-    ``_RAISE`` and the ``GiveUp`` values are shared by every retry loop. The check
-    makes a `Sleep` cost ~1 µs to build, paid only when a call is about to sleep
-    and retry; nothing on the success path builds one.
-    """
-
-    __slots__ = ()
-    #: The field names, in the order of the constructor's parameters.
-    _fields: ClassVar[tuple[str, ...]] = ()
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self._fields)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if hasattr(self, name):
-            raise FrozenInstanceError(f"cannot assign to field {name!r}")
-        object.__setattr__(self, name, value)
-
-    def __delattr__(self, name: str) -> None:
-        raise FrozenInstanceError(f"cannot delete field {name!r}")
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
-        return f"{type(self).__qualname__}({fields})"
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is self.__class__ and isinstance(other, _Decision):
-            return self._values() == other._values()
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-
-class Sleep(_Decision):
+class Sleep(_FrozenValue):
     """Retry: sleep *seconds*, then make attempt ``retry_number + 1``."""
 
     __slots__ = ("retry_number", "seconds")
@@ -230,7 +238,7 @@ class Sleep(_Decision):
         self.retry_number = retry_number
 
 
-class Raise(_Decision):
+class Raise(_FrozenValue):
     """Not retryable (a permanent error, or unsafe to re-run): raise the failure as it is."""
 
     __slots__ = ()
@@ -242,7 +250,7 @@ class GiveUpReason(enum.Enum):
     BUDGET = "budget"
 
 
-class GiveUp(_Decision):
+class GiveUp(_FrozenValue):
     """Retryable, but no further attempt: out of attempts, out of retry budget,
     or out of time. For ``DEADLINE`` the shell raises ``DeadlineExceeded`` from
     the failure; otherwise it raises the failure itself."""
