@@ -78,6 +78,7 @@ def _sever_async(handle: Any, timeout: float) -> None:
     Connections lent out at this moment are left to their owner.
     """
     connections = handle._connections
+    connections.finish_idle_solo()
     pool = connections.pool
     for conn in list(getattr(pool, "_pool", ()) if pool is not None else ()):
         with contextlib.suppress(Exception):  # best effort: the socket may be dead already

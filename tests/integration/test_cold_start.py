@@ -4,7 +4,8 @@ A serverless fleet pays the first query's imports on every cold start (bench/mic
 ``cold start`` row measures them). These tests run the first query in a fresh interpreter
 against a real server and fail when a change makes it load an optional part of pgwarden
 (exporters, dashboard, CLI, SQLAlchemy, ASGI, the test harness), the other shell, or any
-module that neither pgwarden's handle nor psycopg_pool needs.
+module that pgwarden's handle does not need. psycopg_pool is among those: a first query
+runs on the warmup's own connection, and the pool is built only when calls overlap.
 """
 
 from __future__ import annotations
@@ -90,14 +91,13 @@ FIRST_QUERY_MODULES = frozenset(
         "pgwarden.core.sizing",
         "pgwarden.core.tracing",
         "pgwarden.errors",
-        "pgwarden.logs",
         "pgwarden.settings",
         "{shell}",
         "{shell}._compat",
         "{shell}.acquire",
         "{shell}.database",
         "{shell}.execute",
-        "{shell}.pool",
+        "{shell}.connection",
         "{shell}.transaction",
         "{shell}.warmup",
     }
@@ -128,9 +128,8 @@ def _is_under(module: str, package: str) -> bool:
 @pytest.mark.parametrize("shell", ["sync", "async"])
 def test_first_query_loads_only_the_handle(pg_server: Any, shell: str) -> None:
     loaded = _loaded_beyond_psycopg(FIRST_QUERY[shell], pg_server.url)
-    pool_imports = _loaded_beyond_psycopg("import psycopg_pool\n", pg_server.url)
     assert "pgwarden._handle.state" in loaded  # the probe saw the handle being loaded
-    foreign = sorted(m for m in loaded - pool_imports if not _is_under(m, "pgwarden"))
+    foreign = sorted(m for m in loaded if not _is_under(m, "pgwarden"))
     assert foreign == [], f"the first query imports modules psycopg does not: {foreign}"
     unneeded = sorted(
         m
@@ -192,3 +191,31 @@ def test_deferred_parts_load_on_first_use(pg_server: Any, shell: str) -> None:
         assert f"{package}.{part}" in loaded
     # a write under a deadline commits with its marker: the commit module came with it
     assert {"pgwarden._handle.rows", "pgwarden.core.commit"} <= loaded
+
+
+@pytest.mark.parametrize("shell", ["sync", "async"])
+def test_overlapping_calls_load_the_pool(pg_server: Any, shell: str) -> None:
+    """The pool (and psycopg_pool) arrives with the first call that finds the warmup's
+    connection lent: here a query made while a checkout holds it."""
+    if shell == "sync":
+        code = (
+            "import pgwarden\n"
+            "db = pgwarden.connect(os.environ['PGW_COLD_START_URL'])\n"
+            "with db.connection() as conn:\n"
+            "    assert 'psycopg_pool' not in sys.modules\n"
+            "    assert db.fetchval('SELECT 1') == 1\n"
+            "db.close()\n"
+        )
+    else:
+        code = (
+            "import asyncio, pgwarden\n"
+            "async def main():\n"
+            "    db = pgwarden.connect_async(os.environ['PGW_COLD_START_URL'])\n"
+            "    async with db.connection() as conn:\n"
+            "        assert 'psycopg_pool' not in sys.modules\n"
+            "        assert await db.fetchval('SELECT 1') == 1\n"
+            "    await db.close()\n"
+            "asyncio.run(main())\n"
+        )
+    loaded = _loaded_beyond_psycopg(code, pg_server.url)
+    assert {"psycopg_pool", f"{SHELL_PACKAGE[shell]}.pool"} <= loaded

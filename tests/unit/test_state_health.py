@@ -153,6 +153,8 @@ def test_waiting_is_exact_under_threads() -> None:
 class FakePool:
     """``getconn(timeout)`` that never has a connection (or hands one out after *after*)."""
 
+    Timeout = PoolTimeout  # what `PgwAsyncPool.getconn` raises, as the handle reads it
+
     def __init__(self, after: float | None = None) -> None:
         self.after = after
         self.calls = 0

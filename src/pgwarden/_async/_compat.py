@@ -13,8 +13,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from time import monotonic
 from typing import Any, Generic, TypeVar
 
-from psycopg_pool.pool_async import StopWorker
-
 from pgwarden._handle.waits import WaitTimeout
 from pgwarden._signals import DEFAULT_SIGNALS, chain_signal
 
@@ -110,6 +108,9 @@ async def run_pool_worker(queue: Any) -> None:
     the worker not being cancelled, is still logged and survived, as there.
     (Python 3.10 has no ``Task.cancelling()``: a swallowed cancellation goes unseen.)
     """
+    # Imported here: a handle that never builds a pool never imports psycopg_pool.
+    from psycopg_pool.pool_async import StopWorker
+
     current = asyncio.current_task()
     cancelling: Callable[[], int] = getattr(current, "cancelling", lambda: 0)
     while True:

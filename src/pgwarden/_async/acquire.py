@@ -21,15 +21,15 @@ reach it (`AsyncLease.release`).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from time import monotonic
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
-from psycopg_pool import PoolTimeout
 
 from pgwarden._async._compat import (
     Background,
@@ -41,7 +41,7 @@ from pgwarden._async._compat import (
     running_loop,
     sleep,
 )
-from pgwarden._async.pool import PgwAsyncConnection, PgwAsyncPool
+from pgwarden._async.connection import PgwAsyncConnection
 from pgwarden._handle.config import connect_kwargs, libpq_connect_timeout, pool_kwargs
 from pgwarden._handle.net import has_pending_input, sever
 from pgwarden._handle.shape import autocommit_in_place
@@ -51,6 +51,9 @@ from pgwarden.core.breaker import Admission
 from pgwarden.core.classify import FailureKind
 from pgwarden.core.metrics import CloseReason
 from pgwarden.errors import AcquireTimeout, HandleClosed
+
+if TYPE_CHECKING:
+    from pgwarden._async.pool import PgwAsyncPool
 
 __all__ = ["SEVER_GRACE", "AsyncCheckout", "AsyncConnections", "AsyncLease"]
 
@@ -243,10 +246,10 @@ class AsyncLease:
             if not (self.lost if lost is None else lost):
                 conn.last_used = returned
             pool = connections.pool
-            if pool is None:
-                await conn.close()
-            else:
+            if pool is not None:
                 await pool.putconn(conn)
+            else:
+                await connections.return_solo(conn, returned)
         finally:
             if self._timer is not None or self._watch is not None:
                 self.rearm(None)
@@ -301,6 +304,16 @@ class AsyncConnections:
         #: Called (without I/O) when a call finds the server read-only: the listener
         #: checks its own server at once instead of at its next heartbeat.
         self.failover_hooks: list[Callable[[], None]] = []
+        self._closed = False
+        # The solo connection (see `keep_solo`): its state has one owner, this lock,
+        # taken only for plain reads and writes (never across I/O).
+        self._solo_lock = threading.Lock()
+        self._solo: PgwAsyncConnection | None = None
+        self._solo_lent = False
+        self._solo_expires = float("inf")
+        #: Why the lent solo connection must be closed when it comes back (a drain, a close).
+        self._solo_condemned: CloseReason | None = None
+        self._solo_idle_watch: int | None = None
 
     def _loop_moved(self) -> bool:
         """Follow the caller's event loop: True when this call runs on a new loop and the
@@ -324,6 +337,14 @@ class AsyncConnections:
         pool, self.pool = self.pool, None
         if pool is not None:
             pool.abandon()
+        with self._solo_lock:
+            solo, self._solo = self._solo, None
+            self._solo_lent = False
+            self._solo_condemned = None
+            self._solo_idle_watch = None  # the old loop's sweeper went with it
+        if solo is not None:  # abandoned like the pool's idle connections
+            self.state.connection_closed(CloseReason.CLOSE.value)
+            solo.pgconn.finish()
         # Both are bound to the old loop once used there.
         self._resize_lock = Lock()
         self._drain_flight = SingleFlight()
@@ -331,30 +352,205 @@ class AsyncConnections:
 
     # --- the pool ------------------------------------------------------------------------------
     def ensure_pool(self) -> PgwAsyncPool:
+        """The pool, made (not opened) if there is none. It does not take the solo
+        connection: `_pool_for_more` does, for a handle that had one."""
         if self.pool is None:
-            state = self.state
-            self.pool = PgwAsyncPool(
-                self.settings.url or "",
-                observer=state,
-                kwargs={
-                    **connect_kwargs(
-                        self.settings, pgbouncer=state.pgbouncer, adapters=self.adapters
-                    ),
-                    "application_name": state.application_name,  # the fleet's mark
-                },
-                **pool_kwargs(
-                    self.settings, max_size=state.applied_limit, max_lifetime=state.max_lifetime
-                ),
-            )
-            if self.settings.fleet_budget is not None:
-                from pgwarden._async.fleet import AsyncFleetSampler  # only with a fleet budget
-
-                AsyncFleetSampler(self).start()
+            self.pool = self._new_pool()
+            self._start_fleet_sampler()
         return self.pool
+
+    def _new_pool(self) -> PgwAsyncPool:
+        from pgwarden._async.pool import PgwAsyncPool  # the first time one is needed
+
+        state = self.state
+        return PgwAsyncPool(
+            self.settings.url or "",
+            observer=state,
+            kwargs={
+                **connect_kwargs(self.settings, pgbouncer=state.pgbouncer, adapters=self.adapters),
+                "application_name": state.application_name,  # the fleet's mark
+            },
+            **pool_kwargs(
+                self.settings, max_size=state.applied_limit, max_lifetime=state.max_lifetime
+            ),
+        )
+
+    def _start_fleet_sampler(self) -> None:
+        if self.settings.fleet_budget is not None:
+            from pgwarden._async.fleet import AsyncFleetSampler  # only with a fleet budget
+
+            AsyncFleetSampler(self).start()
 
     def pool_stats(self) -> dict[str, int] | None:
         pool = self.pool
-        return None if pool is None else pool.get_stats()
+        if pool is not None:
+            return pool.get_stats()
+        with self._solo_lock:
+            if self._solo is None:
+                return None
+            return {
+                "pool_size": 1,
+                "pool_available": 0 if self._solo_lent else 1,
+                "pool_max": self.state.applied_limit,
+            }
+
+    # --- the solo connection -------------------------------------------------------------------
+    # A handle with min_size=0 and no fleet budget keeps the warmup's connection without a
+    # pool, and serves calls on it for as long as they do not overlap: a serverless
+    # invocation or a worker that runs one query at a time never imports psycopg_pool nor
+    # starts its worker threads (a third of a cold start's imports beyond psycopg). The
+    # first call that finds it lent (or gone) builds the pool, which takes the connection
+    # over in the slot it counts (`_pool_for_more`). Meanwhile the handle does for it what
+    # the pool would: its lifetime is checked when it is taken, and it is closed after
+    # ``max_idle`` idle (the watchdog's coarse watch), a drain or the handle's close.
+
+    @property
+    def solo_allowed(self) -> bool:
+        """May the warmup keep its connection without building a pool?"""
+        settings = self.settings
+        return self.pool is None and settings.min_size == 0 and settings.fleet_budget is None
+
+    def keep_solo(self, conn: PgwAsyncConnection) -> None:
+        """Hold the warmup's *conn* as the handle's only connection, idle."""
+        now = monotonic()
+        with self._solo_lock:
+            self._solo = conn
+            self._solo_lent = False
+            self._solo_condemned = None
+            self._solo_expires = now + self.state.max_lifetime
+        self._watch_solo_idle(now)
+
+    def _watch_solo_idle(self, now: float) -> None:
+        self._solo_idle_watch = self.watchdog.watch(now + self.settings.max_idle, self._solo_idled)
+
+    def _solo_idled(self) -> None:
+        # A watchdog callback (it cannot wait): libpq's finish sends Terminate and
+        # closes the socket without the event loop.
+        with self._solo_lock:
+            conn = self._solo
+            if conn is None or self._solo_lent or self.pool is not None:
+                return
+            self._solo = None
+            self._solo_idle_watch = None
+        self.state.connection_closed(CloseReason.IDLE.value)
+        conn.pgconn.finish()
+
+    async def _take_solo(self) -> PgwAsyncConnection | None:
+        """The solo connection, now lent to the caller; None if there is none or it
+        is lent already (the caller then needs the pool)."""
+        with self._solo_lock:
+            conn = self._solo
+            if conn is None or self._solo_lent or self.pool is not None:
+                return None
+            self._solo_lent = True
+            watch, self._solo_idle_watch = self._solo_idle_watch, None
+            expired = monotonic() >= self._solo_expires
+            if expired:
+                self._solo = None
+        if watch is not None:
+            self.watchdog.unwatch(watch)
+        if expired:
+            self.state.connection_closed(CloseReason.LIFETIME.value)
+            await conn.close()
+            return None
+        if self.state.prepares_off:
+            conn.prepare_threshold = None  # as the pool's getconn does
+        return conn
+
+    async def return_solo(self, conn: PgwAsyncConnection, now: float) -> None:
+        """*conn* is back from a call while no pool existed when it was read: keep it
+        as the solo connection, or hand it to the pool built meanwhile, or close it."""
+        if not (conn.closed or conn.broken):
+            status = conn.pgconn.transaction_status
+            if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                try:
+                    await conn.rollback()  # as the pool does on return
+                except psycopg.Error:
+                    await conn.close()
+            elif status != TransactionStatus.IDLE:
+                await conn.close()  # a statement still running (or unknown): not reused
+        lost = conn.closed or conn.broken
+        with self._solo_lock:
+            pool = self.pool
+            mine = conn is self._solo
+            reason = self._solo_condemned
+            keep = mine and not lost and reason is None and pool is None and not self._closed
+            if keep:
+                self._solo_lent = False
+            elif mine:
+                self._solo = None
+                self._solo_lent = False
+                self._solo_condemned = None
+        if keep:
+            self._watch_solo_idle(now)
+            return
+        if pool is not None and pool.claimed(conn):
+            await pool.putconn(conn)  # the pool built while it was lent counts it already
+            return
+        if not lost:
+            self.state.connection_closed((reason or CloseReason.CLOSE).value)
+        await conn.close()
+
+    def finish_idle_solo(self) -> None:
+        """Terminate the solo connection if idle, without awaiting anything (a hook
+        or signal handler: `pgwarden.serverless`); a lent one is left to its caller."""
+        with self._solo_lock:
+            conn = self._solo
+            if conn is None or self._solo_lent:
+                return
+            self._solo = None
+            self._solo_idle_watch = None  # it finds no connection if it fires
+        self.state.connection_closed(CloseReason.CLOSE.value)
+        conn.pgconn.finish()
+
+    async def _close_solo(self, reason: CloseReason) -> None:
+        """Close the solo connection now if idle, or when it comes back if lent."""
+        with self._solo_lock:
+            conn = self._solo
+            if conn is None:
+                return
+            if self._solo_lent:
+                self._solo_condemned = reason
+                return
+            self._solo = None
+            watch, self._solo_idle_watch = self._solo_idle_watch, None
+        if watch is not None:
+            self.watchdog.unwatch(watch)
+        self.state.connection_closed(reason.value)
+        await conn.close()
+
+    async def _pool_for_more(self) -> PgwAsyncPool:
+        """The pool, built and opened now if there is none, with the solo connection
+        in it: idle, it goes into the pool at once; lent, the pool counts it from now
+        on and takes it when it comes back (so the pool never exceeds ``max_size``)."""
+        async with self._resize_lock:
+            pool = self.pool
+            if pool is not None:
+                return pool
+            if self._closed:
+                raise HandleClosed(f"the database handle for {self.settings.safe_url} is not open")
+            pool = self._new_pool()  # published below, once it counts the solo connection
+            await pool.open(wait=False)
+            await pool.reserve_slot()
+            with self._solo_lock:
+                conn, lent, reason = self._solo, self._solo_lent, self._solo_condemned
+                watch, self._solo_idle_watch = self._solo_idle_watch, None
+                # A drain or close condemned it while lent (an idle one is closed at
+                # once): it stays the solo connection until `return_solo` closes it.
+                claim = conn is not None and reason is None
+                if conn is not None and claim:
+                    pool.claim(conn, self._solo_expires)
+                if not (lent and reason is not None):
+                    self._solo, self._solo_lent, self._solo_condemned = None, False, None
+                self.pool = pool
+        if watch is not None:
+            self.watchdog.unwatch(watch)
+        if not claim:
+            await pool.release_slot()
+        elif conn is not None and not lent:
+            await pool.putconn(conn)
+        self._start_fleet_sampler()
+        return pool
 
     # --- connects made on behalf of a call -----------------------------------------------------
     async def connect_direct(
@@ -422,8 +618,7 @@ class AsyncConnections:
         if started is None:
             started = monotonic()
         if True:  # ASYNC
-            if self._loop_moved():
-                await self.ensure_pool().open(wait=False)
+            self._loop_moved()  # an abandoned pool is re-made below, when one is needed
         else:
             pass  # threads share one pool for the handle's life: no loop to follow
         if not state.fast_path:
@@ -434,9 +629,7 @@ class AsyncConnections:
             wanted = state.wanted_limit()
             if wanted is not None:
                 await self._apply_limit(wanted)
-        pool = self.pool
-        if pool is None:
-            raise HandleClosed(f"the database handle for {self.settings.safe_url} is not open")
+        pool = self.pool  # None: the solo connection, or a pool to build (`keep_solo`)
         unarmed = lent and not explicit
         end = started + self.settings.acquire_timeout
         if deadline is not None and deadline < end:
@@ -445,15 +638,22 @@ class AsyncConnections:
         while True:
             # A first slice of WAITING_GRACE, uncounted (see `_getconn`); a pool refusing
             # logins ends any wait with the refusal, so it gets no such short slice.
-            left = end - monotonic()
             conn: PgwAsyncConnection | None = None
-            if left > 0 and not pool.rejecting_logins:
-                try:
-                    conn = await pool.getconn(left if left < grace else grace)
-                except PoolTimeout:
-                    conn = None  # waited out the grace: from now on it counts as waiting
-            if conn is None:
-                conn = await self._getconn(pool, deadline, explicit, started, counted=not internal)
+            if pool is None and (solo := await self._take_solo()) is not None:
+                conn = solo
+            else:
+                if pool is None:
+                    pool = await self._pool_for_more()
+                left = end - monotonic()
+                if left > 0 and not pool.rejecting_logins:
+                    try:
+                        conn = await pool.getconn(left if left < grace else grace)
+                    except pool.Timeout:
+                        conn = None  # waited out the grace: from now on it counts as waiting
+                if conn is None:
+                    conn = await self._getconn(
+                        pool, deadline, explicit, started, counted=not internal
+                    )
             now = monotonic()
             lease = AsyncLease(
                 self,
@@ -540,7 +740,7 @@ class AsyncConnections:
                     raise state.deadline_error(state.last_connect_error, "acquire", AcquireTimeout)
                 try:
                     return await pool.getconn(left if left < WAIT_SLICE else WAIT_SLICE)
-                except PoolTimeout:
+                except pool.Timeout:
                     await self._admit(deadline, explicit)
         finally:
             if token is not None:
@@ -595,10 +795,11 @@ class AsyncConnections:
         except BaseException:
             state.abandon_probe()
             raise
-        pool = self.pool
-        if pool is None:
+        try:
+            pool = self.pool or await self._pool_for_more()
+        except BaseException:
             await conn.close()
-            raise HandleClosed(f"the database handle for {self.settings.safe_url} is not open")
+            raise
         await pool.adopt(conn)
         return True
 
@@ -637,7 +838,18 @@ class AsyncConnections:
         A caller that finds a drain already running waits for it: it must not take
         a connection the drain is about to close (one of a demoted primary's)."""
         pool = self.pool
-        if pool is None or pool.closed:
+        if pool is None:
+            if self._solo is not None:
+                self.state.log(
+                    logging.WARNING,
+                    "%s: closing the connection; the next call reconnects",
+                    why,
+                    event="reconnect",
+                    reason=reason.value,
+                )
+                await self._close_solo(reason)
+            return
+        if pool.closed:
             return
         if not self._drain_flight.running:
             if monotonic() - self._drained_at < DRAIN_COALESCE:
@@ -689,6 +901,8 @@ class AsyncConnections:
 
     async def close(self, timeout: float) -> None:
         self._loop_moved()  # a pool of a closed loop is abandoned, not awaited
+        self._closed = True
+        await self._close_solo(CloseReason.CLOSE)
         pool = self.pool
         if pool is not None:
             await pool.close(timeout=max(0.0, timeout))

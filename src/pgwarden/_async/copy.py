@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from psycopg import sql
 
-from pgwarden._async.pool import PgwAsyncConnection
+from pgwarden._async.connection import PgwAsyncConnection
 from pgwarden._handle.sql import Params, Query
 from pgwarden.core.tracing import StatementObserver
 

@@ -36,7 +36,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from pgwarden._async._compat import Background, Watchdog, run_within
-from pgwarden._async.pool import PgwAsyncConnection
+from pgwarden._async.connection import PgwAsyncConnection
 from pgwarden._handle.config import connect_kwargs, libpq_connect_timeout
 from pgwarden._handle.net import sever
 from pgwarden._handle.state import HandleState

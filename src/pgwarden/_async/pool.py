@@ -51,19 +51,18 @@ breaker already logged the outage once.
 
 from __future__ import annotations
 
-import inspect
 from time import monotonic
 from typing import Any, ClassVar, Protocol
 
 import psycopg
 import psycopg_pool
-from psycopg import AsyncConnection, OperationalError
-from psycopg.rows import DictRow
+from psycopg import OperationalError
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 
 from pgwarden._async._compat import run_pool_worker, run_within
-from pgwarden._handle.config import CREDENTIALS_KEY, credential_params, password_of
+from pgwarden._async.connection import CredentialsFailed, PgwAsyncConnection
+from pgwarden._handle.config import password_of
 from pgwarden._redact import redact
 from pgwarden.core.classify import sqlstate_of
 from pgwarden.core.metrics import CloseReason
@@ -142,37 +141,6 @@ class PoolObserver(Protocol):
     def connection_closed(self, reason: str) -> None: ...
 
 
-async def _resolve_credentials(source: Any) -> dict[str, Any]:
-    """Call a credentials callable; a failure is a connect failure that shows no value."""
-    try:
-        value = source()
-        if True:  # ASYNC
-            if inspect.isawaitable(value):
-                value = await value
-        else:
-            if inspect.isawaitable(value):
-                close = getattr(value, "close", None)
-                if close is not None:
-                    close()  # a coroutine never awaited: no "never awaited" warning
-                raise CredentialsFailed(
-                    "pgwarden: the credentials callable returned an awaitable, which the "
-                    "sync handle cannot await; pass a sync callable (or use connect_async)"
-                )
-        return credential_params(value)
-    except CredentialsFailed:
-        raise
-    except Exception as exc:
-        # Its type only, and not chained: a callable's error text may hold the secret.
-        raise CredentialsFailed(
-            f"pgwarden: the credentials callable failed ({type(exc).__name__})"
-        ) from None
-
-
-class CredentialsFailed(OperationalError):
-    """The credentials callable raised or returned something unusable: the attempt
-    failed before reaching the server, like any connect failure (retried on backoff)."""
-
-
 #: SQLSTATEs of a login the server refused (28P01 invalid_password, 28000
 #: invalid_authorization_specification: pg_hba, an expired IAM token): permanent for the
 #: attempt, but the next one asks the credentials callable again.
@@ -226,26 +194,6 @@ class FastReconnect(AttemptWithBackoff):
     def update_delay(self, now: float) -> None:
         super().update_delay(now)
         self.delay = min(self.delay, self.MAX_DELAY)
-
-
-class PgwAsyncConnection(AsyncConnection[DictRow]):
-    """A psycopg connection that remembers when pgwarden last used it."""
-
-    last_used: float = 0.0
-    poller: Any = None  # see pgwarden._handle.net.has_pending_input
-    _pgwarden_owned: ClassVar[bool] = True  # psycopg_pool's records about it are events
-
-    @classmethod
-    async def connect(cls, conninfo: str = "", **kwargs: Any) -> PgwAsyncConnection:
-        """psycopg's connect, after calling the handle's credentials callable, if any
-        (`Settings.credentials`, passed as ``CREDENTIALS_KEY``): every new connection,
-        pooled or direct, asks it again, so a rotated secret is used at once and
-        nothing keeps one that was rejected."""
-        source = kwargs.pop(CREDENTIALS_KEY, None)
-        if source is not None:
-            kwargs.update(await _resolve_credentials(source))
-        conn = await super().connect(conninfo, **kwargs)
-        return conn
 
 
 class PgwAsyncPool(AsyncConnectionPool[PgwAsyncConnection]):
@@ -425,6 +373,32 @@ class PgwAsyncPool(AsyncConnectionPool[PgwAsyncConnection]):
         for conn in idle:
             self._observer.connection_closed(CloseReason.CLOSE.value)
             conn.pgconn.finish()
+
+    #: What `getconn` raises when its timeout passes (here so that callers need not
+    #: import psycopg_pool themselves: see `pgwarden._async.connection`).
+    Timeout: ClassVar[type[PoolTimeout]] = PoolTimeout
+
+    async def reserve_slot(self) -> None:
+        """Count one connection more, for one `claim` will hand over (or `release_slot`)."""
+        async with self._lock:
+            self._nconns += 1
+
+    async def release_slot(self) -> None:
+        """Give back a slot `reserve_slot` took for a connection that did not come."""
+        async with self._lock:
+            self._nconns -= 1
+
+    def claim(self, conn: PgwAsyncConnection, expires_at: float) -> None:
+        """Make *conn*, opened before this pool (the handle's solo connection), one of
+        its own, in a slot `reserve_slot` took: `putconn` then takes it, now if idle or
+        when its caller is done with it. No I/O: the caller may hold a lock."""
+        self._set_connection_expiry_date(conn)
+        conn._expire_at = expires_at  # the lifetime it had as the solo connection
+        conn._pool = self
+
+    def claimed(self, conn: PgwAsyncConnection) -> bool:
+        """Is *conn* this pool's to take back (`claim`) and not yet taken?"""
+        return getattr(conn, "_pool", None) is self
 
     async def adopt(self, conn: PgwAsyncConnection) -> None:
         """Take a connection opened outside the pool (the warmup's, a probe's) into it.

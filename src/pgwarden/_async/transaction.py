@@ -86,7 +86,7 @@ from psycopg.rows import dict_row, tuple_row
 
 from pgwarden._async._compat import Background, Watchdog, sleep
 from pgwarden._async.acquire import CANCEL_TIMEOUT, SEVER_GRACE, AsyncConnections, AsyncLease
-from pgwarden._async.pool import PgwAsyncConnection
+from pgwarden._async.connection import PgwAsyncConnection
 from pgwarden._handle import deferred
 from pgwarden._handle.config import call_site_ref
 from pgwarden._handle.sql import (

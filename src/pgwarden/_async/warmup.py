@@ -3,8 +3,9 @@
 However many callers arrive at once, one warmup runs (single flight) and
 each caller waits for it up to its own deadline. The warmup connects outside
 the pool, proves a real round trip, detects PgBouncer or pgpool-II, runs the optional
-``probe_query``, and hands its connection to the pool, so the first caller
-does not pay a second connect. Connect failures are retried by the same
+``probe_query``, and hands its connection to the pool (or, with ``min_size=0`` and no
+fleet budget, keeps it as the handle's solo connection until calls overlap), so the
+first caller does not pay a second connect. Connect failures are retried by the same
 decision as every other retry (`pgwarden.core.retry.decide`) until
 ``ready_timeout``; permanent ones (bad password, unknown database) end it at once.
 """
@@ -18,7 +19,7 @@ import psycopg
 
 from pgwarden._async._compat import SingleFlight, WaitTimeout, sleep
 from pgwarden._async.acquire import AsyncConnections
-from pgwarden._async.pool import PgwAsyncConnection
+from pgwarden._async.connection import PgwAsyncConnection
 from pgwarden._handle.config import (
     local_port,
     looks_like_pgbouncer,
@@ -93,9 +94,13 @@ class AsyncWarmup:
             await conn.close()
             state.check_accepting()
             return
-        pool = self.connections.ensure_pool()
-        await pool.open(wait=False)
-        await pool.adopt(conn)
+        connections = self.connections
+        if connections.solo_allowed:
+            connections.keep_solo(conn)  # no pool until calls overlap (see `keep_solo`)
+        else:
+            pool = connections.ensure_pool()
+            await pool.open(wait=False)
+            await pool.adopt(conn)
         state.warmup_finished(monotonic() - started, attempt, None)
 
     async def _connect_and_probe(self, give_up_at: float) -> PgwAsyncConnection:

@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from psycopg_pool.pool import StopWorker
-
 from pgwarden._handle.waits import WaitTimeout
 from pgwarden._signals import DEFAULT_SIGNALS, chain_signal
 
@@ -139,6 +137,9 @@ _pool_logger = logging.getLogger("psycopg.pool")
 def run_pool_worker(queue: Any) -> None:
     """psycopg_pool's maintenance worker (``ConnectionPool.worker``), as there: a
     thread is never cancelled (the async twin differs)."""
+    # Imported here: a handle that never builds a pool never imports psycopg_pool.
+    from psycopg_pool.pool import StopWorker
+
     while True:
         task = queue.get()
         if isinstance(task, StopWorker):

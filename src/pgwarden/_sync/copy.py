@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from psycopg import sql
 
 from pgwarden._handle.sql import Params, Query
-from pgwarden._sync.pool import PgwConnection
+from pgwarden._sync.connection import PgwConnection
 from pgwarden.core.tracing import StatementObserver
 
 __all__ = ["COPY_CHUNK", "CopySink", "CopySource", "copy_in_on", "copy_in_sql", "copy_out_on"]

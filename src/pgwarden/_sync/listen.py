@@ -41,7 +41,7 @@ from pgwarden._handle.config import connect_kwargs, libpq_connect_timeout
 from pgwarden._handle.net import sever
 from pgwarden._handle.state import HandleState
 from pgwarden._sync._compat import Background, Watchdog, run_within
-from pgwarden._sync.pool import PgwConnection
+from pgwarden._sync.connection import PgwConnection
 from pgwarden.core.classify import FailureKind, Phase, classify_failure
 from pgwarden.core.listen import (
     Gap,

@@ -104,7 +104,7 @@ from pgwarden._handle.sql import (
 from pgwarden._handle.state import HandleState
 from pgwarden._sync._compat import Background, Watchdog, sleep
 from pgwarden._sync.acquire import CANCEL_TIMEOUT, SEVER_GRACE, Connections, Lease
-from pgwarden._sync.pool import PgwConnection
+from pgwarden._sync.connection import PgwConnection
 from pgwarden.core.classify import (
     FailureKind,
     Phase,

@@ -5,8 +5,9 @@
 However many callers arrive at once, one warmup runs (single flight) and
 each caller waits for it up to its own deadline. The warmup connects outside
 the pool, proves a real round trip, detects PgBouncer or pgpool-II, runs the optional
-``probe_query``, and hands its connection to the pool, so the first caller
-does not pay a second connect. Connect failures are retried by the same
+``probe_query``, and hands its connection to the pool (or, with ``min_size=0`` and no
+fleet budget, keeps it as the handle's solo connection until calls overlap), so the
+first caller does not pay a second connect. Connect failures are retried by the same
 decision as every other retry (`pgwarden.core.retry.decide`) until
 ``ready_timeout``; permanent ones (bad password, unknown database) end it at once.
 """
@@ -27,7 +28,7 @@ from pgwarden._handle.config import (
 from pgwarden._handle.state import HandleState
 from pgwarden._sync._compat import SingleFlight, WaitTimeout, sleep
 from pgwarden._sync.acquire import Connections
-from pgwarden._sync.pool import PgwConnection
+from pgwarden._sync.connection import PgwConnection
 from pgwarden.core.classify import Phase, RetryContext
 from pgwarden.core.lifecycle import State
 from pgwarden.core.retry import Sleep
@@ -95,9 +96,13 @@ class Warmup:
             conn.close()
             state.check_accepting()
             return
-        pool = self.connections.ensure_pool()
-        pool.open(wait=False)
-        pool.adopt(conn)
+        connections = self.connections
+        if connections.solo_allowed:
+            connections.keep_solo(conn)  # no pool until calls overlap (see `keep_solo`)
+        else:
+            pool = connections.ensure_pool()
+            pool.open(wait=False)
+            pool.adopt(conn)
         state.warmup_finished(monotonic() - started, attempt, None)
 
     def _connect_and_probe(self, give_up_at: float) -> PgwConnection:
