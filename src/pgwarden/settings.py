@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import FrozenInstanceError
 from operator import attrgetter
-from typing import Any, Literal, TypeAlias, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
 from pgwarden._redact import redact
 from pgwarden.errors import SettingsError
@@ -43,31 +44,96 @@ ENV_PREFIX = "PGWARDEN_"
 TEST_ENV_PREFIX = "PGWARDEN_TEST_"
 
 
-def _doc(default: Any, reason: str) -> Any:
-    """A dataclass field whose default carries its reason (shown by ``Settings.describe()``)."""
-    return field(default=default, metadata={"reason": reason})
+class _Doc:
+    """A setting's default and its reason, until `_LazyDataclass.install` takes them apart."""
+
+    __slots__ = ("default", "reason", "repr")
+
+    def __init__(self, default: Any, reason: str, repr: bool) -> None:
+        self.default = default
+        self.reason = reason
+        self.repr = repr
 
 
-# repr=False and eq=False: __repr__, __eq__ and __hash__ are written below. dataclasses
-# would compile one function per generated method at import, about 0.5 ms of a cold
-# start for these two and the repr it would build and then not use.
-@dataclass(frozen=True, repr=False, eq=False)
+def _doc(default: Any, reason: str, *, repr: bool = True) -> Any:
+    """A field's default with its reason (shown by ``Settings.describe()``)."""
+    return _Doc(default, reason, repr)
+
+
+class _LazyDataclass:
+    """A class's ``__dataclass_fields__`` or ``__dataclass_params__``, made on first read.
+
+    `install` turns the class's `_doc` values into plain defaults and reasons; the first
+    read of either attribute runs ``dataclasses.dataclass(**params)`` on a twin of the class
+    (same name, module, annotations and fields) and moves the twin's two onto the class.
+    """
+
+    __slots__ = ("attr", "cls", "docs", "params")
+
+    def __init__(self, cls: type, params: dict[str, Any], docs: dict[str, _Doc], attr: str):
+        self.cls, self.params, self.docs, self.attr = cls, params, docs, attr
+
+    @staticmethod
+    def install(cls: type, params: dict[str, Any]) -> type:
+        docs: dict[str, _Doc] = {}
+        for name in cls.__annotations__:
+            doc = cls.__dict__.get(name)
+            if not isinstance(doc, _Doc):
+                raise TypeError(f"{cls.__name__}.{name}: declare it as _doc(default, reason)")
+            docs[name] = doc
+            _REASONS[name] = doc.reason
+            setattr(cls, name, doc.default)  # as dataclasses leaves it: the default
+        for attr in ("__dataclass_fields__", "__dataclass_params__"):
+            setattr(cls, attr, _LazyDataclass(cls, params, docs, attr))
+        cls.__match_args__ = tuple(docs)  # type: ignore[attr-defined,misc]
+        return cls
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        cls = self.cls
+        namespace: dict[str, Any] = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "__annotations__": cls.__annotations__,
+        }
+        for name, doc in self.docs.items():
+            namespace[name] = dataclasses.field(
+                default=doc.default, repr=doc.repr, metadata={"reason": doc.reason}
+            )
+        twin: type = dataclasses.dataclass(**self.params)(type(cls.__name__, (), namespace))
+        for attr in ("__dataclass_fields__", "__dataclass_params__"):
+            setattr(cls, attr, getattr(twin, attr))
+        return getattr(cls, self.attr)
+
+
+#: Field name -> reason (``Settings.describe()``), filled when the class is defined.
+_REASONS: dict[str, str] = {}
+
+# Settings is a frozen dataclass to mypy and to dataclasses' functions (fields, replace,
+# asdict), but dataclasses does not process it at import: that compiles __init__,
+# __setattr__ and __delattr__ from source and builds 43 Field objects, ~3 ms of a cold
+# start. Its methods are written out below instead (compiled into the .pyc), and the real
+# __dataclass_fields__ and __dataclass_params__ are built by dataclasses on first use.
+if TYPE_CHECKING:
+    from dataclasses import dataclass as _dataclass
+else:
+
+    def _dataclass(**params):
+        return lambda cls: _LazyDataclass.install(cls, params)
+
+
+@_dataclass(frozen=True, repr=False, eq=False)
 class Settings:
     """Frozen configuration of one database handle. See each field's reason."""
 
-    url: str | None = field(
-        default=None,
-        repr=False,  # the URL may carry a password; repr shows `safe_url` instead
-        metadata={"reason": "connection URL; defaults to DATABASE_URL"},
-    )
-    credentials: CredentialSource | None = field(
-        default=None,
-        metadata={
-            "reason": "A callable (sync, or async on the async handle) called for every new "
-            "connection, the warmup's included: it returns the password, or a mapping of "
-            "connection parameters that override the URL's. For rotating secrets and RDS IAM "
-            "tokens (pgwarden.aws); its results are never logged or stored by pgwarden."
-        },
+    # repr=False: the URL may carry a password; repr shows `safe_url` instead.
+    url: str | None = _doc(None, "connection URL; defaults to DATABASE_URL", repr=False)
+    credentials: CredentialSource | None = _doc(
+        None,
+        "A callable (sync, or async on the async handle) called for every new "
+        "connection, the warmup's included: it returns the password, or a mapping of "
+        "connection parameters that override the URL's. For rotating secrets and RDS IAM "
+        "tokens (pgwarden.aws); its results are never logged or stored by pgwarden.",
     )
 
     # --- pool size -------------------------------------------------------------------------
@@ -168,7 +234,7 @@ class Settings:
     )
 
     # --- PgBouncer ------------------------------------------------------------------------
-    pgbouncer: PgBouncerMode = _doc(  # noqa: RUF009 - _doc returns a dataclass field
+    pgbouncer: PgBouncerMode = _doc(
         "auto",
         "'auto' detects PgBouncer from the server's answers; 'on' or 'off' overrides. In "
         "transaction mode server-side prepared statements must be off.",
@@ -229,7 +295,7 @@ class Settings:
     sizing_quiet_period: float = _doc(5.0, "Seconds without overload before the limit grows by 1.")
 
     # --- fleet budget ----------------------------------------------------------------------
-    fleet_budget: FleetBudget | None = _doc(  # noqa: RUF009 - _doc returns a dataclass field
+    fleet_budget: FleetBudget | None = _doc(
         None,
         "Connections shared by every process of the fleet (same fleet_tag, any host): an "
         "integer, 'role' (the role's CONNECTION LIMIT) or 'server' (max_connections less "
@@ -281,8 +347,120 @@ class Settings:
         60.0, "A connection held longer than this is reported once, with its acquiring site."
     )
 
+    # What dataclass(frozen=True) would generate. Keep the parameters in field order with
+    # the fields' defaults (tests/unit/test_settings_import_cost.py checks).
+    def __init__(
+        self,
+        url: str | None = None,
+        credentials: CredentialSource | None = None,
+        min_size: int = 0,
+        max_size: int = 10,
+        acquire_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        ready_timeout: float = 15.0,
+        default_timeout: float | None = 30.0,
+        server_deadlines: bool = True,
+        keepalives_idle: int = 30,
+        keepalives_interval: int = 10,
+        keepalives_count: int = 3,
+        tcp_user_timeout: int = 30000,
+        max_lifetime: float = 1800.0,
+        lifetime_jitter: float = 0.2,
+        max_idle: float = 300.0,
+        validation_window: float = 1.0,
+        gap_threshold: float = 10.0,
+        probe_query: str | None = None,
+        application_name: str = "pgwarden",
+        pgbouncer: PgBouncerMode = "auto",
+        prepare_threshold: int | None = 5,
+        pooler_prepared_statements: bool = False,
+        retry_attempts: int = 3,
+        retry_base_delay: float = 0.05,
+        retry_max_delay: float = 2.0,
+        retry_budget_ratio: float = 0.1,
+        retry_budget_floor: float = 2.0,
+        breaker_threshold: int = 5,
+        breaker_min_outage: float = 1.0,
+        breaker_cooldown: float = 0.25,
+        breaker_max_cooldown: float = 0.4,
+        adaptive_sizing: bool = True,
+        sizing_quiet_period: float = 5.0,
+        fleet_budget: FleetBudget | None = None,
+        fleet_tag: str = "default",
+        fleet_interval: float = 1.0,
+        resolve_commits: bool = True,
+        metrics: bool = True,
+        health_interval: float = 5.0,
+        health_timeout: float = 1.0,
+        slow_query_threshold: float = 1.0,
+        leak_threshold: float = 60.0,
+    ) -> None:
+        _set = object.__setattr__  # frozen: the class's own __setattr__ raises
+        _set(self, "url", url)
+        _set(self, "credentials", credentials)
+        _set(self, "min_size", min_size)
+        _set(self, "max_size", max_size)
+        _set(self, "acquire_timeout", acquire_timeout)
+        _set(self, "connect_timeout", connect_timeout)
+        _set(self, "ready_timeout", ready_timeout)
+        _set(self, "default_timeout", default_timeout)
+        _set(self, "server_deadlines", server_deadlines)
+        _set(self, "keepalives_idle", keepalives_idle)
+        _set(self, "keepalives_interval", keepalives_interval)
+        _set(self, "keepalives_count", keepalives_count)
+        _set(self, "tcp_user_timeout", tcp_user_timeout)
+        _set(self, "max_lifetime", max_lifetime)
+        _set(self, "lifetime_jitter", lifetime_jitter)
+        _set(self, "max_idle", max_idle)
+        _set(self, "validation_window", validation_window)
+        _set(self, "gap_threshold", gap_threshold)
+        _set(self, "probe_query", probe_query)
+        _set(self, "application_name", application_name)
+        _set(self, "pgbouncer", pgbouncer)
+        _set(self, "prepare_threshold", prepare_threshold)
+        _set(self, "pooler_prepared_statements", pooler_prepared_statements)
+        _set(self, "retry_attempts", retry_attempts)
+        _set(self, "retry_base_delay", retry_base_delay)
+        _set(self, "retry_max_delay", retry_max_delay)
+        _set(self, "retry_budget_ratio", retry_budget_ratio)
+        _set(self, "retry_budget_floor", retry_budget_floor)
+        _set(self, "breaker_threshold", breaker_threshold)
+        _set(self, "breaker_min_outage", breaker_min_outage)
+        _set(self, "breaker_cooldown", breaker_cooldown)
+        _set(self, "breaker_max_cooldown", breaker_max_cooldown)
+        _set(self, "adaptive_sizing", adaptive_sizing)
+        _set(self, "sizing_quiet_period", sizing_quiet_period)
+        _set(self, "fleet_budget", fleet_budget)
+        _set(self, "fleet_tag", fleet_tag)
+        _set(self, "fleet_interval", fleet_interval)
+        _set(self, "resolve_commits", resolve_commits)
+        _set(self, "metrics", metrics)
+        _set(self, "health_interval", health_interval)
+        _set(self, "health_timeout", health_timeout)
+        _set(self, "slow_query_threshold", slow_query_threshold)
+        _set(self, "leak_threshold", leak_threshold)
+        self.__post_init__()
+
     def __post_init__(self) -> None:
         self._validate()
+
+    # What dataclass(frozen=True) would generate; hidden from mypy, which knows them already.
+    if not TYPE_CHECKING:
+
+        def __setattr__(self, name, value):
+            if type(self) is Settings or name in _FIELD_NAMES:
+                raise FrozenInstanceError(f"cannot assign to field {name!r}")
+            super().__setattr__(name, value)
+
+        def __delattr__(self, name):
+            if type(self) is Settings or name in _FIELD_NAMES:
+                raise FrozenInstanceError(f"cannot delete field {name!r}")
+            super().__delattr__(name)
+
+        if sys.version_info >= (3, 13):  # dataclasses adds copy.replace() support from 3.13
+
+            def __replace__(self, /, **changes):
+                return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -293,7 +471,7 @@ class Settings:
         (``PGWARDEN_TEST_*`` belong to the test harness and are skipped).
         """
         env = os.environ if environ is None else environ
-        known = {f.name: f for f in fields(cls)}
+        known = _FIELD_TYPES
         values: dict[str, Any] = {}
         for key, raw in env.items():
             if not key.startswith(ENV_PREFIX) or key.startswith(TEST_ENV_PREFIX):
@@ -301,7 +479,7 @@ class Settings:
             name = key[len(ENV_PREFIX) :].lower()
             if name not in known:
                 raise SettingsError(f"unknown setting in environment: {key}")
-            values[name] = _parse_env(name, raw, known[name].type)
+            values[name] = _parse_env(name, raw, known[name])
         if values.get("url") is None and env.get("DATABASE_URL"):
             values["url"] = env["DATABASE_URL"]
         unknown = set(overrides) - set(known)
@@ -322,9 +500,7 @@ class Settings:
     def __repr__(self) -> str:
         parts = [f"url={self.safe_url!r}"]
         parts += [
-            f"{f.name}={_shown(f.name, getattr(self, f.name))}"
-            for f in fields(self)
-            if f.name != "url"
+            f"{name}={_shown(name, getattr(self, name))}" for name in _FIELD_NAMES if name != "url"
         ]
         return f"Settings({', '.join(parts)})"
 
@@ -341,7 +517,7 @@ class Settings:
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:
         """(name, default, reason) for every setting, for docs and ``--help`` output."""
-        return [(f.name, f.default, f.metadata.get("reason", "")) for f in fields(cls)]
+        return [(name, getattr(Settings, name), _REASONS[name]) for name in _FIELD_NAMES]
 
     # ----------------------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -446,8 +622,11 @@ def _shown(name: str, value: Any) -> str:
     return repr(value)
 
 
+#: Field name -> annotation (a string, as in ``dataclasses.fields(Settings)[i].type``).
+_FIELD_TYPES: dict[str, str] = Settings.__annotations__
+_FIELD_NAMES = tuple(_FIELD_TYPES)
 #: Every field's value, in declaration order (a tuple): what equality and the hash compare.
-_field_values = attrgetter(*(f.name for f in fields(Settings)))
+_field_values = attrgetter(*_FIELD_NAMES)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
