@@ -214,3 +214,16 @@ def test_error_bound_holds_at_every_bucket_edge() -> None:
         for x in (math.nextafter(lo, math.inf), hi):
             h = filled([0.0, x, 1000.0])
             assert_within_bound(h.percentile(50), x)
+
+
+def test_written_out_bounds_match_their_generator() -> None:
+    """BOUNDS, RELATIVE_ERROR and _PROM_INDEX are literals (cheaper to import than to
+    compute); they must stay exactly what `_make_bounds` gives."""
+    from itertools import pairwise
+
+    from pgwarden.core import histogram
+
+    bounds = histogram._make_bounds()
+    assert bounds == histogram.BOUNDS
+    assert max((hi - lo) / (2.0 * lo) for lo, hi in pairwise(bounds)) == histogram.RELATIVE_ERROR
+    assert tuple(bounds.index(p) for p in histogram.PROMETHEUS_BOUNDS) == histogram._PROM_INDEX

@@ -199,7 +199,8 @@ class NoopTracker(MetricsTracker):
         return {"enabled": False}
 
 
-_K = TypeVar("_K")
+if TYPE_CHECKING:  # only annotations use it (postponed): no TypeVar to build at import
+    _K = TypeVar("_K")
 
 
 def _label(key: object) -> str:
