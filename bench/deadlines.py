@@ -2,12 +2,23 @@
 
 For each path (direct to PostgreSQL over loopback; the same with a 0.5 ms round trip added
 by the fault proxy, as to a database in the same zone; through PgBouncer in transaction
-mode) and each shell (sync, async), one warm handle runs, alternately in the same rounds:
+mode; direct to a second server that flushes the WAL at every commit) and each shell
+(sync, async), one warm handle runs, alternately in the same rounds:
 
 - ``read``: ``fetchval(SELECT)`` without a deadline, and with one (``timeout=5``);
 - ``write``: ``execute(INSERT)`` without a deadline, and with one;
 - psycopg_pool's best equivalent of each (``with pool.connection() as conn:
   conn.execute(...)``, autocommit), for scale.
+
+The throwaway server runs with ``fsync=off``: a COMMIT flushes nothing, so a write whose
+outcome is knowable (two round trips) shows as about twice a plain one (one round trip).
+A managed server flushes the WAL at each commit; the "durable commit" path is a second
+throwaway server with PostgreSQL's durable defaults (``fsync``, ``synchronous_commit``
+and ``full_page_writes`` on, ``wal_sync_method`` left alone, ``wal_level=replica``). Each
+server's settings are read back with ``SHOW`` and the text says which rows flush. Its data
+directory must be on a disk: ``pgwarden.testing`` puts servers in ``/dev/shm`` (RAM, where
+a flush is free) when it can, so this one goes under ``--durable-dir`` (default: the
+system's temporary directory), and the run stops if that is a RAM file system.
 
 Each figure is the median over rounds of the mean per-call time in a round; a ratio
 compares two figures of the same round set. Usage::
@@ -23,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import ExitStack
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,7 +60,18 @@ READ = "SELECT 1"
 LATENCY = 0.00025  # seconds each way on the latency path: a 0.5 ms round trip
 WRITE = "INSERT INTO bench_deadline (v) VALUES (1)"
 
-# (name, target): the issue's bars, checked in the rendered table.
+DURABLE_PATH = "direct, durable commit (fsync=on)"
+#: Over the throwaway server's defaults (fsync and full_page_writes off, wal_level minimal):
+#: what PostgreSQL itself defaults to, so each commit waits for its WAL flush.
+DURABLE_SETTINGS: dict[str, object] = {
+    "fsync": True,
+    "synchronous_commit": True,
+    "full_page_writes": True,
+    "wal_level": "replica",
+}
+COMMIT_SETTINGS = ("fsync", "synchronous_commit", "wal_sync_method", "full_page_writes")
+
+# (name, target): the issue's bars, checked in the rendered table, row by row.
 TARGETS = {
     "read_ratio": 1.15,  # read with a deadline / the same read without
     "write_ratio": 1.30,  # write with a deadline / the same write without
@@ -163,6 +187,62 @@ def with_ratios(costs: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def commit_settings(url: str) -> dict[str, str]:
+    """The server's settings that decide what a COMMIT waits for, read with ``SHOW``."""
+    with psycopg.connect(url, autocommit=True, prepare_threshold=None) as conn:
+        out: dict[str, str] = {}
+        for name in COMMIT_SETTINGS:
+            row = conn.execute(f"SHOW {name}").fetchone()
+            out[name] = "?" if row is None else str(row[0])
+    return out
+
+
+RAM_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def storage_of(path: Path) -> str:
+    """``"<fstype> on <device>"`` of the mount holding *path* ("unknown" off Linux)."""
+    best, found = "", "unknown"
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return found
+    target = str(path.resolve())
+    for fields in mounts:
+        if len(fields) < 3:
+            continue
+        device, point, fstype = fields[0], fields[1].replace("\\040", " "), fields[2]
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, found = point, f"{fstype} on {device}"
+    return found
+
+
+def flushes_at_commit(settings: dict[str, str]) -> bool:
+    """Whether a COMMIT waits for its WAL to reach a disk (no standbys here: every
+    ``synchronous_commit`` but ``off`` waits for the local flush; on a RAM file system
+    the flush is a no-op)."""
+    in_ram = settings.get("data directory", "").startswith(RAM_FILESYSTEMS)
+    return (
+        settings.get("fsync") == "on" and settings.get("synchronous_commit") != "off" and not in_ram
+    )
+
+
+@contextmanager
+def scratch_under(directory: str) -> Iterator[None]:
+    """Make ``pgwarden.testing`` put the servers started inside under *directory*."""
+    old = os.environ.get("PGWARDEN_TEST_TMPDIR")
+    os.environ["PGWARDEN_TEST_TMPDIR"] = directory
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PGWARDEN_TEST_TMPDIR"]
+        else:
+            os.environ["PGWARDEN_TEST_TMPDIR"] = old
+
+
 def run_all(urls: dict[str, str], n: int, rounds: int) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for path, url in urls.items():
@@ -182,7 +262,27 @@ def format_row(r: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.3f}" for k, v in r.items())
 
 
-def render(results: dict[str, dict[str, float]], machine: str, versions: str, quick: bool) -> str:
+def _row_path(name: str) -> str:
+    return name.split(", ", 1)[1]  # "sync, direct, ..." -> "direct, ..."
+
+
+def _verdict(results: dict[str, dict[str, float]], key: str, what: str) -> list[str]:
+    met = [n for n, r in results.items() if r[key] <= TARGETS[key]]
+    missed = [n for n, r in results.items() if r[key] > TARGETS[key]]
+    return [
+        f"- {what} <= {TARGETS[key]} met in: " + ("; ".join(met) if met else "no row") + ".",
+        "  Not met in: " + ("; ".join(missed) if missed else "no row") + ".",
+    ]
+
+
+def render(
+    results: dict[str, dict[str, float]],
+    machine: str,
+    versions: str,
+    quick: bool,
+    commits: dict[str, dict[str, str]],
+) -> str:
+    """*commits*: each path's :func:`commit_settings`."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         SECTION,
@@ -208,10 +308,31 @@ def render(results: dict[str, dict[str, float]], machine: str, versions: str, qu
         "",
         "- **read**: `fetchval('SELECT 1')`; with a deadline, `timeout=5`.",
         "- **write**: `execute('INSERT ...')` into a one-column table; with a deadline the",
-        "  outcome is knowable (a lost COMMIT is resolved by transaction id).",
+        "  outcome is knowable (a lost COMMIT is resolved by transaction id): two round",
+        "  trips (`BEGIN` + marker + statement, then `COMMIT`) against one, and one commit",
+        "  either way.",
         "- psycopg_pool: `with pool.connection() as conn: conn.execute(...)`, autocommit.",
-        "",
     ]
+
+    def shown(path: str) -> str:
+        return ", ".join(f"{k}={v}" for k, v in commits[path].items())
+
+    flushing = [n for n in results if flushes_at_commit(commits[_row_path(n)])]
+    not_flushing = [n for n in results if not flushes_at_commit(commits[_row_path(n)])]
+    lines += [
+        "- **Flush at commit** (each commit waits for its WAL to reach a disk, as on a",
+        "  managed server): " + ("; ".join(flushing) if flushing else "no row") + ".",
+        "- **No flush** (`fsync=off`, or the data directory in RAM: a COMMIT costs its round",
+        "  trip and no I/O, so a knowable write, two round trips against one, shows close to",
+        "  2x): " + ("; ".join(not_flushing) if not_flushing else "no row") + ".",
+        "- Each path's server, as read back from it:",
+    ]
+    for path in dict.fromkeys(_row_path(n) for n in results):
+        lines.append(f"  - {path}: {shown(path)}")
+    lines.append("- The targets apply to each row on its own (its two figures, one round set).")
+    lines += _verdict(results, "read_ratio", "Read ratio")
+    lines += _verdict(results, "write_ratio", "Write ratio")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -260,6 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-latency", action="store_true", help="skip the path with network latency"
     )
+    parser.add_argument(
+        "--no-durable", action="store_true", help="skip the server that flushes at commit"
+    )
+    parser.add_argument(
+        "--durable-dir",
+        default=tempfile.gettempdir(),
+        help="directory on a disk for the server that flushes at commit (default: %(default)s)",
+    )
     parser.add_argument("--write", metavar="FILE", help="put the section into FILE")
     args = parser.parse_args(argv)
     rounds = QUICK_ROUNDS if args.quick else ROUNDS
@@ -268,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with ExitStack() as stack:
         urls: dict[str, str] = {}
+        storage: dict[str, str] = {}  # path -> where its server's data directory is
         versions = f"psycopg {version('psycopg')}, psycopg_pool {version('psycopg-pool')}"
         if args.url:
             urls["direct"] = args.url
@@ -277,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             print("starting a throwaway PostgreSQL...", file=sys.stderr)
             server = stack.enter_context(PostgresServer())
             urls["direct"] = server.url
+            storage["direct"] = storage_of(server.data_dir)
             versions += f", PostgreSQL {server.version}"
             if not args.no_latency:
                 # Loopback makes a round trip cost about as much client CPU as a whole
@@ -286,13 +417,35 @@ def main(argv: list[str] | None = None) -> int:
 
                 proxy = stack.enter_context(FaultProxy(server.host, server.port))
                 proxy.set_latency(LATENCY)
-                urls[f"direct, +{LATENCY * 2e3:.1f} ms round trip"] = proxy.url_for(server.url)
+                latency_path = f"direct, +{LATENCY * 2e3:.1f} ms round trip"
+                urls[latency_path] = proxy.url_for(server.url)
+                storage[latency_path] = storage["direct"]
             if not args.no_pgbouncer:
                 bouncer = stack.enter_context(PgBouncerServer(server, default_pool_size=4))
                 urls["PgBouncer (transaction mode)"] = bouncer.url
+                storage["PgBouncer (transaction mode)"] = storage["direct"]
                 versions += f", PgBouncer {bouncer.version}"
+            if not args.no_durable:
+                # A second throwaway server (same binaries, same start path) whose commits
+                # wait for the WAL flush, with its data directory on a disk.
+                where = storage_of(Path(args.durable_dir))
+                if where.startswith(RAM_FILESYSTEMS):
+                    raise SystemExit(
+                        f"--durable-dir {args.durable_dir} is on {where}, where a flush is "
+                        "free: give a directory on a disk (or --no-durable)"
+                    )
+                print("starting a throwaway PostgreSQL that flushes at commit...", file=sys.stderr)
+                with scratch_under(args.durable_dir):
+                    durable = stack.enter_context(PostgresServer(DURABLE_SETTINGS))
+                urls[DURABLE_PATH] = durable.url
+                storage[DURABLE_PATH] = storage_of(durable.data_dir)
+        commits = {path: commit_settings(url) for path, url in urls.items()}
+        for path, where in storage.items():
+            commits[path]["data directory"] = where
+        if DURABLE_PATH in commits and not flushes_at_commit(commits[DURABLE_PATH]):
+            raise SystemExit(f"the durable server does not flush at commit: {commits}")
         results = run_all(urls, n, rounds)
-    text = render(results, machine(), versions, args.quick)
+    text = render(results, machine(), versions, args.quick, commits)
     print(text)
     if args.write:
         write_section(Path(args.write), text)
