@@ -36,6 +36,8 @@ private name                         why pgwarden uses it
                                      ``update_delay``)
 connection ``_created_at``,          close reasons "drain" and "lifetime" (set by psycopg and
 ``_expire_at``                       by the pool on every connection)
+connection ``_pool``                 `claim`: the handle's solo connection, lent when the pool
+                                     is built, comes back through ``putconn``
 ==================================== ==========================================================
 
 psycopg_pool's own log records about our pools become pgwarden events: each
@@ -98,7 +100,7 @@ POOL_PRIVATE_ATTRIBUTES = (
     "_pool",
     "_waiting",
 )
-CONNECTION_PRIVATE_ATTRIBUTES = ("_created_at", "_expire_at")
+CONNECTION_PRIVATE_ATTRIBUTES = ("_created_at", "_expire_at", "_pool")
 
 
 def _check_internals(pool_class: type[Any]) -> None:
