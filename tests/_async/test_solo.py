@@ -117,6 +117,23 @@ def test_the_solo_connection_closes_after_max_idle(pg_server: Any) -> None:
     run(main)
 
 
+def test_a_solo_connection_in_use_is_not_closed_as_idle(pg_server: Any) -> None:
+    """The idle watch is armed once, not per use: when it fires on a connection used
+    since, it waits again from that last use instead of closing it."""
+
+    async def main() -> None:
+        async with make(pg_server.url, max_idle=0.8) as db:
+            pids = set()
+            stop = time.monotonic() + 2.5  # the watch fires several times meanwhile
+            while time.monotonic() < stop:
+                pids.add(await db.fetchval("SELECT pg_backend_pid()"))
+                await sleep(0.1)
+            assert len(pids) == 1
+            assert db.stats()["counters"]["connections_closed"].get("idle", 0) == 0
+
+    run(main)
+
+
 def test_the_solo_connection_is_replaced_after_its_lifetime(pg_server: Any) -> None:
     async def main() -> None:
         async with make(pg_server.url, max_lifetime=0.5, lifetime_jitter=0.0) as db:

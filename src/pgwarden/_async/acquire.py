@@ -249,7 +249,7 @@ class AsyncLease:
             if pool is not None:
                 await pool.putconn(conn)
             else:
-                await connections.return_solo(conn, returned)
+                await connections.return_solo(conn)
         finally:
             if self._timer is not None or self._watch is not None:
                 self.rearm(None)
@@ -402,7 +402,7 @@ class AsyncConnections:
     # first call that finds it lent (or gone) builds the pool, which takes the connection
     # over in the slot it counts (`_pool_for_more`). Meanwhile the handle does for it what
     # the pool would: its lifetime is checked when it is taken, and it is closed after
-    # ``max_idle`` idle (the watchdog's coarse watch), a drain or the handle's close.
+    # ``max_idle`` idle (`_solo_idled`), a drain or the handle's close.
 
     @property
     def solo_allowed(self) -> bool:
@@ -418,17 +418,29 @@ class AsyncConnections:
             self._solo_lent = False
             self._solo_condemned = None
             self._solo_expires = now + self.state.max_lifetime
-        self._watch_solo_idle(now)
-
-    def _watch_solo_idle(self, now: float) -> None:
-        self._solo_idle_watch = self.watchdog.watch(now + self.settings.max_idle, self._solo_idled)
+            old, self._solo_idle_watch = self._solo_idle_watch, None
+        if old is not None:
+            self.watchdog.unwatch(old)
+        token = self.watchdog.watch(now + self.settings.max_idle, self._solo_idled)
+        with self._solo_lock:
+            self._solo_idle_watch = token
 
     def _solo_idled(self) -> None:
-        # A watchdog callback (it cannot wait): libpq's finish sends Terminate and
-        # closes the socket without the event loop.
+        """The idle watch: one entry for the solo connection's whole life, not one per
+        use. When it fires, it closes the connection if it has been idle ``max_idle``
+        since its last use (``last_used``, set on every return), and otherwise watches
+        again at the time that would be. A watchdog callback (it cannot wait): libpq's
+        finish sends Terminate and closes the socket without the event loop."""
+        max_idle = self.settings.max_idle
         with self._solo_lock:
             conn = self._solo
-            if conn is None or self._solo_lent or self.pool is not None:
+            if conn is None or self.pool is not None:
+                self._solo_idle_watch = None
+                return
+            now = monotonic()
+            due = (now if self._solo_lent else conn.last_used) + max_idle
+            if due > now:
+                self._solo_idle_watch = self.watchdog.watch(due, self._solo_idled)
                 return
             self._solo = None
             self._solo_idle_watch = None
@@ -443,12 +455,9 @@ class AsyncConnections:
             if conn is None or self._solo_lent or self.pool is not None:
                 return None
             self._solo_lent = True
-            watch, self._solo_idle_watch = self._solo_idle_watch, None
             expired = monotonic() >= self._solo_expires
             if expired:
                 self._solo = None
-        if watch is not None:
-            self.watchdog.unwatch(watch)
         if expired:
             self.state.connection_closed(CloseReason.LIFETIME.value)
             await conn.close()
@@ -457,10 +466,21 @@ class AsyncConnections:
             conn.prepare_threshold = None  # as the pool's getconn does
         return conn
 
-    async def return_solo(self, conn: PgwAsyncConnection, now: float) -> None:
+    async def return_solo(self, conn: PgwAsyncConnection) -> None:
         """*conn* is back from a call while no pool existed when it was read: keep it
         as the solo connection, or hand it to the pool built meanwhile, or close it."""
-        if not (conn.closed or conn.broken):
+        if conn.pgconn.transaction_status == TransactionStatus.IDLE:
+            # The usual case, first: an idle session is open and usable as it is.
+            with self._solo_lock:
+                if (
+                    conn is self._solo
+                    and self._solo_condemned is None
+                    and self.pool is None
+                    and not self._closed
+                ):
+                    self._solo_lent = False
+                    return
+        elif not (conn.closed or conn.broken):
             status = conn.pgconn.transaction_status
             if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
                 try:
@@ -482,7 +502,6 @@ class AsyncConnections:
                 self._solo_lent = False
                 self._solo_condemned = None
         if keep:
-            self._watch_solo_idle(now)
             return
         if pool is not None and pool.claimed(conn):
             await pool.putconn(conn)  # the pool built while it was lent counts it already
