@@ -26,6 +26,7 @@ __all__ = [
     "begin_statement",
     "query_is_write",
     "statement_timeout_args",
+    "statement_timeout_command",
 ]
 
 
@@ -112,3 +113,9 @@ def begin_statement(isolation: str | None, readonly: bool) -> bytes:
 def statement_timeout_args(remaining: float) -> tuple[str]:
     """The parameters of `SET_STATEMENT_TIMEOUT` for *remaining* seconds."""
     return (str(statement_timeout_ms(remaining)),)
+
+
+def statement_timeout_command(remaining: float) -> bytes:
+    """`SET_STATEMENT_TIMEOUT` for *remaining* seconds with its parameter written in (an
+    integer: nothing to quote), for psycopg's command queue, which takes no parameters."""
+    return SET_STATEMENT_TIMEOUT.replace(b"%s", b"'%d'" % statement_timeout_ms(remaining))

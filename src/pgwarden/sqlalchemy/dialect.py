@@ -22,9 +22,10 @@ the rest are SQLAlchemy's own) and change only where connections come from and g
     ``checkout.discard()`` (an invalidated connection is closed, never returned; a
     soft-invalidated one is discarded when it comes back).
 ``do_execute*()``
-    the first statement of each transaction under an explicit deadline first sends,
-    pipelined with the implicit BEGIN, the transaction-local ``statement_timeout`` of
-    the time left (safe behind PgBouncer); every statement is reported to the handle
+    the first statement of each transaction goes in one round trip with psycopg's BEGIN
+    and, under an explicit deadline, the transaction-local ``statement_timeout`` of the
+    time left (safe behind PgBouncer; `pgwarden.sqlalchemy._begin`); every statement is
+    reported to the handle
     (``db.statement_started`` / ``statement_finished``): its statement observers
     (operation ``sqlalchemy``), and for a success the ``queries`` counter, the query
     histogram and the slow-query event, as for the handle's own statements.
@@ -332,19 +333,33 @@ def _log_notices(diagnostic: psycopg.errors.Diagnostic) -> None:
 class _Lent:
     """What the dialect knows about a psycopg connection it has checked out."""
 
-    __slots__ = ("checkout", "committing", "cursor_factory", "db", "discard", "loop")
+    __slots__ = (
+        "begin",
+        "begin_cursor",
+        "checkout",
+        "committing",
+        "cursor_factory",
+        "db",
+        "discard",
+        "loop",
+    )
 
     def __init__(
         self,
         checkout: Checkout | AsyncCheckout,
         db: Database | AsyncDatabase,
         cursor_factory: Any,
+        begin_cursor: type | None,
         loop: asyncio.AbstractEventLoop | None,
     ) -> None:
         self.checkout = checkout
         self.db = db
         #: The connection's own cursor factory while ours is set (None: untouched).
         self.cursor_factory = cursor_factory
+        #: The cursor class that can send BEGIN with a statement (`_begin`), if it is set.
+        self.begin_cursor = begin_cursor
+        #: What the next statement's cursor sends first (see `_begin`); None: nothing.
+        self.begin: bytes | None = None
         #: The event loop of an async checkout (a garbage-collected one is discarded on it).
         self.loop = loop
         self.discard = False  # soft-invalidated: close it instead of returning it
@@ -362,7 +377,16 @@ class _Lent:
 class _Target:
     """The handle (and per-connection extras) one set of connect parameters resolves to."""
 
-    __slots__ = ("cargs", "cparams", "cursor_factory", "db", "pid", "private", "row_factory")
+    __slots__ = (
+        "begin_cursor",
+        "cargs",
+        "cparams",
+        "cursor_factory",
+        "db",
+        "pid",
+        "private",
+        "row_factory",
+    )
 
     def __init__(
         self,
@@ -370,6 +394,7 @@ class _Target:
         cparams: dict[str, Any],
         db: Database | AsyncDatabase,
         cursor_factory: Any,
+        begin_cursor: type | None,
         private: bool,
     ) -> None:
         from psycopg.rows import tuple_row
@@ -377,7 +402,10 @@ class _Target:
         self.cargs = cargs
         self.cparams = cparams
         self.db = db
+        #: The caller's cursor factory (``connect_args``), set on every checkout.
         self.cursor_factory = cursor_factory
+        #: Without one, the cursor that sends BEGIN with a transaction's first statement.
+        self.begin_cursor = begin_cursor
         self.row_factory = tuple_row  # SQLAlchemy's rows
         #: The handle is this engine's alone (see `_Pgwarden._needs_own_handle`).
         self.private = private
@@ -552,7 +580,10 @@ class _Pgwarden(_Base):
         settings = Settings.from_env(url=conninfo, **split.settings)
         adapters = self._adapters(settings, split.context, private)
         db = self._handle(settings, adapters)
-        target = _Target(cargs, dict(cparams), db, split.cursor_factory, private)
+        from pgwarden.sqlalchemy._begin import cursor_class
+
+        begin_cursor = cursor_class(asyncio=self.is_async) if split.cursor_factory is None else None
+        target = _Target(cargs, dict(cparams), db, split.cursor_factory, begin_cursor, private)
         self._pgwarden_target = target
         return target
 
@@ -602,9 +633,10 @@ class _Pgwarden(_Base):
     ) -> None:
         """Make *driver* what SQLAlchemy expects and remember its checkout."""
         saved = None
-        if target.cursor_factory is not None:
+        factory = target.cursor_factory or target.begin_cursor
+        if factory is not None:
             saved = driver.cursor_factory
-            driver.cursor_factory = target.cursor_factory
+            driver.cursor_factory = factory
         # SQLAlchemy's initialize() says whether HSTORE is there (True until it knows).
         if (
             self.use_native_hstore
@@ -619,7 +651,7 @@ class _Pgwarden(_Base):
 
                     register_hstore(info, driver)
                 setattr(driver, _HSTORE, True)
-        setattr(driver, _LENT, _Lent(checkout, target.db, saved, loop))
+        setattr(driver, _LENT, _Lent(checkout, target.db, saved, target.begin_cursor, loop))
 
     def _take(self, connection: Any) -> _Lent | None:
         """The checkout of *connection*, forgotten (it is being returned)."""
@@ -689,33 +721,38 @@ class _Pgwarden(_Base):
     # The statement path runs for every statement: the connection is found through the
     # cursor (one read, no walk through SQLAlchemy's proxies), and what only a failure
     # needs is left to handle_error (`_on_error`).
-    def _before_statement(self, cursor: Any) -> _Lent | None:
-        """The checkout of *cursor*'s connection (None: not one of ours); under a
-        deadline, the first statement of a transaction gets the server-side timeout
-        first (`_first_statement`)."""
+    def _before_statement(self, cursor: Any, statement: object) -> _Lent | None:
+        """The checkout of *cursor*'s connection (None: not one of ours); for a
+        transaction's first statement, BEGIN (and under a deadline the server-side
+        timeout) is sent with it, or before it (`_first_statement`)."""
         if self._adapted_cursor:
             cursor = cursor._cursor
         driver: Any = getattr(cursor, "connection", None)
         lent: _Lent | None = getattr(driver, _LENT, None)
         if (
             lent is not None
-            # A transaction's first statement (BEGIN not sent yet), under a deadline.
+            # A transaction's first statement (BEGIN not sent yet).
             and driver.pgconn.transaction_status == _IDLE
             and not driver.autocommit
-            and (lent.checkout.deadline is not None or current_deadline() is not None)
         ):
-            self._first_statement(driver, lent)
+            self._first_statement(cursor, driver, lent, statement)
         return lent
 
-    def _first_statement(self, driver: Any, lent: _Lent) -> None:
-        """The transaction-local ``statement_timeout`` of the time left, sent (pipelined
-        with the implicit BEGIN) before the transaction's first statement."""
+    def _first_statement(self, cursor: Any, driver: Any, lent: _Lent, statement: object) -> None:
+        """BEGIN and, under a deadline, the transaction-local ``statement_timeout`` of the
+        time left: sent with *statement* by our cursor in one round trip (`_begin`), or
+        (a statement that cannot go with them) the two pipelined before it."""
         deadline = lent.deadline()
+        timeout = b""
         if deadline is not None:
             remaining = deadline - monotonic()
             if remaining <= 0:
                 raise lent.db.deadline_error(None)
-            self._io_set_timeout(driver, remaining)
+            timeout = _sql().statement_timeout_command(remaining)
+        if lent.begin_cursor is not None and _sends_begin(cursor, lent.begin_cursor, statement):
+            lent.begin = timeout  # our cursor's execute takes it from here
+        elif timeout:
+            self._io_set_timeout(driver, timeout)
 
     def do_execute(
         self,
@@ -724,7 +761,7 @@ class _Pgwarden(_Base):
         parameters: Any,
         context: ExecutionContext | None = None,
     ) -> None:
-        lent = self._before_statement(cursor)
+        lent = self._before_statement(cursor, statement)
         if lent is None:
             cursor.execute(statement, parameters)
         else:
@@ -743,7 +780,7 @@ class _Pgwarden(_Base):
         parameters: Any,
         context: ExecutionContext | None = None,
     ) -> None:
-        lent = self._before_statement(cursor)
+        lent = self._before_statement(cursor, None)  # executemany: psycopg pipelines it
         if lent is None:
             cursor.executemany(statement, parameters)
         else:
@@ -871,7 +908,8 @@ class _Pgwarden(_Base):
     def _io_finish(self, lent: _Lent, *, discard: bool) -> None:
         raise NotImplementedError
 
-    def _io_set_timeout(self, driver: Any, remaining: float) -> None:
+    def _io_set_timeout(self, driver: Any, timeout: bytes) -> None:
+        """BEGIN and the transaction-local timeout (a command), in one round trip."""
         raise NotImplementedError
 
     def _io_marker(self, driver: Any) -> Sequence[Any] | None:
@@ -892,6 +930,20 @@ class _Pgwarden(_Base):
 
     def _io_close(self, db: Any) -> None:
         raise NotImplementedError
+
+
+def _sends_begin(cursor: Any, cursor_class: type, statement: object) -> bool:
+    """Can *cursor* send BEGIN with *statement* (`_begin`)? One of that module's cursors,
+    and one statement as text: a ``;`` may start a second, which the extended protocol
+    of a pipeline refuses where psycopg's simple query takes it, and a COPY in a
+    pipeline leaves the connection unusable where psycopg's own path raises a clean
+    error (psycopg's path for both, and for any text that merely mentions them)."""
+    return (
+        cursor.__class__ is cursor_class
+        and type(statement) is str
+        and ";" not in statement
+        and "copy" not in statement.lower()
+    )
 
 
 def _forget(driver: Any, lent: _Lent) -> None:
@@ -949,10 +1001,10 @@ class PGDialect_pgwarden(_Pgwarden, PGDialect_psycopg):
         else:
             checkout.release()
 
-    def _io_set_timeout(self, driver: Any, remaining: float) -> None:
-        with driver.pipeline():  # one round trip: BEGIN and the timeout
-            sql = _sql()
-            driver.execute(sql.SET_STATEMENT_TIMEOUT, sql.statement_timeout_args(remaining))
+    def _io_set_timeout(self, driver: Any, timeout: bytes) -> None:
+        from pgwarden.sqlalchemy._begin import begin_with_timeout
+
+        begin_with_timeout(driver, timeout)
 
     def _io_marker(self, driver: Any) -> Sequence[Any] | None:
         row: Sequence[Any] | None = driver.execute(_sql().MARKER_IF_ASSIGNED).fetchone()
@@ -1036,8 +1088,10 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
             with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to return to
                 loop.call_soon_threadsafe(_spawn, loop, checkout.discard)
 
-    def _io_set_timeout(self, driver: Any, remaining: float) -> None:
-        await_(_set_timeout_async(driver, remaining))
+    def _io_set_timeout(self, driver: Any, timeout: bytes) -> None:
+        from pgwarden.sqlalchemy._begin import begin_with_timeout_async
+
+        await_(begin_with_timeout_async(driver, timeout))
 
     def _io_marker(self, driver: Any) -> Sequence[Any] | None:
         return await_(_marker_async(driver))
@@ -1075,12 +1129,6 @@ def _spawn(loop: asyncio.AbstractEventLoop, fn: Callable[[], Awaitable[Any]]) ->
     task = loop.create_task(run())
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
-
-
-async def _set_timeout_async(driver: Any, remaining: float) -> None:
-    async with driver.pipeline():  # one round trip: BEGIN and the timeout
-        sql = _sql()
-        await driver.execute(sql.SET_STATEMENT_TIMEOUT, sql.statement_timeout_args(remaining))
 
 
 async def _marker_async(driver: Any) -> Sequence[Any] | None:
