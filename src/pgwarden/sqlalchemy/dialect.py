@@ -59,9 +59,9 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from time import monotonic
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg, PGDialectAsync_psycopg
@@ -118,6 +118,7 @@ else:
 __all__ = ["PGDialectAsync_pgwarden", "PGDialect_pgwarden", "PgwardenPool", "handle_of"]
 
 logger = logging.getLogger("sqlalchemy.dialects.postgresql")
+_T = TypeVar("_T")
 
 #: The attribute of a lent psycopg connection that holds its `_Lent` (None once returned).
 _LENT = "_pgwarden_sqlalchemy"
@@ -1049,7 +1050,7 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
         return self.loaded_dbapi.connect(async_creator_fn=lambda: self._lend_async(target))
 
     def _pgwarden_lend(self, target: _Target) -> Any:
-        return await_(self._lend_async(target))
+        return _await_eagerly(self._lend_async(target))
 
     async def _lend_async(self, target: _Target) -> Any:
         checkout = await cast("AsyncDatabase", target.db).checkout(
@@ -1072,7 +1073,7 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
         _forget(driver, lent)
         if in_greenlet():
             checkout: AsyncCheckout = lent.checkout  # type: ignore[assignment]
-            await_(checkout.release())
+            _await_eagerly(checkout.release())
             return
         self._io_finish(lent, discard=False)  # the garbage collector's: see _io_finish
 
@@ -1080,7 +1081,7 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
         checkout: AsyncCheckout = lent.checkout  # type: ignore[assignment]
         finish = checkout.discard if discard else checkout.release
         if in_greenlet():
-            await_(finish())
+            _await_eagerly(finish())
             return
         # The garbage collector, outside any greenlet: give it back on its loop.
         loop = lent.loop
@@ -1117,6 +1118,51 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
     def _io_close(self, db: Any) -> None:
         if in_greenlet():  # AsyncEngine.dispose() runs the sync dispose in one
             await_(db.close())
+
+
+def _await_eagerly(coro: Coroutine[Any, Any, _T]) -> _T:
+    """``await_(coro)`` without its two greenlet switches when *coro* finishes without
+    suspending (a checkout or return with a connection at hand, no I/O): its first step
+    runs here, in the calling greenlet, which SQLAlchemy runs inside the event loop's task
+    step, so the task, the running loop and the context are the ones ``await_`` gives it.
+    A coroutine that suspends is handed to ``await_`` where it stopped (`_Resumed`)."""
+    try:
+        first = coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    result: _T = await_(_Resumed(coro, first))
+    return result
+
+
+class _Resumed:
+    """An awaitable that goes on with a coroutine already started (what ``await`` would
+    have done from its first suspension on): what it yielded goes to the task, and what
+    the task sends or throws goes back to it."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self.coro, self.first
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # thrown in by the task (a cancellation)
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as done:
+                    return done.value
 
 
 _tasks: set[asyncio.Task[Any]] = set()
