@@ -316,3 +316,21 @@ def test_async_deadline_stops_first_statements_on_the_server(pg_url: str) -> Non
             await engine.dispose()
 
     asyncio.run(main())
+
+
+def test_a_mark_for_begin_is_not_left_for_the_next_statement(pg_url: str) -> None:
+    """The dialect marks a first statement for its cursor just before calling it; a mark
+    left over (a statement that never reached its cursor) must not send the next first
+    statement, which may be two statements in one string, through a pipeline."""
+    engine = sa.create_engine(_url(pg_url, "postgresql+pgwarden"))
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            conn.rollback()
+            driver = conn.connection.driver_connection
+            lent = getattr(driver, "_pgwarden_sqlalchemy")  # noqa: B009 - the dialect's record
+            lent.begin = b""  # as if a marked statement had not reached its cursor
+            assert conn.exec_driver_sql("SELECT 1; SELECT 2").scalar() == 1  # the first result
+            assert lent.begin is None
+    finally:
+        engine.dispose()

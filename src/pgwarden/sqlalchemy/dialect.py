@@ -752,7 +752,10 @@ class _Pgwarden(_Base):
             timeout = _sql().statement_timeout_command(remaining)
         if lent.begin_cursor is not None and _sends_begin(cursor, lent.begin_cursor, statement):
             lent.begin = timeout  # our cursor's execute takes it from here
-        elif timeout:
+            return
+        # Not left over from a statement that never reached its cursor (an observer raised).
+        lent.begin = None
+        if timeout:
             self._io_set_timeout(driver, timeout)
 
     def do_execute(
