@@ -334,3 +334,32 @@ def test_a_mark_for_begin_is_not_left_for_the_next_statement(pg_url: str) -> Non
             assert lent.begin is None
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("front", ["pgbouncer", "pgpool"])
+def test_first_statements_behind_a_pooler(front: str, request: pytest.FixtureRequest) -> None:
+    """BEGIN, the deadline's timeout and the statement in one pipeline, through a real
+    PgBouncer (transaction mode) and a real pgpool-II: the same answers, the timeout
+    still stops the statement, and a write commits."""
+    server = request.getfixturevalue(front)
+    name = f"sabp_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(_url(server.url, "postgresql+pgwarden"))
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"CREATE TABLE {name} (id int PRIMARY KEY)")
+        for i in range(8):  # past psycopg's prepare threshold: prepared statements too
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT :x + 1").bindparams(x=i)).scalar() == i + 1
+        with engine.begin() as conn, pgwarden.deadline(30):
+            conn.execute(sa.text(f"INSERT INTO {name} VALUES (:i)"), {"i": 1})
+        with engine.connect() as conn:
+            assert conn.execute(sa.text(f"SELECT count(*) FROM {name}")).scalar() == 1
+            conn.rollback()
+            started = time.monotonic()
+            with pytest.raises(pgwarden.DeadlineExceeded), pgwarden.deadline(0.5):
+                conn.execute(sa.text("SELECT pg_sleep(:s)").bindparams(s=10))
+            assert time.monotonic() - started < 3
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+        engine.dispose()
