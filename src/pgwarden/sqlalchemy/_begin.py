@@ -13,9 +13,9 @@ psycopg's own path gives.
 
 Only when the dialect asks (``_first_statement``): a transaction's first statement, one
 statement (text with no ``;``, since a pipeline is the extended protocol, which takes one
-statement where psycopg's simple query would take several), through a cursor of this
-module. Everything else is psycopg's own path. This module imports psycopg: the dialect
-loads it at its first connection.
+statement where psycopg's simple query would take several; and no COPY), through a cursor
+of this module. Everything else is psycopg's own path. This module imports psycopg: the
+dialect loads it at its first connection.
 """
 
 from __future__ import annotations

@@ -753,7 +753,7 @@ class _Pgwarden(_Base):
         if lent.begin_cursor is not None and _sends_begin(cursor, lent.begin_cursor, statement):
             lent.begin = timeout  # our cursor's execute takes it from here
             return
-        # Not left over from a statement that never reached its cursor (an observer raised).
+        # No mark left over for the cursor (from a marked statement that never reached it).
         lent.begin = None
         if timeout:
             self._io_set_timeout(driver, timeout)
@@ -939,9 +939,9 @@ class _Pgwarden(_Base):
 def _sends_begin(cursor: Any, cursor_class: type, statement: object) -> bool:
     """Can *cursor* send BEGIN with *statement* (`_begin`)? One of that module's cursors,
     and one statement as text: a ``;`` may start a second, which the extended protocol
-    of a pipeline refuses where psycopg's simple query takes it, and a COPY in a
-    pipeline leaves the connection unusable where psycopg's own path raises a clean
-    error (psycopg's path for both, and for any text that merely mentions them)."""
+    of a pipeline refuses where psycopg's simple query takes it; a COPY, which psycopg
+    cannot run through ``execute()`` anyway, is left to psycopg's own path and error
+    rather than to a pipeline's (any text that merely mentions either goes that way too)."""
     return (
         cursor.__class__ is cursor_class
         and type(statement) is str
