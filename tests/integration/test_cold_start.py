@@ -48,9 +48,11 @@ OPTIONAL_PARTS = (
     "pgwarden.wsgi",
 )
 # Parts of the handle a first query does not use: loaded by their first use (listen(),
-# stream(), with_rows(), a COPY, a row shape, a retry, a lost COMMIT's resolution).
+# stream(), with_rows(), a COPY, a row shape, a retry, a lost COMMIT's resolution, the
+# classifier's rules by the first failure).
 _DEFERRED_SHELL_PARTS = ("listen", "copy", "stream", "rows", "retrying")
 DEFERRED_PARTS = (
+    "pgwarden.core.classify",
     "pgwarden.core.listen",
     "pgwarden.core.commit",
     "pgwarden.core.rows",
@@ -79,16 +81,17 @@ FIRST_QUERY_MODULES = frozenset(
         "pgwarden._signals",
         "pgwarden.core",
         "pgwarden.core.breaker",
-        "pgwarden.core.classify",
         "pgwarden.core.deadline",
         "pgwarden.core.histogram",
         "pgwarden.core.hygiene",
         "pgwarden.core.lifecycle",
         "pgwarden.core.metrics",
         "pgwarden.core.prepared",
+        "pgwarden.core.failures",
         "pgwarden.core.resend",
         "pgwarden.core.retry",
         "pgwarden.core.sizing",
+        "pgwarden.core.sqltext",
         "pgwarden.core.tracing",
         "pgwarden.errors",
         "pgwarden.settings",
@@ -105,7 +108,7 @@ FIRST_QUERY_MODULES = frozenset(
 SHELL_PACKAGE = {"sync": "pgwarden._sync", "async": "pgwarden._async"}
 
 
-def _loaded_beyond_psycopg(code: str, url: str) -> set[str]:
+def _loaded_beyond_psycopg(code: str, url: str, **extra_env: str) -> set[str]:
     """The modules *code* adds to sys.modules in a fresh interpreter after `import psycopg`."""
     child = (
         "import os, sys, psycopg\nbefore = set(sys.modules)\n"
@@ -114,6 +117,7 @@ def _loaded_beyond_psycopg(code: str, url: str) -> set[str]:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGWARDEN_")}
     env["PGW_COLD_START_URL"] = url
+    env.update(extra_env)
     out = subprocess.run(
         [sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=120
     )
@@ -191,6 +195,78 @@ def test_deferred_parts_load_on_first_use(pg_server: Any, shell: str) -> None:
         assert f"{package}.{part}" in loaded
     # a write under a deadline commits with its marker: the commit module came with it
     assert {"pgwarden._handle.rows", "pgwarden.core.commit"} <= loaded
+
+
+FIRST_FAILURES = {
+    "sync": (
+        "import psycopg, pgwarden\n"
+        "from pgwarden.errors import NotReady\n"
+        "db = pgwarden.connect(os.environ['PGW_COLD_START_URL'])\n"
+        "assert db.fetchval('SELECT 1') == 1\n"
+        "try:\n"
+        "    db.fetchval('SELECT 1/0')\n"
+        "except psycopg.errors.DivisionByZero:\n"
+        "    pass\n"
+        "assert db.fetchval('SELECT 2') == 2\n"
+        "errors = db.stats()['counters']['errors']\n"
+        "assert errors == {'permanent': 1}, errors\n"
+        "db.close()\n"
+        "down = pgwarden.connect(os.environ['PGW_COLD_START_DOWN_URL'], ready_timeout=0.5)\n"
+        "try:\n"
+        "    down.fetchval('SELECT 1')\n"
+        "except NotReady:\n"
+        "    pass\n"
+        "assert down.stats()['counters']['connect_failures'].get('nothing_ran', 0) >= 1\n"
+        "down.close()\n"
+    ),
+    "async": (
+        "import asyncio, psycopg, pgwarden\n"
+        "from pgwarden.errors import NotReady\n"
+        "async def main():\n"
+        "    db = pgwarden.connect_async(os.environ['PGW_COLD_START_URL'])\n"
+        "    assert await db.fetchval('SELECT 1') == 1\n"
+        "    try:\n"
+        "        await db.fetchval('SELECT 1/0')\n"
+        "    except psycopg.errors.DivisionByZero:\n"
+        "        pass\n"
+        "    assert await db.fetchval('SELECT 2') == 2\n"
+        "    errors = db.stats()['counters']['errors']\n"
+        "    assert errors == {'permanent': 1}, errors\n"
+        "    await db.close()\n"
+        "    down = pgwarden.connect_async(\n"
+        "        os.environ['PGW_COLD_START_DOWN_URL'], ready_timeout=0.5)\n"
+        "    try:\n"
+        "        await down.fetchval('SELECT 1')\n"
+        "    except NotReady:\n"
+        "        pass\n"
+        "    assert down.stats()['counters']['connect_failures'].get('nothing_ran', 0) >= 1\n"
+        "    await down.close()\n"
+        "asyncio.run(main())\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("shell", ["sync", "async"])
+def test_first_failure_loads_the_classifier(pg_server: Any, shell: str) -> None:
+    """The classifier's rules arrive with the first failure, and classify it: a failed
+    statement (permanent: not retried, the handle still works) and a refused connect
+    (nothing ran: the warmup retries it until ``ready_timeout``)."""
+    loaded = _loaded_beyond_psycopg(
+        FIRST_FAILURES[shell],
+        pg_server.url,
+        PGW_COLD_START_DOWN_URL=f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres",
+    )
+    assert "pgwarden.core.classify" in loaded
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then closed)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 @pytest.mark.parametrize("shell", ["sync", "async"])

@@ -48,7 +48,7 @@ from pgwarden._handle.shape import autocommit_in_place
 from pgwarden._handle.state import HandleState
 from pgwarden._handle.waits import WaitTimeout
 from pgwarden.core.breaker import Admission
-from pgwarden.core.classify import FailureKind
+from pgwarden.core.failures import FailureKind
 from pgwarden.core.metrics import CloseReason
 from pgwarden.errors import AcquireTimeout, HandleClosed
 

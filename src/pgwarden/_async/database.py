@@ -42,8 +42,8 @@ from pgwarden._handle.shape import autocommit_in_place
 from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, ManyParams, Mode, Params, Query
 from pgwarden._handle.state import HandleState, HealthMark
 from pgwarden.core.breaker import BreakerState
-from pgwarden.core.classify import FailureKind, Phase, RetryContext
 from pgwarden.core.deadline import current_deadline
+from pgwarden.core.failures import FailureKind, Phase, RetryContext
 from pgwarden.core.histogram import Histogram
 from pgwarden.core.lifecycle import Event, State
 from pgwarden.core.metrics import MetricsTracker

@@ -66,7 +66,7 @@ from pgwarden._async._compat import run_pool_worker, run_within
 from pgwarden._async.connection import CredentialsFailed, PgwAsyncConnection
 from pgwarden._handle.config import password_of
 from pgwarden._redact import redact
-from pgwarden.core.classify import sqlstate_of
+from pgwarden.core.failures import sqlstate_of
 from pgwarden.core.metrics import CloseReason
 from pgwarden.logs import route_pool_logs
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pgwarden._async._compat import sleep
 from pgwarden._async.acquire import AsyncConnections
 from pgwarden._handle.state import HandleState
-from pgwarden.core.classify import Phase, RetryContext
+from pgwarden.core.failures import Phase, RetryContext
 from pgwarden.core.retry import Decision, GiveUp, GiveUpReason, RetryPolicy, Sleep
 from pgwarden.errors import OutcomeUnknown
 

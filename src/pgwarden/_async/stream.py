@@ -41,7 +41,7 @@ from pgwarden._async.transaction import AsyncTransactions, rollback_quietly
 from pgwarden._handle.config import call_site_ref
 from pgwarden._handle.rows import row_factory
 from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, Params, Query
-from pgwarden.core.classify import FailureKind, Phase, RetryContext
+from pgwarden.core.failures import FailureKind, Phase, RetryContext
 from pgwarden.core.retry import RetryPolicy, deadline_ran_out
 from pgwarden.core.rows import RowShape
 

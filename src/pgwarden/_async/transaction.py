@@ -103,13 +103,7 @@ from pgwarden._handle.sql import (
     statement_timeout_args,
 )
 from pgwarden._handle.state import HandleState
-from pgwarden.core.classify import (
-    FailureKind,
-    Phase,
-    RetryContext,
-    classify_failure,
-    sqlstate_of,
-)
+from pgwarden.core.failures import FailureKind, Phase, RetryContext, sqlstate_of
 from pgwarden.core.retry import MIN_ATTEMPT_SECONDS, RetryPolicy, deadline_ran_out
 from pgwarden.core.tracing import NOOP_STATEMENT_OBSERVER, StatementObserver
 from pgwarden.errors import AmbiguousCommitError, DatabaseUnusable, NotCommitted, OutcomeUnknown
@@ -119,12 +113,14 @@ if TYPE_CHECKING:
     from pgwarden._async.retrying import after_failed_attempt
     from pgwarden._async.warmup import AsyncWarmup
     from pgwarden._handle.rows import row_factory
+    from pgwarden.core.classify import classify_failure
     from pgwarden.core.commit import CommitOutcome, Marker, ServerView
     from pgwarden.core.rows import RowShape
 else:
     # Called by what a first query does not do (COPY, a row shape, a retry, a
-    # write's COMMIT): imported by their first call (`deferred`), as is commit
-    # resolution by its first lost COMMIT.
+    # write's COMMIT, a failure): imported by their first call (`deferred`), as is
+    # commit resolution by its first lost COMMIT.
+    classify_failure = deferred("pgwarden.core.classify", "classify_failure", globals())
     copy_in_on = deferred("pgwarden._async.copy", "copy_in_on", globals())
     copy_out_on = deferred("pgwarden._async.copy", "copy_out_on", globals())
     after_failed_attempt = deferred("pgwarden._async.retrying", "after_failed_attempt", globals())

@@ -27,7 +27,7 @@ from pgwarden._handle.config import (
     prepare_threshold_for,
 )
 from pgwarden._handle.state import HandleState
-from pgwarden.core.classify import Phase, RetryContext
+from pgwarden.core.failures import Phase, RetryContext
 from pgwarden.core.lifecycle import State
 from pgwarden.core.retry import Sleep
 

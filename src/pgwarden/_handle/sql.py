@@ -8,8 +8,8 @@ from typing import Any, TypeAlias
 
 from psycopg.sql import SQL, Composed
 
-from pgwarden.core.classify import query_is_write
 from pgwarden.core.deadline import statement_timeout_ms
+from pgwarden.core.sqltext import query_is_write
 
 __all__ = [
     "DEFAULT_FETCH_SIZE",

@@ -35,22 +35,15 @@ import random
 import threading
 from collections.abc import Callable, Mapping
 from time import monotonic, time
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final
 
+from pgwarden._handle import deferred
 from pgwarden._handle.config import password_of
 from pgwarden._handle.waits import WaitTimeout
 from pgwarden._redact import redact, sanitize_sql
 from pgwarden.core.breaker import Admission, BreakerState, CircuitBreaker
-from pgwarden.core.classify import (
-    FailureKind,
-    Phase,
-    RetryContext,
-    classify_failure,
-    query_is_write,
-    server_refused_slots,
-    sqlstate_of,
-)
 from pgwarden.core.deadline import current_deadline, effective_deadline
+from pgwarden.core.failures import FailureKind, Phase, RetryContext, sqlstate_of
 from pgwarden.core.histogram import Histogram
 from pgwarden.core.hygiene import GapDetector, jittered_lifetime
 from pgwarden.core.lifecycle import Event, Lifecycle, State, accepts_work
@@ -64,6 +57,7 @@ from pgwarden.core.metrics import (
 from pgwarden.core.prepared import lost_prepared_statement
 from pgwarden.core.retry import Decision, GiveUp, GiveUpReason, RetryBudget, RetryPolicy, Sleep
 from pgwarden.core.sizing import AdaptiveLimit, overload_shrinks
+from pgwarden.core.sqltext import query_is_write
 from pgwarden.errors import (
     DatabaseUnavailable,
     DeadlineExceeded,
@@ -75,7 +69,12 @@ from pgwarden.settings import Settings
 
 if TYPE_CHECKING:
     from pgwarden._handle.sql import Query
+    from pgwarden.core.classify import classify_failure, server_refused_slots
     from pgwarden.core.fleet import FleetPolicy
+else:
+    # The classifier's rules are needed by the first failure, not before.
+    classify_failure = deferred("pgwarden.core.classify", "classify_failure", globals())
+    server_refused_slots = deferred("pgwarden.core.classify", "server_refused_slots", globals())
 
 __all__ = ["DEADLINE_ATTEMPTS_CAP", "HandleState"]
 
@@ -1110,16 +1109,26 @@ class HandleState:
         return DeadlineExceeded(f"the health check did not finish within {bound:.2f}s")
 
 
-class HealthMark(NamedTuple):
+class HealthMark:
     """When a health round trip began, and the event counts then (`HandleState`).
 
-    A NamedTuple rather than a frozen dataclass: it is as immutable, and costs a tenth of
-    the time to define at import (a frozen dataclass compiles five methods).
+    Immutable (``Final``). A plain class with ``__slots__``: a NamedTuple cost ~0.2 ms
+    to define at import and a frozen dataclass more (it compiles five methods), and
+    nothing compares, hashes or unpacks a mark.
     """
 
-    at: float
-    failures: int
-    connects: int
+    __slots__ = ("at", "connects", "failures")
+    at: Final[float]
+    failures: Final[int]
+    connects: Final[int]
+
+    def __init__(self, at: float, failures: int, connects: int) -> None:
+        self.at = at
+        self.failures = failures
+        self.connects = connects
+
+    def __repr__(self) -> str:
+        return f"HealthMark(at={self.at!r}, failures={self.failures!r}, connects={self.connects!r})"
 
 
 def _slow_query_log(query: object, seconds: float) -> _LogRecord:

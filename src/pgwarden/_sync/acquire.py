@@ -50,7 +50,7 @@ from pgwarden._sync._compat import (
 )
 from pgwarden._sync.connection import PgwConnection
 from pgwarden.core.breaker import Admission
-from pgwarden.core.classify import FailureKind
+from pgwarden.core.failures import FailureKind
 from pgwarden.core.metrics import CloseReason
 from pgwarden.errors import AcquireTimeout, HandleClosed
 

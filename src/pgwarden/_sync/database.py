@@ -44,8 +44,8 @@ from pgwarden._sync.execute import Statements
 from pgwarden._sync.transaction import Transaction, Transactions
 from pgwarden._sync.warmup import Warmup
 from pgwarden.core.breaker import BreakerState
-from pgwarden.core.classify import FailureKind, Phase, RetryContext
 from pgwarden.core.deadline import current_deadline
+from pgwarden.core.failures import FailureKind, Phase, RetryContext
 from pgwarden.core.histogram import Histogram
 from pgwarden.core.lifecycle import Event, State
 from pgwarden.core.metrics import MetricsTracker

@@ -41,7 +41,7 @@ from pgwarden._sync.transaction import (
     result_of,
     rollback_quietly,
 )
-from pgwarden.core.classify import Phase, classify_failure, sqlstate_of
+from pgwarden.core.failures import Phase, sqlstate_of
 from pgwarden.core.resend import READ_ONLY_VIOLATION, StatementSafety, Verdict, Wrap
 from pgwarden.core.retry import RetryPolicy
 from pgwarden.errors import OutcomeUnknown
@@ -49,11 +49,13 @@ from pgwarden.errors import OutcomeUnknown
 if TYPE_CHECKING:
     from pgwarden._sync.retrying import after_failed_attempt
     from pgwarden._sync.warmup import Warmup
+    from pgwarden.core.classify import classify_failure
     from pgwarden.core.rows import RowShape
     from pgwarden.core.tracing import StatementObserver
 else:
-    # Only after a failure: imported by the first retry.
+    # Only after a failure: imported by the first retry, the classifier by the first failure.
     after_failed_attempt = deferred("pgwarden._sync.retrying", "after_failed_attempt", globals())
+    classify_failure = deferred("pgwarden.core.classify", "classify_failure", globals())
 
 __all__ = ["Statements"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pgwarden._handle.state import HandleState
 from pgwarden._sync._compat import sleep
 from pgwarden._sync.acquire import Connections
-from pgwarden.core.classify import Phase, RetryContext
+from pgwarden.core.failures import Phase, RetryContext
 from pgwarden.core.retry import Decision, GiveUp, GiveUpReason, RetryPolicy, Sleep
 from pgwarden.errors import OutcomeUnknown
 

@@ -43,7 +43,7 @@ from pgwarden._handle.sql import DEFAULT_FETCH_SIZE, Params, Query
 from pgwarden._sync.acquire import Lease
 from pgwarden._sync.retrying import after_failed_attempt
 from pgwarden._sync.transaction import Transactions, rollback_quietly
-from pgwarden.core.classify import FailureKind, Phase, RetryContext
+from pgwarden.core.failures import FailureKind, Phase, RetryContext
 from pgwarden.core.retry import RetryPolicy, deadline_ran_out
 from pgwarden.core.rows import RowShape
 

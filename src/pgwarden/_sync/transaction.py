@@ -105,13 +105,7 @@ from pgwarden._handle.state import HandleState
 from pgwarden._sync._compat import Background, Watchdog, sleep
 from pgwarden._sync.acquire import CANCEL_TIMEOUT, SEVER_GRACE, Connections, Lease
 from pgwarden._sync.connection import PgwConnection
-from pgwarden.core.classify import (
-    FailureKind,
-    Phase,
-    RetryContext,
-    classify_failure,
-    sqlstate_of,
-)
+from pgwarden.core.failures import FailureKind, Phase, RetryContext, sqlstate_of
 from pgwarden.core.retry import MIN_ATTEMPT_SECONDS, RetryPolicy, deadline_ran_out
 from pgwarden.core.tracing import NOOP_STATEMENT_OBSERVER, StatementObserver
 from pgwarden.errors import AmbiguousCommitError, DatabaseUnusable, NotCommitted, OutcomeUnknown
@@ -121,12 +115,14 @@ if TYPE_CHECKING:
     from pgwarden._sync.copy import CopySink, CopySource, copy_in_on, copy_out_on
     from pgwarden._sync.retrying import after_failed_attempt
     from pgwarden._sync.warmup import Warmup
+    from pgwarden.core.classify import classify_failure
     from pgwarden.core.commit import CommitOutcome, Marker, ServerView
     from pgwarden.core.rows import RowShape
 else:
     # Called by what a first query does not do (COPY, a row shape, a retry, a
-    # write's COMMIT): imported by their first call (`deferred`), as is commit
-    # resolution by its first lost COMMIT.
+    # write's COMMIT, a failure): imported by their first call (`deferred`), as is
+    # commit resolution by its first lost COMMIT.
+    classify_failure = deferred("pgwarden.core.classify", "classify_failure", globals())
     copy_in_on = deferred("pgwarden._sync.copy", "copy_in_on", globals())
     copy_out_on = deferred("pgwarden._sync.copy", "copy_out_on", globals())
     after_failed_attempt = deferred("pgwarden._sync.retrying", "after_failed_attempt", globals())

@@ -29,7 +29,7 @@ from pgwarden._handle.state import HandleState
 from pgwarden._sync._compat import SingleFlight, WaitTimeout, sleep
 from pgwarden._sync.acquire import Connections
 from pgwarden._sync.connection import PgwConnection
-from pgwarden.core.classify import Phase, RetryContext
+from pgwarden.core.failures import Phase, RetryContext
 from pgwarden.core.lifecycle import State
 from pgwarden.core.retry import Sleep
 

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from pgwarden.core.breaker import BreakerState
-from pgwarden.core.classify import FailureKind
+from pgwarden.core.failures import FailureKind
 from pgwarden.core.lifecycle import State
 from pgwarden.core.metrics import CloseReason
 

@@ -2,7 +2,10 @@
 
 :func:`classify` maps an exception plus the :class:`Phase` it was raised in to a
 :class:`FailureKind`; :func:`is_retryable` decides, from the kind and a
-:class:`RetryContext`, whether a single statement may be re-run. Nothing here
+:class:`RetryContext`, whether a single statement may be re-run. Those names and the
+retry table are defined in `pgwarden.core.failures` (and the SQL-text guess in
+`pgwarden.core.sqltext`), which every call loads; this module, the rules, is
+imported on the first failure. Nothing here
 imports psycopg: the SQLSTATE is read with ``getattr`` and classes are matched
 by the names in ``type(exc).__mro__``, so fakes and real psycopg exceptions are
 classified the same way.
@@ -261,11 +264,22 @@ TimeoutError           timed out
 
 from __future__ import annotations
 
-import enum
 import functools
 import re
 from collections.abc import Mapping
 from typing import Final, TypeAlias
+
+# The vocabulary and the retry table live apart, so that a call that does not fail
+# never loads the rules below; they are re-exported here, where they were first.
+from pgwarden.core.failures import (
+    FailureKind,
+    Phase,
+    RetryContext,
+    is_retryable,
+    is_transaction_retryable,
+    sqlstate_of,
+)
+from pgwarden.core.sqltext import is_write_sql, query_is_write
 
 __all__ = [
     "FailureKind",
@@ -281,34 +295,6 @@ __all__ = [
     "server_refused_slots",
     "sqlstate_of",
 ]
-
-
-class FailureKind(enum.Enum):
-    """What a failure means for safety. See the module docstring for the rules."""
-
-    NOTHING_RAN = "nothing_ran"
-    OVERLOAD = "overload"
-    STALE = "stale"
-    LOST = "lost"
-    LOST_COMMIT = "lost_commit"
-    CONFLICT = "conflict"
-    FAILOVER = "failover"
-    PERMANENT = "permanent"
-    TIMEOUT = "timeout"
-
-
-class Phase(enum.Enum):
-    """Where in a unit of work the failure happened.
-
-    CONNECT: opening a connection. FIRST_USE: the first statement on a pooled
-    connection that sat idle. STATEMENT: any other statement. COMMIT: after
-    COMMIT was sent.
-    """
-
-    CONNECT = "connect"
-    FIRST_USE = "first_use"
-    STATEMENT = "statement"
-    COMMIT = "commit"
 
 
 class _Depends:
@@ -574,29 +560,6 @@ _BY_BUILTIN_NAME: Final[Mapping[str, _Verdict]] = {
 }
 
 
-def sqlstate_of(exc: BaseException) -> str | None:
-    """Return the exception's five-character SQLSTATE, or ``None``.
-
-    Reads ``exc.sqlstate`` (psycopg, asyncpg), ``exc.pgcode`` (psycopg2) and
-    ``exc.diag.sqlstate``. Never raises.
-    """
-    try:
-        for value in (
-            getattr(exc, "sqlstate", None),
-            getattr(exc, "pgcode", None),
-            getattr(getattr(exc, "diag", None), "sqlstate", None),
-        ):
-            if isinstance(value, str):
-                code = value.upper()
-                # Five of [0-9A-Z]: an ASCII, alphanumeric, upper-cased string is exactly
-                # that (no regex to compile at import, and cheaper per call).
-                if len(code) == 5 and code.isascii() and code.isalnum():
-                    return code
-    except Exception:  # a broken property on a foreign exception must not break us
-        return None
-    return None
-
-
 def classify(exc: BaseException, phase: Phase) -> FailureKind:
     """Return the :class:`FailureKind` of *exc*, raised in *phase*. Never raises."""
     return classify_with_reason(exc, phase)[0]
@@ -738,246 +701,3 @@ def _verdict(exc: BaseException) -> tuple[_Verdict, str]:
             return by_builtin, f"class {name}"
 
     return _PERMANENT, f"unrecognised {type(exc).__name__}"
-
-
-class RetryContext:
-    """What the caller is doing, as far as retry safety goes.
-
-    ``is_write``: the statement may change data (see :func:`is_write_sql`).
-    ``idempotent``: the caller vouches that running it twice is harmless.
-    ``in_transaction``: it runs inside an explicit transaction block.
-
-    Immutable (``Final``: mypy rejects reassignment). A plain class, not a frozen
-    dataclass, which costs more to define at import and to build (one per failed
-    attempt of a single statement). Compared by identity: nothing compares or
-    hashes contexts.
-    """
-
-    __slots__ = ("idempotent", "in_transaction", "is_write")
-    is_write: Final[bool]
-    idempotent: Final[bool]
-    in_transaction: Final[bool]
-
-    def __init__(
-        self, is_write: bool, idempotent: bool = False, in_transaction: bool = False
-    ) -> None:
-        self.is_write = is_write
-        self.idempotent = idempotent
-        self.in_transaction = in_transaction
-
-    def __repr__(self) -> str:
-        return (
-            f"RetryContext(is_write={self.is_write!r}, idempotent={self.idempotent!r}, "
-            f"in_transaction={self.in_transaction!r})"
-        )
-
-
-# (kind) -> (read, write, idempotent write) outside a transaction.
-_RETRY_TABLE: Final[Mapping[FailureKind, tuple[bool, bool, bool]]] = {
-    FailureKind.NOTHING_RAN: (True, True, True),
-    FailureKind.OVERLOAD: (True, True, True),
-    FailureKind.STALE: (True, True, True),
-    FailureKind.LOST: (True, False, True),
-    FailureKind.LOST_COMMIT: (False, False, False),
-    FailureKind.CONFLICT: (True, True, True),
-    FailureKind.FAILOVER: (True, True, True),
-    FailureKind.PERMANENT: (False, False, False),
-    FailureKind.TIMEOUT: (False, False, False),
-}
-
-
-def is_retryable(kind: FailureKind, ctx: RetryContext) -> bool:
-    """May a single statement that failed with *kind* be re-run as is?
-
-    ============ ==== ===== ================ ==============
-    kind         read write idempotent write in transaction
-    ============ ==== ===== ================ ==============
-    NOTHING_RAN  yes  yes   yes              no
-    OVERLOAD     yes  yes   yes              no
-    STALE        yes  yes   yes              no
-    LOST         yes  no    yes              no
-    LOST_COMMIT  no   no    no               no
-    CONFLICT     yes  yes   yes              no
-    FAILOVER     yes  yes   yes              no
-    PERMANENT    no   no    no               no
-    TIMEOUT      no   no    no               no
-    ============ ==== ===== ================ ==============
-
-    Writes are re-run only when nothing can have reached a live backend, or
-    when the server answered with an error (CONFLICT, FAILOVER: an error reply
-    outside a transaction block means the statement was rolled back), or when
-    the caller vouched with ``idempotent=True``. Inside a transaction nothing
-    is re-run statement by statement: the transaction is already aborted or
-    its connection gone, so ``run_transaction`` re-runs the whole function
-    instead (see :func:`is_transaction_retryable`). LOST_COMMIT is resolved by
-    transaction id, never by re-running. FAILOVER assumes the shell drained
-    the pool first, so the retry reaches the new primary.
-    """
-    if ctx.in_transaction:
-        return False
-    read, write, idempotent_write = _RETRY_TABLE[kind]
-    if not ctx.is_write:
-        return read
-    return idempotent_write if ctx.idempotent else write
-
-
-_TRANSACTION_RETRYABLE: Final = frozenset(
-    {
-        FailureKind.NOTHING_RAN,
-        FailureKind.OVERLOAD,
-        FailureKind.STALE,
-        FailureKind.LOST,
-        FailureKind.CONFLICT,
-        FailureKind.FAILOVER,
-    }
-)
-
-
-def is_transaction_retryable(kind: FailureKind) -> bool:
-    """May ``run_transaction`` re-run the whole transaction function after *kind*?
-
-    Yes for every kind where the transaction certainly did not commit: the
-    connection dropped before COMMIT was sent (the server rolls back), or the
-    server reported a conflict, overload or read-only standby. No for
-    LOST_COMMIT (resolve it first), PERMANENT and TIMEOUT.
-    """
-    return kind in _TRANSACTION_RETRYABLE
-
-
-# --- is_write_sql -------------------------------------------------------------
-
-# One token per match: a comment or literal (skipped), a word, a paren or a
-# semicolon. Block comments and dollar quotes are only *opened* here, because
-# they need a scan for their end (block comments nest). Identifiers are
-# spelled with \w: explicit Unicode ranges took ~13 ms to compile at import.
-_TOKEN_RE: Final = re.compile(
-    r"""
-      (?P<skip> --[^\n]*
-              | [Ee]'(?:[^'\\]|\\.|'')*'?
-              | '(?:[^']|'')*'?
-              | "(?:[^"]|"")*"?
-              )
-    | (?P<block> /\* )
-    | (?P<dollar> \$(?:[^\W\d]\w*)?\$ )
-    | (?P<word> [^\W\d][\w$]* )
-    | (?P<punct> [();] )
-    """,
-    re.VERBOSE | re.DOTALL,
-)
-
-
-# Compiled on first use: only a statement with a block comment needs it.
-@functools.cache
-def _block_re() -> re.Pattern[str]:
-    return re.compile(r"/\*|\*/")
-
-
-_READ_HEADS: Final = frozenset({"SELECT", "VALUES", "TABLE", "SHOW"})
-_WRITE_WORDS: Final = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "INTO"})
-_ANALYZE: Final = frozenset({"ANALYZE", "ANALYSE"})
-_OFF: Final = frozenset({"FALSE", "OFF"})
-_EXPLAIN_BARE_OPTIONS: Final = _ANALYZE | {"VERBOSE"}
-
-
-def _tokens(sql: str) -> list[str]:
-    """Upper-cased words plus ``(``, ``)`` and ``;``, outside comments and literals."""
-    out: list[str] = []
-    pos = 0
-    end = len(sql)
-    while pos < end:
-        m = _TOKEN_RE.search(sql, pos)
-        if m is None:
-            break
-        kind = m.lastgroup
-        pos = m.end()
-        if kind == "word" or kind == "punct":
-            out.append(m.group().upper())
-        elif kind == "block":
-            depth = 1
-            block_re = _block_re()
-            while depth:
-                b = block_re.search(sql, pos)
-                if b is None:
-                    return out
-                depth += 1 if b.group() == "/*" else -1
-                pos = b.end()
-        elif kind == "dollar":
-            close = sql.find(m.group(), pos)
-            if close < 0:
-                return out
-            pos = close + len(m.group())
-    return out
-
-
-def _statement_writes(words: list[str]) -> bool:
-    i = 0
-    while i < len(words) and words[i] == "(":
-        i += 1
-    if i == len(words):
-        return False
-    head = words[i]
-    if head in _READ_HEADS:
-        # SELECT ... INTO creates a table; nothing else a plain SELECT can write
-        # (functions with side effects are invisible to a lexer).
-        return "INTO" in words[i:]
-    if head == "WITH":
-        return any(
-            w in _WRITE_WORDS and not (w == "UPDATE" and words[j - 1] in ("FOR", "KEY"))
-            for j, w in enumerate(words[i:], start=i)
-        )
-    if head == "EXPLAIN":
-        return _explain_writes(words, i + 1)
-    return True
-
-
-def _explain_writes(words: list[str], i: int) -> bool:
-    """EXPLAIN runs nothing; EXPLAIN ANALYZE runs the statement it explains."""
-    analyze = False
-    if i < len(words) and words[i] == "(":
-        depth = 0
-        while i < len(words):
-            w = words[i]
-            depth += (w == "(") - (w == ")")
-            if w in _ANALYZE and not (i + 1 < len(words) and words[i + 1] in _OFF):
-                analyze = True
-            i += 1
-            if depth == 0:
-                break
-    else:
-        while i < len(words) and words[i] in _EXPLAIN_BARE_OPTIONS:
-            analyze = analyze or words[i] in _ANALYZE
-            i += 1
-    return analyze and _statement_writes(words[i:])
-
-
-@functools.lru_cache(maxsize=1024)
-def is_write_sql(sql: str) -> bool:
-    """Might *sql* change data? A cheap, conservative lexer-level guess.
-
-    Read: statements starting (after comments, whitespace and parentheses)
-    with SELECT (without INTO), VALUES, TABLE, SHOW, EXPLAIN without ANALYZE,
-    EXPLAIN ANALYZE of a read, and WITH queries with no INSERT, UPDATE (other
-    than FOR [NO KEY] UPDATE), DELETE, MERGE or INTO. Everything else is a
-    write, and so is a string with several statements if any one writes.
-    Literals, quoted identifiers and comments are skipped. Results are cached
-    (1024 entries), since the same SQL text recurs.
-    """
-    statement: list[str] = []
-    for word in _tokens(sql):
-        if word == ";":
-            if _statement_writes(statement):
-                return True
-            statement = []
-        else:
-            statement.append(word)
-    return _statement_writes(statement)
-
-
-def query_is_write(query: object) -> bool:
-    """May the statement change data? By its text (:func:`is_write_sql`) for
-    ``str`` and ``bytes``; any other query (a composed one) is assumed to."""
-    if isinstance(query, str):
-        return is_write_sql(query)
-    if isinstance(query, bytes):
-        return is_write_sql(query.decode(errors="replace"))
-    return True

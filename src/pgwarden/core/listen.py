@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pgwarden.core.classify import FailureKind
+from pgwarden.core.failures import FailureKind
 from pgwarden.core.retry import RetryPolicy
 
 __all__ = [

@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 from typing import Final
 
-from pgwarden.core.classify import FailureKind, RetryContext
+from pgwarden.core.failures import FailureKind, RetryContext
 
 __all__ = ["READ_ONLY_VIOLATION", "StatementSafety", "Verdict", "Wrap"]
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import FrozenInstanceError
 from typing import ClassVar, Final, TypeAlias
 
-from pgwarden.core.classify import (
+from pgwarden.core.failures import (
     FailureKind,
     RetryContext,
     is_retryable,

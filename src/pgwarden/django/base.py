@@ -93,9 +93,9 @@ from psycopg.rows import tuple_row
 
 import pgwarden
 from pgwarden._handle.sql import MARKER_IF_ASSIGNED, SET_STATEMENT_TIMEOUT, statement_timeout_args
-from pgwarden.core.classify import FailureKind, Phase, sqlstate_of
 from pgwarden.core.commit import Marker
 from pgwarden.core.deadline import current_deadline
+from pgwarden.core.failures import FailureKind, Phase, sqlstate_of
 from pgwarden.core.lifecycle import State
 from pgwarden.core.retry import deadline_ran_out
 from pgwarden.django._context import in_atomic_retry
