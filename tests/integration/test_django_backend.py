@@ -160,7 +160,9 @@ def test_server_deadlines_off_sends_no_statement_timeout_and_still_bounds(
         handle_of(alias).close()
 
 
-def test_a_connection_held_too_long_is_reported_as_a_leak(pg_server: Any) -> None:
+def test_a_connection_held_too_long_is_reported_as_a_leak(
+    pg_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     alias = use_database(pg_server.url, leak_threshold=0.2)
     db = handle_of(alias)
     query(alias, "SELECT 1")
@@ -168,6 +170,12 @@ def test_a_connection_held_too_long_is_reported_as_a_leak(pg_server: Any) -> Non
     while db.stats()["counters"]["leaked_connections"] == 0 and time.monotonic() < until:
         time.sleep(0.1)
     assert db.stats()["counters"]["leaked_connections"] == 1
+    # The report names the code that took the connection (this file's `query`), not
+    # Django's ORM nor pgwarden's backend.
+    sites = [r.site for r in caplog.records if getattr(r, "event", None) == "leak"]  # type: ignore[attr-defined]
+    assert len(sites) == 1, sites
+    assert sites[0].startswith(__file__ + ":"), sites
+    assert sites[0].endswith(" in query"), sites
     connections[alias].close()
     db.close()
 

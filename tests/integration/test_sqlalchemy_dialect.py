@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -625,13 +626,17 @@ def test_metrics_observers_and_the_leak_watch_see_orm_traffic(
     with pytest.raises(IntegrityError), sessions.begin() as session:
         session.add(Account(id=1, balance=20))
     with sessions() as session:
-        account = session.get(Account, 1)
+        account = session.get(Account, 1)  # the session takes its connection here
+        taken_at = sys._getframe().f_lineno - 1
         assert account is not None
         assert account.balance == 10
         session.execute(text("SELECT pg_sleep(0.2)"))  # past slow_query_threshold
         assert db.stats()["in_flight"] == 1
         time.sleep(0.2 + COARSE_TICK + 0.3)  # held past leak_threshold (a coarse watch)
     remove()
+    # The leak report names the line that took the connection, not SQLAlchemy's pool.
+    sites = [r.site for r in caplog.records if getattr(r, "event", None) == "leak"]  # type: ignore[attr-defined]
+    assert sites == [f"{__file__}:{taken_at} in {sys._getframe().f_code.co_name}"]
     stats = db.stats()
     assert stats["in_flight"] == 0
     # The ORM's statements are the handle's queries: each success counted and timed
@@ -651,6 +656,30 @@ def test_metrics_observers_and_the_leak_watch_see_orm_traffic(
         ("sqlalchemy", None),
         ("sqlalchemy", "UniqueViolation"),
     ]
+
+
+def test_async_leak_report_names_the_users_line(
+    pg_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The asyncio dialect checks out inside SQLAlchemy's greenlet; the report still
+    names the coroutine's line that took the connection."""
+    url = sa_url(pg_server.url, leak_threshold=0.2)
+    caplog.set_level(logging.WARNING, logger="pgwarden")
+    lines: list[int] = []
+
+    async def main() -> None:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                lines.append(sys._getframe().f_lineno - 1)
+                assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+                await asyncio.sleep(0.2 + COARSE_TICK + 0.3)  # past leak_threshold
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+    sites = [r.site for r in caplog.records if getattr(r, "event", None) == "leak"]  # type: ignore[attr-defined]
+    assert sites == [f"{__file__}:{lines[0]} in main"]
 
 
 def test_async_orm_statements_are_the_handles_queries(pg_server: Any) -> None:

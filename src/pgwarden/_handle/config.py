@@ -135,18 +135,36 @@ def password_of(url: str | None) -> str | None:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Where a call site is not looked for: pgwarden itself, and the libraries an
+#: integration lends connections through (`skip_call_sites_under`).
+_SKIPPED_DIRS: tuple[str, ...] = (_PACKAGE_DIR + os.sep,)
+
+
+def skip_call_sites_under(module_file: str, *, generated: str | None = None) -> None:
+    """Report call sites from outside the package that holds *module_file* too (a
+    library's ``__file__``): an integration calls this at import for the library it
+    lends connections through (SQLAlchemy's pool checks out, not the user's code).
+    *generated*: the pseudo file name prefix of code the library generates at run time
+    (SQLAlchemy's ``<sqlalchemy generated ...>`` wrappers). Idempotent; a tuple
+    replaced whole, so readers need no lock."""
+    global _SKIPPED_DIRS
+    prefixes = [os.path.dirname(os.path.abspath(module_file)) + os.sep]
+    if generated:
+        prefixes.append(generated)
+    _SKIPPED_DIRS = (*_SKIPPED_DIRS, *(p for p in prefixes if p not in _SKIPPED_DIRS))
 
 
 def call_site_ref() -> CallSite:
-    """Where the first caller outside pgwarden and contextlib is, formatted as
-    ``file:line in function`` only when read (``str()``): the hot path keeps the
-    caller's code object and instruction offset, not the frame (which would keep
-    the caller's locals alive) nor a string nobody reads unless a leak is reported."""
+    """Where the first caller outside pgwarden, contextlib and the skipped libraries
+    is, formatted as ``file:line in function`` only when read (``str()``): the hot path
+    keeps the caller's code object and instruction offset, not the frame (which would
+    keep the caller's locals alive) nor a string nobody reads unless a leak is reported."""
     frame: Any = sys._getframe(1)
+    skipped = _SKIPPED_DIRS
     while frame is not None:
         code = frame.f_code
         filename = code.co_filename
-        if not filename.startswith(_PACKAGE_DIR) and "contextlib" not in filename:
+        if not filename.startswith(skipped) and "contextlib" not in filename:
             return CallSite(code, frame.f_lasti)
         frame = frame.f_back
     return CallSite(None, 0)

@@ -74,6 +74,7 @@ from collections.abc import Callable, Mapping
 from time import monotonic
 from typing import TYPE_CHECKING, Any, cast
 
+import django
 import psycopg
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -92,6 +93,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
 import pgwarden
+from pgwarden._handle.config import skip_call_sites_under
 from pgwarden._handle.sql import MARKER_IF_ASSIGNED, SET_STATEMENT_TIMEOUT, statement_timeout_args
 from pgwarden.core.commit import Marker
 from pgwarden.core.deadline import current_deadline
@@ -107,6 +109,9 @@ if TYPE_CHECKING:
     from pgwarden._sync.database import Database
 
 __all__ = ["CursorDebugWrapper", "CursorWrapper", "DatabaseWrapper", "django_flavoured"]
+
+# A leak report names the view or task that took the connection, not Django's ORM.
+skip_call_sites_under(django.__file__)
 
 #: Set on a psycopg error the backend classified and counted: its `FailureKind`.
 KIND = "_pgwarden_kind"

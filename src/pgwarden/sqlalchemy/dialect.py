@@ -63,11 +63,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, 
 from time import monotonic
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import sqlalchemy
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg, PGDialectAsync_psycopg
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, Pool
 
 import pgwarden
+from pgwarden._handle.config import skip_call_sites_under
 from pgwarden.core.classify import FailureKind, Phase, classify_failure, sqlstate_of
 from pgwarden.core.commit import Marker, Verdict, lost_commit_verdict
 from pgwarden.core.deadline import current_deadline
@@ -119,6 +121,9 @@ __all__ = ["PGDialectAsync_pgwarden", "PGDialect_pgwarden", "PgwardenPool", "han
 
 logger = logging.getLogger("sqlalchemy.dialects.postgresql")
 _T = TypeVar("_T")
+
+# A leak report names where the user's code took the connection, not SQLAlchemy's pool.
+skip_call_sites_under(sqlalchemy.__file__, generated="<sqlalchemy ")
 
 #: The attribute of a lent psycopg connection that holds its `_Lent` (None once returned).
 _LENT = "_pgwarden_sqlalchemy"
