@@ -6,6 +6,8 @@ import inspect
 import math
 import os
 import sys
+from pathlib import Path
+from types import ModuleType
 
 import psycopg_pool
 import pytest
@@ -228,6 +230,71 @@ def test_a_call_site_reference_formats_the_line_it_was_taken_on() -> None:
         f"{__file__}:{expected_line} in test_a_call_site_reference_formats_the_line_it_was_taken_on"
     )
     assert str(CallSite(None, 0)) == "<unknown>"
+
+
+# A stand-in library: `descend(n, fn)` recurses n levels inside its own file, then calls fn.
+_LIBRARY = """
+def descend(levels, fn):
+    if levels == 0:
+        return fn()
+    return descend(levels - 1, fn)
+"""
+
+
+def _library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """A module file under *tmp_path* whose frames call sites skip (the registration is
+    undone after the test: the skipped set is process-wide)."""
+    import importlib.util
+
+    from pgwarden._handle import config
+
+    path = tmp_path / "fakelib" / "__init__.py"
+    path.parent.mkdir()
+    path.write_text(_LIBRARY)
+    spec = importlib.util.spec_from_file_location("fakelib", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(config, "_SKIPPED_DIRS", config._SKIPPED_DIRS)
+    config.skip_call_sites_under(str(path))
+    return module
+
+
+@pytest.mark.parametrize("levels", [0, 1, 2, 3, 7, 8, 9, 30, 100])
+def test_call_site_skips_a_registered_library_at_any_depth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, levels: int
+) -> None:
+    """The site is the user's line below however many library frames (the gallop and
+    the bisection land on the boundary whatever its depth)."""
+    library = _library(tmp_path, monkeypatch)
+    line = sys._getframe().f_lineno + 1
+    site = library.descend(levels, call_site_ref)
+    assert (
+        str(site) == f"{__file__}:{line} in test_call_site_skips_a_registered_library_at_any_depth"
+    )
+
+
+def test_call_site_is_unknown_when_every_frame_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgwarden._handle import config
+
+    library = _library(tmp_path, monkeypatch)
+    # Everything below the library is skipped too ("" prefixes every file name).
+    monkeypatch.setattr(config, "_SKIPPED_DIRS", (*config._SKIPPED_DIRS, ""))
+    assert str(library.descend(5, call_site_ref)) == "<unknown>"
+
+
+def test_skipping_a_library_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pgwarden._handle import config
+
+    _library(tmp_path, monkeypatch)
+    before = config._SKIPPED_DIRS
+    config.skip_call_sites_under(str(tmp_path / "fakelib" / "__init__.py"), generated="<fake ")
+    config.skip_call_sites_under(str(tmp_path / "fakelib" / "__init__.py"), generated="<fake ")
+    after = config._SKIPPED_DIRS
+    assert after == (*before, "<fake ")
 
 
 # --- begin_statement ------------------------------------------------------------------------------

@@ -158,16 +158,40 @@ def call_site_ref() -> CallSite:
     """Where the first caller outside pgwarden, contextlib and the skipped libraries
     is, formatted as ``file:line in function`` only when read (``str()``): the hot path
     keeps the caller's code object and instruction offset, not the frame (which would
-    keep the caller's locals alive) nor a string nobody reads unless a leak is reported."""
-    frame: Any = sys._getframe(1)
-    skipped = _SKIPPED_DIRS
-    while frame is not None:
-        code = frame.f_code
-        filename = code.co_filename
-        if not filename.startswith(skipped) and "contextlib" not in filename:
-            return CallSite(code, frame.f_lasti)
-        frame = frame.f_back
-    return CallSite(None, 0)
+    keep the caller's locals alive) nor a string nobody reads unless a leak is reported.
+
+    Found by galloping down the stack (depths 1, 2, 4, ...) to a frame outside, then
+    bisecting back to the boundary: each `sys._getframe` makes one frame object, and
+    making one per level was ~0.3 us a frame on Python 3.11. Behind SQLAlchemy the
+    user's frame is ~20 levels down: ~2 us this way, ~8 us frame by frame. The skipped
+    frames are taken to be the top of the stack; when a library calls back into user
+    code that then takes a connection, the site found is a user frame, maybe not the
+    innermost one."""
+    # Depths as sys._getframe counts them here: 0 is this function, inside pgwarden.
+    inside, probe = 0, 1
+    while _skipped_at(probe):
+        inside, probe = probe, probe * 2
+    while probe - inside > 1:  # the first depth outside (or past the bottom) is in (inside, probe]
+        middle = (inside + probe) // 2
+        if _skipped_at(middle):
+            inside = middle
+        else:
+            probe = middle
+    try:
+        frame = sys._getframe(probe)
+    except ValueError:  # past the bottom of the stack: only skipped frames
+        return CallSite(None, 0)
+    return CallSite(frame.f_code, frame.f_lasti)
+
+
+def _skipped_at(depth: int) -> bool:
+    """Is the frame at *depth* of `call_site_ref` skipped? False past the bottom."""
+    try:
+        frame = sys._getframe(depth + 1)  # +1: this function
+    except ValueError:
+        return False
+    filename = frame.f_code.co_filename
+    return filename.startswith(_SKIPPED_DIRS) or "contextlib" in filename
 
 
 class CallSite:
