@@ -238,6 +238,14 @@ def descend(levels, fn):
     if levels == 0:
         return fn()
     return descend(levels - 1, fn)
+
+
+def ask(fn):
+    return str(fn())
+
+
+def descend_and_ask(levels, fn):
+    return descend(levels, lambda: ask(fn))
 """
 
 
@@ -273,6 +281,25 @@ def test_call_site_skips_a_registered_library_at_any_depth(
     assert (
         str(site) == f"{__file__}:{line} in test_call_site_skips_a_registered_library_at_any_depth"
     )
+
+
+def test_call_site_depth_hint_never_gives_a_stale_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The depth remembered for an asker is checked before use: one asker (the
+    library's ``ask``, as `Database.checkout` is for every checkout) reached through
+    paths of different depths, in any order, names each path's own line."""
+    library = _library(tmp_path, monkeypatch)
+
+    def through(levels: int) -> tuple[str, int]:
+        line = sys._getframe().f_lineno + 1
+        return library.descend_and_ask(levels, call_site_ref), line
+
+    for levels in (30, 2, 30, 0, 7, 7, 100, 1):
+        site, line = through(levels)
+        assert site == f"{__file__}:{line} in through", (levels, site)
+    line = sys._getframe().f_lineno + 1
+    assert library.ask(call_site_ref) == f"{__file__}:{line} in {sys._getframe().f_code.co_name}"
 
 
 def test_call_site_is_unknown_when_every_frame_is_skipped(

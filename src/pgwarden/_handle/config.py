@@ -154,42 +154,57 @@ def skip_call_sites_under(module_file: str, *, generated: str | None = None) -> 
     _SKIPPED_DIRS = (*_SKIPPED_DIRS, *(p for p in prefixes if p not in _SKIPPED_DIRS))
 
 
+#: Where `call_site_ref` last found the caller, by the code of the function that asked
+#: (one entry per pgwarden function that takes a connection): tried first, with two
+#: probes, since checkouts from one place come up the same path. A hint only, always
+#: checked, so a stale one (another thread's, another path's) costs a search, never a
+#: site inside a skipped library; one dict item set whole, so it needs no lock.
+_depth_hints: dict[CodeType, int] = {}
+
+
 def call_site_ref() -> CallSite:
     """Where the first caller outside pgwarden, contextlib and the skipped libraries
     is, formatted as ``file:line in function`` only when read (``str()``): the hot path
     keeps the caller's code object and instruction offset, not the frame (which would
     keep the caller's locals alive) nor a string nobody reads unless a leak is reported.
 
-    Found by galloping down the stack (depths 1, 2, 4, ...) to a frame outside, then
-    bisecting back to the boundary: each `sys._getframe` makes one frame object, and
-    making one per level was ~0.3 us a frame on Python 3.11. Behind SQLAlchemy the
-    user's frame is ~20 levels down: ~2 us this way, ~8 us frame by frame. The skipped
-    frames are taken to be the top of the stack; when a library calls back into user
-    code that then takes a connection, the site found is a user frame, maybe not the
-    innermost one."""
-    # Depths as sys._getframe counts them here: 0 is this function, inside pgwarden.
-    inside, probe = 0, 1
-    while _skipped_at(probe):
-        inside, probe = probe, probe * 2
-    while probe - inside > 1:  # the first depth outside (or past the bottom) is in (inside, probe]
-        middle = (inside + probe) // 2
-        if _skipped_at(middle):
-            inside = middle
-        else:
-            probe = middle
+    Each `sys._getframe` makes one frame object, and making one per level was ~0.3 us
+    a level on Python 3.11; behind SQLAlchemy the user's frame is ~20 levels down. So
+    the depth found last time for the same asker is tried first, and otherwise the
+    stack is searched by galloping (depths 1, 2, 4, ...) to a frame outside, then
+    bisecting back to the boundary. The skipped frames are taken to be the top of the
+    stack: when a library calls back into user code that then takes a connection, the
+    site found is a user frame, but maybe not the innermost one."""
+    asker = sys._getframe(1).f_code
+    hint = _depth_hints.get(asker, 0)
+    if hint > 1 and _skipped_at(hint - 1) and _skipped_at(hint) is False:
+        depth = hint
+    else:
+        # Depths as sys._getframe counts them here: 0 is this function, inside pgwarden.
+        inside, depth = 0, 1
+        while _skipped_at(depth):
+            inside, depth = depth, depth * 2
+        # The first depth outside (or past the bottom) lies in (inside, depth].
+        while depth - inside > 1:
+            middle = (inside + depth) // 2
+            if _skipped_at(middle):
+                inside = middle
+            else:
+                depth = middle
     try:
-        frame = sys._getframe(probe)
+        frame = sys._getframe(depth)
     except ValueError:  # past the bottom of the stack: only skipped frames
         return CallSite(None, 0)
+    _depth_hints[asker] = depth
     return CallSite(frame.f_code, frame.f_lasti)
 
 
-def _skipped_at(depth: int) -> bool:
-    """Is the frame at *depth* of `call_site_ref` skipped? False past the bottom."""
+def _skipped_at(depth: int) -> bool | None:
+    """Is the frame at *depth* of `call_site_ref` skipped? None past the bottom."""
     try:
         frame = sys._getframe(depth + 1)  # +1: this function
     except ValueError:
-        return False
+        return None
     filename = frame.f_code.co_filename
     return filename.startswith(_SKIPPED_DIRS) or "contextlib" in filename
 
