@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from types import CodeType
 from typing import Any
@@ -138,6 +139,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Where a call site is not looked for: pgwarden itself, and the libraries an
 #: integration lends connections through (`skip_call_sites_under`).
 _SKIPPED_DIRS: tuple[str, ...] = (_PACKAGE_DIR + os.sep,)
+_SKIPPED_LOCK = threading.Lock()
 
 
 def skip_call_sites_under(module_file: str, *, generated: str | None = None) -> None:
@@ -145,13 +147,15 @@ def skip_call_sites_under(module_file: str, *, generated: str | None = None) -> 
     library's ``__file__``): an integration calls this at import for the library it
     lends connections through (SQLAlchemy's pool checks out, not the user's code).
     *generated*: the pseudo file name prefix of code the library generates at run time
-    (SQLAlchemy's ``<sqlalchemy generated ...>`` wrappers). Idempotent; a tuple
-    replaced whole, so readers need no lock."""
+    (SQLAlchemy's ``<sqlalchemy generated ...>`` wrappers). Idempotent. Writers take
+    `_SKIPPED_LOCK` (two integrations may be imported by two threads at once); the
+    tuple is replaced whole, so readers need no lock."""
     global _SKIPPED_DIRS
     prefixes = [os.path.dirname(os.path.abspath(module_file)) + os.sep]
     if generated:
         prefixes.append(generated)
-    _SKIPPED_DIRS = (*_SKIPPED_DIRS, *(p for p in prefixes if p not in _SKIPPED_DIRS))
+    with _SKIPPED_LOCK:
+        _SKIPPED_DIRS = (*_SKIPPED_DIRS, *(p for p in prefixes if p not in _SKIPPED_DIRS))
 
 
 #: Where `call_site_ref` last found the caller, by the code of the function that asked
