@@ -156,6 +156,8 @@ def _cases(table: str) -> list[tuple[str, Callable[[sa.Connection], Any]]]:
         ("percent with no parameters", driver_sql("SELECT '100%'")),
         ("percent with parameters", driver_sql("SELECT '100%%', %(x)s", {"x": 7})),
         ("ddl", driver_sql(f"CREATE TEMP TABLE t_{table} (x int)")),
+        # psycopg refuses the parameter after BEGIN went (its path and ours alike).
+        ("a parameter psycopg cannot adapt", driver_sql("SELECT %(x)s", {"x": object()})),
         # (COPY through execute() is left out: psycopg's own path leaves the connection
         # unusable after it, so there is no answer to compare with; the dialect sends a
         # text that mentions COPY on psycopg's path.)
@@ -334,6 +336,73 @@ def test_a_mark_for_begin_is_not_left_for_the_next_statement(pg_url: str) -> Non
             assert lent.begin is None
     finally:
         engine.dispose()
+
+
+def test_prepared_statements_and_their_upkeep_go_with_begin(pg_url: str) -> None:
+    """psycopg prepares a statement (here at its first run) and deallocates the oldest
+    past ``prepared_max``; through the first statement's pipeline both are queued with it.
+    The same runs through SQLAlchemy's own psycopg dialect leave the same statements
+    prepared on the server at every step (commits not resolved, so that pgwarden's
+    marker query does not take a place in the cache)."""
+
+    def prepared(conn: sa.Connection) -> list[str]:
+        listed = conn.execute(sa.text("SELECT statement FROM pg_prepared_statements"))
+        statements = sorted(s for (s,) in listed if "pg_prepared_statements" not in s)
+        conn.commit()
+        return statements
+
+    def steps(engine: sa.Engine) -> Iterator[list[str]]:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            conn.commit()
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            driver.prepare_threshold = 0
+            driver.prepared_max = 2
+            for n in (0, 1, 2, 0, 1):  # three statements (and the listing) for two places
+                for i in range(3):
+                    statement = sa.text(f"SELECT CAST(:x AS int) + {n}")
+                    assert conn.execute(statement, {"x": i}).scalar() == i + n
+                    assert driver.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+                    conn.commit()  # (a ROLLBACK makes psycopg forget its prepares)
+                yield prepared(conn)
+
+    ours = sa.create_engine(_url(pg_url, "postgresql+pgwarden") + "&pgwarden_resolve_commits=false")
+    theirs = sa.create_engine(_url(pg_url, "postgresql+psycopg"), poolclass=sa.pool.NullPool)
+    try:
+        expected = list(steps(theirs))
+        assert list(steps(ours)) == expected
+        # The runs prepared statements and deallocated the oldest.
+        assert expected[0] == ["SELECT CAST($1 AS int) + 0"]
+        assert expected[2] == ["SELECT CAST($1 AS int) + 2"]
+    finally:
+        ours.dispose()
+        theirs.dispose()
+
+
+def test_async_first_statement_cancelled_leaves_a_usable_engine(pg_url: str) -> None:
+    """A task cancelled while its first statement (sent with BEGIN) runs: psycopg cancels
+    it on the server and reads the pipeline's answers, and the engine goes on."""
+
+    async def main() -> None:
+        engine = create_async_engine(_url(pg_url, "postgresql+pgwarden"))
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+                await conn.rollback()
+                started = time.monotonic()
+                with pytest.raises((asyncio.TimeoutError, asyncio.CancelledError)):
+                    await asyncio.wait_for(
+                        conn.execute(sa.text("SELECT pg_sleep(:s)"), {"s": 10}), 0.3
+                    )
+                assert time.monotonic() - started < 5
+            for _ in range(3):  # pgwarden_max_size=1: the same connection, or its successor
+                async with engine.connect() as conn:
+                    assert (await conn.execute(sa.text("SELECT 7"))).scalar() == 7
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("front", ["pgbouncer", "pgpool"])
