@@ -45,6 +45,7 @@ from pgwarden.core.retry import RetryPolicy
 from pgwarden.errors import OutcomeUnknown
 
 if TYPE_CHECKING:
+    from pgwarden._async.pipelined import send_together
     from pgwarden._async.retrying import after_failed_attempt
     from pgwarden._async.warmup import AsyncWarmup
     from pgwarden.core.classify import classify_failure
@@ -54,6 +55,8 @@ else:
     # Only after a failure: imported by the first retry, the classifier by the first failure.
     after_failed_attempt = deferred("pgwarden._async.retrying", "after_failed_attempt", globals())
     classify_failure = deferred("pgwarden.core.classify", "classify_failure", globals())
+    # Only for a statement with parameters that must go in a transaction of its own.
+    send_together = deferred("pgwarden._async.pipelined", "send_together", globals())
 
 __all__ = ["AsyncStatements"]
 
@@ -209,10 +212,9 @@ class AsyncStatements:
             await cur.execute(b"BEGIN READ ONLY;\n" + query_bytes(conn, query) + b"\n;COMMIT")
             cur.nextset()  # past BEGIN: the statement's first result, as without a wrap
         else:
-            async with conn.pipeline():
-                await conn.execute(b"BEGIN READ ONLY")
-                await cur.execute(query, params)
-                await conn.execute(b"COMMIT")
+            await send_together(
+                conn, b"BEGIN READ ONLY", (cur, query, params, None, None), b"COMMIT"
+            )
         return await result_of(cur, mode)
 
 

@@ -100,7 +100,7 @@ from pgwarden._handle.sql import (
     Params,
     Query,
     begin_statement,
-    statement_timeout_args,
+    statement_timeout_command,
 )
 from pgwarden._handle.state import HandleState
 from pgwarden.core.failures import FailureKind, Phase, RetryContext, sqlstate_of
@@ -110,6 +110,7 @@ from pgwarden.errors import AmbiguousCommitError, DatabaseUnusable, NotCommitted
 
 if TYPE_CHECKING:
     from pgwarden._async.copy import CopySink, CopySource, copy_in_on, copy_out_on
+    from pgwarden._async.pipelined import send_together
     from pgwarden._async.retrying import after_failed_attempt
     from pgwarden._async.warmup import AsyncWarmup
     from pgwarden._handle.rows import row_factory
@@ -126,6 +127,7 @@ else:
     after_failed_attempt = deferred("pgwarden._async.retrying", "after_failed_attempt", globals())
     row_factory = deferred("pgwarden._handle.rows", "row_factory", globals())
     Marker = deferred("pgwarden.core.commit", "Marker", globals())
+    send_together = deferred("pgwarden._async.pipelined", "send_together", globals())
 
 if True:  # ASYNC
     from asyncio import current_task as _current_owner
@@ -140,7 +142,7 @@ __all__ = [
     "query_bytes",
     "result_of",
     "rollback_quietly",
-    "set_statement_timeout",
+    "statement_timeout_until",
 ]
 
 T = TypeVar("T")
@@ -173,10 +175,10 @@ _VERDICTS = (DatabaseUnusable, OutcomeUnknown)
 _COUNTED = "_pgwarden_counted"
 
 
-async def set_statement_timeout(conn: PgwAsyncConnection, deadline: float) -> None:
-    """Set a transaction-local ``statement_timeout`` of the time left before *deadline*
-    (inside BEGIN ... COMMIT; pipelined with what it bounds)."""
-    await conn.execute(SET_STATEMENT_TIMEOUT, statement_timeout_args(deadline - monotonic()))
+def statement_timeout_until(deadline: float) -> bytes:
+    """The command that sets a transaction-local ``statement_timeout`` of the time left
+    before *deadline* (inside BEGIN ... COMMIT; sent in one write with what it bounds)."""
+    return statement_timeout_command(deadline - monotonic())
 
 
 def query_bytes(conn: PgwAsyncConnection, query: Query) -> bytes:
@@ -343,10 +345,12 @@ class AsyncTransaction:
                 yield
             else:
                 cur = conn.cursor(row_factory=tuple_row)
-                async with conn.pipeline():
-                    await conn.execute(b"SAVEPOINT " + name)
-                    await cur.execute(b"SELECT current_setting('statement_timeout')")
-                    await set_statement_timeout(conn, deadline)
+                await send_together(
+                    conn,
+                    b"SAVEPOINT " + name,
+                    (cur, b"SELECT current_setting('statement_timeout')", None, None, None),
+                    statement_timeout_until(deadline),
+                )
                 row = await cur.fetchone()
                 restore = None if row is None else row[0]
                 yield
@@ -357,9 +361,11 @@ class AsyncTransaction:
             await conn.execute(b"RELEASE SAVEPOINT " + name)
         else:
             # A SET LOCAL made inside a savepoint outlives its RELEASE: put it back.
-            async with conn.pipeline():
-                await conn.execute(b"RELEASE SAVEPOINT " + name)
-                await conn.execute(SET_STATEMENT_TIMEOUT, (restore,))
+            await send_together(
+                conn,
+                b"RELEASE SAVEPOINT " + name,
+                (conn.cursor(), SET_STATEMENT_TIMEOUT, (restore,), None, None),
+            )
 
     async def _run(
         self, mode: Mode, query: Query, params: Params, row: RowShape | None = None
@@ -669,9 +675,7 @@ class AsyncTransactions:
             conn = lease.conn
             try:
                 if on_server and deadline is not None:
-                    async with conn.pipeline():
-                        await conn.execute(begin)
-                        await set_statement_timeout(conn, deadline)
+                    await send_together(conn, begin, statement_timeout_until(deadline))
                 else:
                     await conn.execute(begin)
                 return lease
@@ -874,10 +878,12 @@ class AsyncTransactions:
                 cur.nextset()  # to the statement's first result
             else:
                 marker_cur = conn.cursor()
-                async with conn.pipeline():
-                    await conn.execute(b"BEGIN")
-                    await marker_cur.execute(MARKER)
-                    await cur.execute(query, params)
+                await send_together(
+                    conn,
+                    b"BEGIN",
+                    (marker_cur, MARKER, None, None, None),
+                    (cur, query, params, None, None),
+                )
                 marker = _marker(await marker_cur.fetchone())
         except psycopg.Error as exc:
             if _lost_before_commit(exc, lease):

@@ -47,6 +47,7 @@ from pgwarden.core.retry import RetryPolicy
 from pgwarden.errors import OutcomeUnknown
 
 if TYPE_CHECKING:
+    from pgwarden._sync.pipelined import send_together
     from pgwarden._sync.retrying import after_failed_attempt
     from pgwarden._sync.warmup import Warmup
     from pgwarden.core.classify import classify_failure
@@ -56,6 +57,8 @@ else:
     # Only after a failure: imported by the first retry, the classifier by the first failure.
     after_failed_attempt = deferred("pgwarden._sync.retrying", "after_failed_attempt", globals())
     classify_failure = deferred("pgwarden.core.classify", "classify_failure", globals())
+    # Only for a statement with parameters that must go in a transaction of its own.
+    send_together = deferred("pgwarden._sync.pipelined", "send_together", globals())
 
 __all__ = ["Statements"]
 
@@ -209,10 +212,7 @@ class Statements:
             cur.execute(b"BEGIN READ ONLY;\n" + query_bytes(conn, query) + b"\n;COMMIT")
             cur.nextset()  # past BEGIN: the statement's first result, as without a wrap
         else:
-            with conn.pipeline():
-                conn.execute(b"BEGIN READ ONLY")
-                cur.execute(query, params)
-                conn.execute(b"COMMIT")
+            send_together(conn, b"BEGIN READ ONLY", (cur, query, params, None, None), b"COMMIT")
         return result_of(cur, mode)
 
 

@@ -99,7 +99,7 @@ from pgwarden._handle.sql import (
     Params,
     Query,
     begin_statement,
-    statement_timeout_args,
+    statement_timeout_command,
 )
 from pgwarden._handle.state import HandleState
 from pgwarden._sync._compat import Background, Watchdog, sleep
@@ -113,6 +113,7 @@ from pgwarden.errors import AmbiguousCommitError, DatabaseUnusable, NotCommitted
 if TYPE_CHECKING:
     from pgwarden._handle.rows import row_factory
     from pgwarden._sync.copy import CopySink, CopySource, copy_in_on, copy_out_on
+    from pgwarden._sync.pipelined import send_together
     from pgwarden._sync.retrying import after_failed_attempt
     from pgwarden._sync.warmup import Warmup
     from pgwarden.core.classify import classify_failure
@@ -128,6 +129,7 @@ else:
     after_failed_attempt = deferred("pgwarden._sync.retrying", "after_failed_attempt", globals())
     row_factory = deferred("pgwarden._handle.rows", "row_factory", globals())
     Marker = deferred("pgwarden.core.commit", "Marker", globals())
+    send_together = deferred("pgwarden._sync.pipelined", "send_together", globals())
 
 from threading import current_thread as _current_owner
 
@@ -139,7 +141,7 @@ __all__ = [
     "query_bytes",
     "result_of",
     "rollback_quietly",
-    "set_statement_timeout",
+    "statement_timeout_until",
 ]
 
 T = TypeVar("T")
@@ -172,10 +174,10 @@ _VERDICTS = (DatabaseUnusable, OutcomeUnknown)
 _COUNTED = "_pgwarden_counted"
 
 
-def set_statement_timeout(conn: PgwConnection, deadline: float) -> None:
-    """Set a transaction-local ``statement_timeout`` of the time left before *deadline*
-    (inside BEGIN ... COMMIT; pipelined with what it bounds)."""
-    conn.execute(SET_STATEMENT_TIMEOUT, statement_timeout_args(deadline - monotonic()))
+def statement_timeout_until(deadline: float) -> bytes:
+    """The command that sets a transaction-local ``statement_timeout`` of the time left
+    before *deadline* (inside BEGIN ... COMMIT; sent in one write with what it bounds)."""
+    return statement_timeout_command(deadline - monotonic())
 
 
 def query_bytes(conn: PgwConnection, query: Query) -> bytes:
@@ -342,10 +344,12 @@ class Transaction:
                 yield
             else:
                 cur = conn.cursor(row_factory=tuple_row)
-                with conn.pipeline():
-                    conn.execute(b"SAVEPOINT " + name)
-                    cur.execute(b"SELECT current_setting('statement_timeout')")
-                    set_statement_timeout(conn, deadline)
+                send_together(
+                    conn,
+                    b"SAVEPOINT " + name,
+                    (cur, b"SELECT current_setting('statement_timeout')", None, None, None),
+                    statement_timeout_until(deadline),
+                )
                 row = cur.fetchone()
                 restore = None if row is None else row[0]
                 yield
@@ -356,9 +360,11 @@ class Transaction:
             conn.execute(b"RELEASE SAVEPOINT " + name)
         else:
             # A SET LOCAL made inside a savepoint outlives its RELEASE: put it back.
-            with conn.pipeline():
-                conn.execute(b"RELEASE SAVEPOINT " + name)
-                conn.execute(SET_STATEMENT_TIMEOUT, (restore,))
+            send_together(
+                conn,
+                b"RELEASE SAVEPOINT " + name,
+                (conn.cursor(), SET_STATEMENT_TIMEOUT, (restore,), None, None),
+            )
 
     def _run(self, mode: Mode, query: Query, params: Params, row: RowShape | None = None) -> Any:
         if self._client is not None:
@@ -658,9 +664,7 @@ class Transactions:
             conn = lease.conn
             try:
                 if on_server and deadline is not None:
-                    with conn.pipeline():
-                        conn.execute(begin)
-                        set_statement_timeout(conn, deadline)
+                    send_together(conn, begin, statement_timeout_until(deadline))
                 else:
                     conn.execute(begin)
                 return lease
@@ -863,10 +867,12 @@ class Transactions:
                 cur.nextset()  # to the statement's first result
             else:
                 marker_cur = conn.cursor()
-                with conn.pipeline():
-                    conn.execute(b"BEGIN")
-                    marker_cur.execute(MARKER)
-                    cur.execute(query, params)
+                send_together(
+                    conn,
+                    b"BEGIN",
+                    (marker_cur, MARKER, None, None, None),
+                    (cur, query, params, None, None),
+                )
                 marker = _marker(marker_cur.fetchone())
         except psycopg.Error as exc:
             if _lost_before_commit(exc, lease):

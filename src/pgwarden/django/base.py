@@ -94,7 +94,7 @@ from psycopg.rows import tuple_row
 
 import pgwarden
 from pgwarden._handle.config import skip_call_sites_under
-from pgwarden._handle.sql import MARKER_IF_ASSIGNED, SET_STATEMENT_TIMEOUT, statement_timeout_args
+from pgwarden._handle.sql import MARKER_IF_ASSIGNED, statement_timeout_command
 from pgwarden.core.commit import Marker
 from pgwarden.core.deadline import current_deadline
 from pgwarden.core.failures import FailureKind, Phase, sqlstate_of
@@ -847,14 +847,16 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):  # type: ignore[misc]
                 self._pgwarden_open.add(wrapper)
 
     def _pgwarden_set_timeout(self, db: Database, conn: Any, expires_at: float) -> None:
-        """The transaction-local statement_timeout of the time left, pipelined with the
-        BEGIN psycopg sends before the transaction's first statement (safe behind
-        PgBouncer: nothing outlives the transaction)."""
+        """BEGIN and the transaction-local statement_timeout of the time left, in one
+        write, before the transaction's first statement (safe behind PgBouncer: nothing
+        outlives the transaction)."""
         remaining = expires_at - monotonic()
         if remaining <= 0:
             raise django_flavoured(db.deadline_error(None))
-        with self.wrap_database_errors, conn.pipeline():
-            conn.execute(SET_STATEMENT_TIMEOUT, statement_timeout_args(remaining))
+        from pgwarden._sync.pipelined import begin_with
+
+        with self.wrap_database_errors:
+            begin_with(conn, statement_timeout_command(remaining))  # one round trip
 
     # --- COMMIT and its resolution ---------------------------------------------------------
     def _commit(self) -> None:

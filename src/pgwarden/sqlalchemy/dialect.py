@@ -1011,9 +1011,9 @@ class PGDialect_pgwarden(_Pgwarden, PGDialect_psycopg):
             checkout.release()
 
     def _io_set_timeout(self, driver: Any, timeout: bytes) -> None:
-        from pgwarden.sqlalchemy._begin import begin_with_timeout
+        from pgwarden._sync.pipelined import begin_with
 
-        begin_with_timeout(driver, timeout)
+        begin_with(driver, timeout)  # BEGIN and the timeout in one round trip
 
     def _io_marker(self, driver: Any) -> Sequence[Any] | None:
         row: Sequence[Any] | None = driver.execute(_sql().MARKER_IF_ASSIGNED).fetchone()
@@ -1098,9 +1098,9 @@ class PGDialectAsync_pgwarden(_Pgwarden, PGDialectAsync_psycopg):
                 loop.call_soon_threadsafe(_spawn, loop, checkout.discard)
 
     def _io_set_timeout(self, driver: Any, timeout: bytes) -> None:
-        from pgwarden.sqlalchemy._begin import begin_with_timeout_async
+        from pgwarden._async.pipelined import begin_with
 
-        await_(begin_with_timeout_async(driver, timeout))
+        await_(begin_with(driver, timeout))
 
     def _io_marker(self, driver: Any) -> Sequence[Any] | None:
         return await_(_marker_async(driver))
