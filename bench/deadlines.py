@@ -7,6 +7,7 @@ mode; direct to a second server that flushes the WAL at every commit) and each s
 
 - ``read``: ``fetchval(SELECT)`` without a deadline, and with one (``timeout=5``);
 - ``write``: ``execute(INSERT)`` without a deadline, and with one;
+- ``write with a parameter``: ``execute(INSERT ... %s, (1,))``, the same two ways;
 - psycopg_pool's best equivalent of each (``with pool.connection() as conn:
   conn.execute(...)``, autocommit), for scale.
 
@@ -59,6 +60,9 @@ QUICK_N = 200
 READ = "SELECT 1"
 LATENCY = 0.00025  # seconds each way on the latency path: a 0.5 ms round trip
 WRITE = "INSERT INTO bench_deadline (v) VALUES (1)"
+#: The same write with a parameter, as applications send it: no longer one simple-query
+#: message under a deadline, but the extended protocol in a pipeline.
+WRITE_PARAMS = "INSERT INTO bench_deadline (v) VALUES (%s)"
 
 DURABLE_PATH = "direct, durable commit (fsync=on)"
 #: Over the throwaway server's defaults (fsync and full_page_writes off, wal_level minimal):
@@ -75,6 +79,7 @@ COMMIT_SETTINGS = ("fsync", "synchronous_commit", "wal_sync_method", "full_page_
 TARGETS = {
     "read_ratio": 1.15,  # read with a deadline / the same read without
     "write_ratio": 1.30,  # write with a deadline / the same write without
+    "write_params_ratio": 1.30,  # the same, the write with a parameter
 }
 
 
@@ -115,6 +120,8 @@ def sync_costs(url: str, n: int, rounds: int, pooled: bool) -> dict[str, float]:
             "write_pool": pool_write,
             "write": lambda: db.execute(WRITE),
             "write_deadline": lambda: db.execute(WRITE, timeout=5.0),
+            "write_params": lambda: db.execute(WRITE_PARAMS, (1,)),
+            "write_params_deadline": lambda: db.execute(WRITE_PARAMS, (1,), timeout=5.0),
         }
         samples: dict[str, list[float]] = {k: [] for k in variants}
         for r in range(rounds):
@@ -158,6 +165,8 @@ def async_costs(url: str, n: int, rounds: int, pooled: bool) -> dict[str, float]
                 "write_pool": pool_write,
                 "write": lambda: db.execute(WRITE),
                 "write_deadline": lambda: db.execute(WRITE, timeout=5.0),
+                "write_params": lambda: db.execute(WRITE_PARAMS, (1,)),
+                "write_params_deadline": lambda: db.execute(WRITE_PARAMS, (1,), timeout=5.0),
             }
             samples: dict[str, list[float]] = {k: [] for k in variants}
             for r in range(rounds):
@@ -182,6 +191,7 @@ def with_ratios(costs: dict[str, float]) -> dict[str, float]:
     out = dict(costs)
     out["read_ratio"] = costs["read_deadline"] / costs["read"]
     out["write_ratio"] = costs["write_deadline"] / costs["write"]
+    out["write_params_ratio"] = costs["write_params_deadline"] / costs["write_params"]
     out["read_deadline_vs_pool"] = costs["read_deadline"] / costs["read_pool"]
     out["write_deadline_vs_pool"] = costs["write_deadline"] / costs["write_pool"]
     return out
@@ -295,14 +305,17 @@ def render(
         "",
         "| path | read µs (no deadline / deadline / psycopg_pool) | read ratio "
         f"(target <= {TARGETS['read_ratio']}) | write µs (no deadline / deadline / "
-        f"psycopg_pool) | write ratio (target <= {TARGETS['write_ratio']}) |",
-        "|---|---|---|---|---|",
+        f"psycopg_pool) | write ratio (target <= {TARGETS['write_ratio']}) | write with a "
+        "parameter µs (no deadline / deadline) | its ratio "
+        f"(target <= {TARGETS['write_params_ratio']}) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['read']:.1f} / {r['read_deadline']:.1f} / {r['read_pool']:.1f} "
             f"| {r['read_ratio']:.3f} | {r['write']:.1f} / {r['write_deadline']:.1f} / "
-            f"{r['write_pool']:.1f} | {r['write_ratio']:.3f} |"
+            f"{r['write_pool']:.1f} | {r['write_ratio']:.3f} | {r['write_params']:.1f} / "
+            f"{r['write_params_deadline']:.1f} | {r['write_params_ratio']:.3f} |"
         )
     lines += [
         "",
@@ -311,6 +324,9 @@ def render(
         "  outcome is knowable (a lost COMMIT is resolved by transaction id): two round",
         "  trips (`BEGIN` + marker + statement, then `COMMIT`) against one, and one commit",
         "  either way.",
+        "- **write with a parameter**: `execute('INSERT ... %s', (1,))`; with a deadline",
+        "  BEGIN, the marker and the statement go in one pipelined write (the extended",
+        "  protocol), then `COMMIT`.",
         "- psycopg_pool: `with pool.connection() as conn: conn.execute(...)`, autocommit.",
     ]
 
@@ -332,6 +348,7 @@ def render(
     lines.append("- The targets apply to each row on its own (its two figures, one round set).")
     lines += _verdict(results, "read_ratio", "Read ratio")
     lines += _verdict(results, "write_ratio", "Write ratio")
+    lines += _verdict(results, "write_params_ratio", "Write-with-a-parameter ratio")
     lines.append("")
     return "\n".join(lines)
 
