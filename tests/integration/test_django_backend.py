@@ -160,6 +160,31 @@ def test_server_deadlines_off_sends_no_statement_timeout_and_still_bounds(
         handle_of(alias).close()
 
 
+def test_begin_and_its_timeout_take_the_round_trip_begin_takes_anyway(
+    pg_server: Any, fault_proxy: Any
+) -> None:
+    # Each way 0.1 s: a round trip costs at least 0.2 s. Inside atomic() under a deadline,
+    # the first statement costs BEGIN with the timeout (one round trip) and itself (one);
+    # psycopg's own pipeline took two for BEGIN and the timeout (it syncs after BEGIN).
+    latency = 0.1
+    alias = use_database(fault_proxy.url_for(pg_server.url), max_size=1)
+    assert query(alias, "SELECT 1") == 1  # connected, and checked out at once below
+    try:
+        fault_proxy.set_latency(latency)
+        with pgwarden.deadline(30), transaction.atomic(using=alias):
+            connections[alias].ensure_connection()
+            started = time.monotonic()
+            assert query(alias, "SELECT 2") == 2
+            took = time.monotonic() - started
+            timeout = query(alias, "SHOW statement_timeout")
+    finally:
+        fault_proxy.set_latency(0)
+    assert timeout != "0"  # the deadline's timeout was set with BEGIN
+    assert 4 * latency <= took < 6 * latency, took
+    connections[alias].close()
+    handle_of(alias).close()
+
+
 def test_a_connection_held_too_long_is_reported_as_a_leak(
     pg_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
