@@ -29,10 +29,10 @@ from typing import Any
 
 import psycopg
 
-from pgwarden._async.pipelined import send_together as send_together_async
+from pgwarden._async.pipelined import begin_with as begin_with_async
 from pgwarden._handle.pipeline import Step
 from pgwarden._handle.shape import autocommit_in_place
-from pgwarden._sync.pipelined import send_together
+from pgwarden._sync.pipelined import begin_with
 
 # The attribute of a lent psycopg connection that holds the dialect's record of it
 # (`_Lent`), whose ``begin`` is what the dialect asked the next statement to send first:
@@ -58,8 +58,8 @@ def _claim(conn: Any) -> bytes | None:
     """What the dialect asked of this statement (see `LENT`), cleared; None also when the
     connection is no longer idle outside autocommit (another cursor began since), is in
     a pipeline of its own, or cannot be switched to autocommit in place. On a non-None
-    answer the connection is in autocommit: the caller sends its own BEGIN and must
-    switch it back."""
+    answer the connection is in autocommit: the caller's `begin_with` sends BEGIN and
+    switches it back."""
     lent: Any = getattr(conn, LENT, None)
     begin = None if lent is None else lent.begin
     if begin is None:
@@ -70,13 +70,9 @@ def _claim(conn: Any) -> bytes | None:
     return begin  # type: ignore[no-any-return]
 
 
-def _steps(conn: Any, timeout: bytes, *statement: Any) -> tuple[Step, ...]:
-    """BEGIN (psycopg's own text: the isolation level, read-only and deferrable modes),
-    *timeout* when not empty, and the cursor's *statement* when there is one."""
-    begin: bytes = conn._get_tx_start_command()
-    if timeout:
-        return (begin, timeout, statement) if statement else (begin, timeout)
-    return (begin, statement) if statement else (begin,)
+def _steps(timeout: bytes, statement: Step) -> tuple[Step, ...]:
+    """What goes after BEGIN: *timeout* when not empty, then the cursor's *statement*."""
+    return (timeout, statement) if timeout else (statement,)
 
 
 class BeginCursor(psycopg.Cursor[Any]):
@@ -91,10 +87,9 @@ class BeginCursor(psycopg.Cursor[Any]):
         timeout = _claim(conn)
         if timeout is None:
             return super().execute(query, params, prepare=prepare, binary=binary)
-        try:
-            send_together(conn, *_steps(conn, timeout, self, query, params, prepare, binary))
-        finally:
-            conn._autocommit = False  # the transaction is psycopg's from here on
+        # `_claim` switched it to autocommit in place: `begin_with` sends BEGIN, then
+        # hands the transaction back to psycopg.
+        begin_with(conn, *_steps(timeout, (self, query, params, prepare, binary)))
         return self
 
 
@@ -110,10 +105,5 @@ class AsyncBeginCursor(psycopg.AsyncCursor[Any]):
         timeout = _claim(conn)
         if timeout is None:
             return await super().execute(query, params, prepare=prepare, binary=binary)
-        try:
-            await send_together_async(
-                conn, *_steps(conn, timeout, self, query, params, prepare, binary)
-            )
-        finally:
-            conn._autocommit = False
+        await begin_with_async(conn, *_steps(timeout, (self, query, params, prepare, binary)))
         return self
